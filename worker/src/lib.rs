@@ -1,0 +1,11 @@
+//! WALlaby worker: streams PostgreSQL logical replication (`pgoutput`) to destinations,
+//! confirming to the slot only what every destination made durable.
+
+pub mod change;
+pub mod destination;
+pub mod lsn;
+pub mod pipeline;
+pub mod run;
+pub mod source;
+pub mod standalone;
+pub mod status;

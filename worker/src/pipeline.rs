@@ -1,0 +1,225 @@
+//! Batcher, fan-out and checkpoint: records are written to every destination as they
+//! arrive; at a batch boundary (`batchSize` rows or `batchTimeout`) every destination is
+//! made durable, and only then does the confirmed position advance to the end of the last
+//! committed transaction in the batch. Progress never moves backward and never passes a
+//! transaction that is not fully durable.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use pg_walstream::SharedLsnFeedback;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::change::{Op, SourceEvent, TxnMeta, message_record};
+use crate::destination::file::FileDestination;
+use crate::lsn::Lsn;
+
+/// Shared view of the pipeline for status reports.
+#[derive(Debug, Default, Clone)]
+pub struct Progress {
+    /// Last confirmed position and the commit time of its transaction.
+    pub checkpoint: Option<(Lsn, DateTime<Utc>)>,
+    /// Commit time of the oldest transaction received but not yet confirmed.
+    pub oldest_pending: Option<DateTime<Utc>>,
+    /// Transactions made durable.
+    pub transactions: u64,
+    /// Inserts written.
+    pub inserts: u64,
+    /// Updates written.
+    pub updates: u64,
+    /// Deletes written.
+    pub deletes: u64,
+    /// Truncates written.
+    pub truncates: u64,
+    /// Batches made durable.
+    pub batches: u64,
+    /// Bytes written.
+    pub bytes: u64,
+}
+
+/// Failure of a destination write; the worker stops without confirming the batch.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    /// A destination could not write or sync.
+    #[error("destination {destination:?} failed: {source}")]
+    Destination {
+        destination: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The source broke its own protocol.
+    #[error("{0}")]
+    Protocol(String),
+}
+
+/// The batching / fan-out / ack stage.
+#[derive(Debug)]
+pub struct Pipeline {
+    destinations: Vec<(String, FileDestination)>,
+    batch_size: u64,
+    batch_timeout: Duration,
+    feedback: Arc<SharedLsnFeedback>,
+    progress: Arc<Mutex<Progress>>,
+}
+
+/// State of the batch being assembled.
+#[derive(Debug, Default)]
+struct Batch {
+    rows: u64,
+    txns: u64,
+    started: Option<Instant>,
+    /// End LSN and commit time of the last transaction committed in this batch.
+    last_commit: Option<(Lsn, DateTime<Utc>)>,
+}
+
+impl Pipeline {
+    /// Builds the stage.
+    pub fn new(
+        destinations: Vec<(String, FileDestination)>,
+        batch_size: u32,
+        batch_timeout: Duration,
+        feedback: Arc<SharedLsnFeedback>,
+        progress: Arc<Mutex<Progress>>,
+    ) -> Self {
+        Self {
+            destinations,
+            batch_size: batch_size.into(),
+            batch_timeout,
+            feedback,
+            progress,
+        }
+    }
+
+    /// Consumes events until the source hangs up, then makes the rest durable.
+    pub async fn run(
+        mut self,
+        mut events: mpsc::Receiver<SourceEvent>,
+    ) -> Result<(), PipelineError> {
+        let mut txn: Option<TxnMeta> = None;
+        let mut batch = Batch::default();
+        loop {
+            let deadline = batch.started.map(|t| t + self.batch_timeout);
+            let event = tokio::select! {
+                event = events.recv() => event,
+                _ = sleep_until(deadline) => {
+                    self.flush(&mut batch)?;
+                    continue;
+                }
+            };
+            let Some(event) = event else {
+                self.flush(&mut batch)?;
+                return Ok(());
+            };
+            match event {
+                SourceEvent::Begin {
+                    xid,
+                    commit_lsn,
+                    commit_time,
+                } => {
+                    txn = Some(TxnMeta {
+                        xid,
+                        commit_lsn,
+                        commit_time,
+                    });
+                    let mut p = lock(&self.progress);
+                    p.oldest_pending.get_or_insert(commit_time);
+                }
+                SourceEvent::Row(change) => {
+                    let meta = txn.as_ref().ok_or_else(|| {
+                        PipelineError::Protocol("row change outside a transaction".into())
+                    })?;
+                    let record = serde_json::to_vec(&change.to_record(meta))
+                        .map_err(|e| PipelineError::Protocol(e.to_string()))?;
+                    self.write(meta.commit_lsn, &record)?;
+                    let mut p = lock(&self.progress);
+                    match change.op {
+                        Op::Insert => p.inserts += 1,
+                        Op::Update => p.updates += 1,
+                        Op::Delete => p.deletes += 1,
+                        Op::Truncate => p.truncates += 1,
+                    }
+                    p.bytes += record.len() as u64 + 1;
+                    batch.rows += 1;
+                    batch.started.get_or_insert_with(Instant::now);
+                }
+                SourceEvent::Message {
+                    transactional,
+                    lsn,
+                    prefix,
+                    content,
+                } => {
+                    let meta = if transactional { txn.as_ref() } else { None };
+                    let record =
+                        message_record(meta, lsn, transactional, &prefix, &content).to_string();
+                    self.write(meta.map(|m| m.commit_lsn).unwrap_or(lsn), record.as_bytes())?;
+                    batch.started.get_or_insert_with(Instant::now);
+                }
+                SourceEvent::Commit {
+                    end_lsn,
+                    commit_time,
+                    ..
+                } => {
+                    txn = None;
+                    batch.txns += 1;
+                    batch.last_commit = Some((end_lsn, commit_time));
+                    batch.started.get_or_insert_with(Instant::now);
+                    if batch.rows >= self.batch_size {
+                        self.flush(&mut batch)?;
+                    }
+                }
+            }
+        }
+    }
+
+    fn write(&mut self, lsn: Lsn, record: &[u8]) -> Result<(), PipelineError> {
+        for (name, dest) in &mut self.destinations {
+            dest.write(lsn, record)
+                .map_err(|source| PipelineError::Destination {
+                    destination: name.clone(),
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Makes every destination durable, then confirms the last committed transaction.
+    fn flush(&mut self, batch: &mut Batch) -> Result<(), PipelineError> {
+        for (name, dest) in &mut self.destinations {
+            tokio::task::block_in_place(|| {
+                dest.rotate_if_due()?;
+                dest.sync()
+            })
+            .map_err(|source| PipelineError::Destination {
+                destination: name.clone(),
+                source,
+            })?;
+        }
+        if let Some((end_lsn, commit_time)) = batch.last_commit.take() {
+            // Only now, with every destination fsynced, may the slot move past this batch.
+            self.feedback.update_applied_lsn(end_lsn.0);
+            let mut p = lock(&self.progress);
+            p.checkpoint = Some((end_lsn, commit_time));
+            p.transactions += batch.txns;
+            p.batches += 1;
+            p.oldest_pending = None;
+            tracing::debug!(lsn = %end_lsn, rows = batch.rows, txns = batch.txns, "batch durable");
+        }
+        *batch = Batch::default();
+        Ok(())
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Locks the progress; a poisoned lock only means a status reader panicked, and the
+/// counters inside are still consistent, so take them.
+pub fn lock(p: &Mutex<Progress>) -> std::sync::MutexGuard<'_, Progress> {
+    p.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}

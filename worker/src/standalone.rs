@@ -1,0 +1,220 @@
+//! Standalone configuration: a multi-document YAML file with one Flow, its Destinations
+//! and optionally Secrets, checked by the same code the operator uses. Secrets missing from
+//! the file are read from the environment as `WALLABY_SECRET_<SECRET>_<KEY>` (upper case,
+//! non-alphanumerics as `_`), so passwords need not be written to disk.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use wallaby_crds::destination::FileSpec;
+use wallaby_crds::manifest::{self, Bundle};
+use wallaby_crds::{DestinationType, Flow, validate};
+
+/// A flow ready to run.
+#[derive(Debug)]
+pub struct Resolved {
+    /// The Flow.
+    pub flow: Flow,
+    /// Its destinations, in `spec.destinations` order, with their file options.
+    pub destinations: Vec<(String, FileSpec)>,
+    /// Keys of the source Secret (`dsn`, `password`, …).
+    pub source_secret: Option<BTreeMap<String, String>>,
+    /// PEM CA of `sslRootCert`, when set.
+    pub ssl_root_cert_pem: Option<String>,
+}
+
+/// Configuration problems; each names the object and the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The manifest is malformed.
+    #[error(transparent)]
+    Manifest(#[from] manifest::ManifestError),
+    /// Cross-object validation failed.
+    #[error("{path}: invalid configuration:\n  - {}", problems.join("\n  - "))]
+    Invalid { path: String, problems: Vec<String> },
+}
+
+/// Reads, parses and validates `path`; `flow_name` picks a Flow when the file has several.
+pub fn load(path: &Path, flow_name: Option<&str>) -> Result<Resolved, ConfigError> {
+    let display = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: display.clone(),
+        source,
+    })?;
+    let bundle = manifest::parse(&display, &text)?;
+    resolve(&display, bundle, flow_name, |name| std::env::var(name).ok())
+}
+
+fn resolve(
+    path: &str,
+    mut bundle: Bundle,
+    flow_name: Option<&str>,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<Resolved, ConfigError> {
+    let invalid = |problems: Vec<String>| ConfigError::Invalid {
+        path: path.into(),
+        problems,
+    };
+    let names: Vec<String> = bundle
+        .flows
+        .iter()
+        .filter_map(|f| f.metadata.name.clone())
+        .collect();
+    let index = match (flow_name, bundle.flows.len()) {
+        (None, 0) => {
+            return Err(invalid(vec![
+                "no Flow in the file: add a document with `kind: Flow` (see examples/)".into(),
+            ]));
+        }
+        (None, 1) => 0,
+        (None, _) => {
+            return Err(invalid(vec![format!(
+                "the file holds several Flows ({}): choose one with --flow NAME",
+                names.join(", ")
+            )]));
+        }
+        (Some(want), _) => names.iter().position(|n| n == want).ok_or_else(|| {
+            invalid(vec![format!(
+                "no Flow named {want:?} in the file (found: {})",
+                names.join(", ")
+            )])
+        })?,
+    };
+    let flow = bundle.flows.swap_remove(index);
+    let mut problems: Vec<String> = validate::flow(&flow, |name| bundle.destinations.get(name))
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    let mut destinations = Vec::new();
+    for r in &flow.spec.destinations {
+        let Some(dest) = bundle.destinations.get(&r.name) else {
+            continue;
+        };
+        problems.extend(
+            validate::destination(&r.name, &dest.spec)
+                .iter()
+                .map(ToString::to_string),
+        );
+        match (&dest.spec.kind, &dest.spec.file) {
+            (DestinationType::File, Some(file)) => destinations.push((r.name.clone(), file.clone())),
+            (DestinationType::File, None) => {}
+            (other, _) => problems.push(format!(
+                "Destination/{} spec.type: {:?} is declared in the CRD but not delivered by this worker version yet; use type: file (see docs/destinations.md)",
+                r.name,
+                other.as_str()
+            )),
+        }
+    }
+    let pg = &flow.spec.source.postgres;
+    let mut source_secret = None;
+    if let Some(secret_ref) = &pg.secret_ref {
+        match secret_data(&bundle, &secret_ref.name, &["dsn", "host", "port", "user", "password", "dbname"], &env) {
+            Some(data) => source_secret = Some(data),
+            None => problems.push(format!(
+                "Flow/{} spec.source.postgres.secretRef: Secret {:?} not found: add a `kind: Secret` document to {path} or set {}",
+                flow.metadata.name.as_deref().unwrap_or_default(),
+                secret_ref.name,
+                env_name(&secret_ref.name, "dsn")
+            )),
+        }
+    }
+    let mut ssl_root_cert_pem = None;
+    if let Some(sel) = &pg.ssl_root_cert {
+        match secret_data(&bundle, &sel.name, &[sel.key.as_str()], &env)
+            .and_then(|mut d| d.remove(&sel.key))
+        {
+            Some(pem) => ssl_root_cert_pem = Some(pem),
+            None => problems.push(format!(
+                "spec.source.postgres.sslRootCert: key {:?} of Secret {:?} not found (or set {})",
+                sel.key,
+                sel.name,
+                env_name(&sel.name, &sel.key)
+            )),
+        }
+    }
+    if !problems.is_empty() {
+        return Err(invalid(problems));
+    }
+    Ok(Resolved {
+        flow,
+        destinations,
+        source_secret,
+        ssl_root_cert_pem,
+    })
+}
+
+fn env_name(secret: &str, key: &str) -> String {
+    let clean = |s: &str| -> String {
+        s.chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_uppercase()
+                } else {
+                    '_'
+                }
+            })
+            .collect()
+    };
+    format!("WALLABY_SECRET_{}_{}", clean(secret), clean(key))
+}
+
+/// The string data of a Secret from the file, else from the environment (only `keys`).
+fn secret_data(
+    bundle: &Bundle,
+    name: &str,
+    keys: &[&str],
+    env: &impl Fn(&str) -> Option<String>,
+) -> Option<BTreeMap<String, String>> {
+    if let Some(secret) = bundle.secrets.get(name) {
+        let mut data: BTreeMap<String, String> = secret
+            .data
+            .iter()
+            .flatten()
+            .map(|(k, v)| (k.clone(), String::from_utf8_lossy(&v.0).into_owned()))
+            .collect();
+        data.extend(secret.string_data.clone().unwrap_or_default());
+        return Some(data);
+    }
+    let data: BTreeMap<String, String> = keys
+        .iter()
+        .filter_map(|k| env(&env_name(name, k)).map(|v| ((*k).to_owned(), v)))
+        .collect();
+    (!data.is_empty()).then_some(data)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FLOW: &str = "apiVersion: wallaby.dev/v1alpha1\nkind: Flow\nmetadata: {name: f}\nspec: {source: {postgres: {secretRef: {name: pg-creds}, slot: s, publication: p}}, destinations: [{name: files}]}\n---\napiVersion: wallaby.dev/v1alpha1\nkind: Destination\nmetadata: {name: files}\nspec: {type: file, file: {path: /tmp/x}}\n";
+
+    #[test]
+    fn secrets_come_from_the_environment_when_not_in_the_file() {
+        let bundle = manifest::parse("f.yaml", FLOW).unwrap();
+        let env =
+            |k: &str| (k == "WALLABY_SECRET_PG_CREDS_DSN").then(|| "postgres://u:p@h/d".to_owned());
+        let r = resolve("f.yaml", bundle, None, env).unwrap();
+        assert_eq!(r.source_secret.unwrap()["dsn"], "postgres://u:p@h/d");
+        assert_eq!(r.destinations[0].0, "files");
+    }
+
+    #[test]
+    fn a_missing_secret_names_both_ways_to_provide_it() {
+        let bundle = manifest::parse("f.yaml", FLOW).unwrap();
+        let err = resolve("f.yaml", bundle, None, |_| None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("Secret \"pg-creds\" not found")
+                && err.contains("WALLABY_SECRET_PG_CREDS_DSN"),
+            "{err}"
+        );
+    }
+}
