@@ -1,0 +1,278 @@
+//! Test fixtures: the private PostgreSQL (started through e2e/pg.sh), a database per test,
+//! the worker binary as a child process, and polling with deadlines (no fixed sleeps).
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Superuser DSN of the private PostgreSQL, started on first use.
+pub fn superuser_dsn() -> &'static str {
+    static DSN: OnceLock<String> = OnceLock::new();
+    DSN.get_or_init(|| {
+        let pg = repo().join("e2e/pg.sh");
+        let start = Command::new(&pg)
+            .arg("start")
+            .output()
+            .expect("running e2e/pg.sh start");
+        assert!(
+            start.status.success(),
+            "e2e/pg.sh start failed: {}",
+            String::from_utf8_lossy(&start.stderr)
+        );
+        let env = Command::new(&pg)
+            .arg("env")
+            .output()
+            .expect("running e2e/pg.sh env");
+        let text = String::from_utf8_lossy(&env.stdout);
+        text.split_whitespace()
+            .find_map(|w| w.strip_prefix("WALLABY_PG_SUPERUSER_DSN="))
+            .map(|s| s.trim_matches(|c| c == '"' || c == '\'').to_owned())
+            .expect("pg.sh env prints WALLABY_PG_SUPERUSER_DSN")
+    })
+}
+
+pub async fn connect(dsn: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(dsn, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    client
+}
+
+/// A database owned by the `wallaby` role, dropped (with its slots) at the end.
+pub struct TestDb {
+    pub name: String,
+    /// DSN of the `wallaby` role (SCRAM over TCP) for this database.
+    pub dsn: String,
+}
+
+impl TestDb {
+    pub async fn create(prefix: &str) -> Self {
+        static COUNTER: AtomicUsize = AtomicUsize::new(0);
+        let name = format!(
+            "wt_{prefix}_{}_{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        let admin = connect(superuser_dsn()).await;
+        // Leftovers of an earlier, interrupted test run (slot names are cluster-wide).
+        let me = format!("wt\\_%\\_{}\\_%", std::process::id());
+        let stale = admin
+            .query(
+                "SELECT datname::text FROM pg_database WHERE datname LIKE 'wt\\_%' AND datname NOT LIKE $1",
+                &[&me],
+            )
+            .await
+            .expect("list stale databases");
+        for row in stale {
+            let db: String = row.get(0);
+            let _ = admin
+                .execute(
+                    "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = $1 AND NOT active",
+                    &[&db],
+                )
+                .await;
+            let _ = admin
+                .batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
+                .await;
+        }
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name} OWNER wallaby"))
+            .await
+            .expect("create database");
+        let base = superuser_dsn().replace("postgres:postgres@", "wallaby:wallaby@");
+        let dsn = format!(
+            "{}/{name}",
+            base.rsplit_once('/').expect("dsn has a database").0
+        );
+        Self { name, dsn }
+    }
+
+    pub async fn client(&self) -> tokio_postgres::Client {
+        connect(&self.dsn).await
+    }
+
+    /// `confirmed_flush_lsn` and `active` of a slot.
+    pub async fn slot(&self, slot: &str) -> Option<(String, bool)> {
+        let admin = connect(superuser_dsn()).await;
+        admin
+            .query_opt(
+                "SELECT confirmed_flush_lsn::text, active FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await
+            .expect("slot query")
+            .map(|r| (r.get(0), r.get(1)))
+    }
+
+    pub async fn drop_all(self) {
+        let admin = connect(superuser_dsn()).await;
+        let _ = admin
+            .execute(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = $1 AND NOT active",
+                &[&self.name],
+            )
+            .await;
+        let _ = admin
+            .batch_execute(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            ))
+            .await;
+    }
+}
+
+/// Writes a standalone manifest: Flow (+ Secret with the DSN) and one file Destination.
+pub fn write_manifest(
+    dir: &Path,
+    dsn: &str,
+    slot: &str,
+    tables: &[&str],
+    source_extra: &str,
+) -> PathBuf {
+    let tables = tables
+        .iter()
+        .map(|t| format!("\"{t}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let text = format!(
+        r#"apiVersion: wallaby.dev/v1alpha1
+kind: Flow
+metadata: {{name: test}}
+spec:
+  source:
+    postgres:
+      secretRef: {{name: pg}}
+      slot: {slot}
+      publication: {slot}
+      tables: [{tables}]
+      batchTimeout: 50ms
+      statusInterval: 1s
+{source_extra}
+  destinations: [{{name: files}}]
+---
+apiVersion: wallaby.dev/v1alpha1
+kind: Destination
+metadata: {{name: files}}
+spec:
+  type: file
+  file: {{path: "{out}", maxFileBytes: 65536}}
+---
+apiVersion: v1
+kind: Secret
+metadata: {{name: pg}}
+stringData: {{dsn: "{dsn}"}}
+"#,
+        out = dir.join("out").display()
+    );
+    let path = dir.join("flow.yaml");
+    std::fs::write(&path, text).expect("write manifest");
+    path
+}
+
+pub struct Worker {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Worker {
+    pub fn spawn(manifest: &Path, dir: &Path) -> Self {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let log = dir.join(format!("worker-{}.log", N.fetch_add(1, Ordering::Relaxed)));
+        let child = Command::new(env!("CARGO_BIN_EXE_wallaby-worker"))
+            .args(["run", "-f"])
+            .arg(manifest)
+            .arg("--status-file")
+            .arg(dir.join("status.json"))
+            .env("WALLABY_LOG", "info,wallaby_worker=debug")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("spawn worker");
+        Self { child, log }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM and wait; returns the exit code.
+    pub fn terminate(mut self) -> (Option<i32>, String) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let status = self.child.wait().expect("wait worker");
+        (status.code(), self.log_text())
+    }
+
+    pub fn kill9(mut self) {
+        self.child.kill().expect("SIGKILL");
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Worker {
+    /// A failing test must not leave a worker holding its slot.
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Every record in the output directory, in file then line order.
+pub fn records(dir: &Path) -> Vec<Value> {
+    let out = dir.join("out");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&out)
+        .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
+        .unwrap_or_default();
+    files.retain(|p| p.extension().is_some_and(|e| e == "jsonl"));
+    files.sort();
+    let mut all = Vec::new();
+    for f in files {
+        for line in std::fs::read_to_string(&f).unwrap_or_default().lines() {
+            // A line being written right now may be incomplete; the caller polls again.
+            if let Ok(v) = serde_json::from_str(line) {
+                all.push(v);
+            }
+        }
+    }
+    all
+}
+
+/// Polls `check` until it returns `Some` or the deadline passes.
+pub async fn wait_for<T>(
+    what: &str,
+    timeout: Duration,
+    mut check: impl AsyncFnMut() -> Option<T>,
+) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub fn parse_lsn(s: &str) -> u64 {
+    let (hi, lo) = s.split_once('/').expect("lsn");
+    (u64::from_str_radix(hi, 16).expect("hi") << 32) | u64::from_str_radix(lo, 16).expect("lo")
+}
