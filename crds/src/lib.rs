@@ -2,6 +2,10 @@
 //! (group `wallaby.dev`, version `v1alpha1`), the generator of their CRD YAML, and the
 //! validation shared by the operator and the standalone worker.
 
+// kube's `printcolumn(...)` repeats `type_ = …` per column, which clippy misreads as a
+// duplicated attribute.
+#![allow(clippy::duplicated_attributes)]
+
 pub mod common;
 pub mod ddl_approval;
 pub mod destination;

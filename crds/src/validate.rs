@@ -43,10 +43,8 @@ pub fn destination(name: &str, spec: &DestinationSpec) -> Vec<Problem> {
             ),
         );
     }
-    if let Some(file) = &spec.file {
-        if let Err(e) = file.rotate_interval.parse() {
-            push("spec.file.rotateInterval", e);
-        }
+    if let Some(Err(e)) = spec.file.as_ref().map(|f| f.rotate_interval.parse()) {
+        push("spec.file.rotateInterval", e);
     }
     for (field, retry) in [
         ("spec.http.retry", spec.http.as_ref().map(|h| &h.retry)),

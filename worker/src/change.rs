@@ -157,10 +157,10 @@ fn cell_json(type_oid: u32, cell: &Cell) -> Value {
 fn tuple_json(rel: &Relation, cells: &[Cell], only: Option<&[usize]>) -> Value {
     let mut map = Map::new();
     let mut put = |i: usize| {
-        if let (Some(col), Some(cell)) = (rel.columns.get(i), cells.get(i)) {
-            if *cell != Cell::UnchangedToast {
-                map.insert(col.name.clone(), cell_json(col.type_oid, cell));
-            }
+        if let (Some(col), Some(cell)) = (rel.columns.get(i), cells.get(i))
+            && *cell != Cell::UnchangedToast
+        {
+            map.insert(col.name.clone(), cell_json(col.type_oid, cell));
         }
     };
     match only {

@@ -17,7 +17,7 @@ fn run_failing(manifest: &Path) -> String {
         .arg("--status-file")
         .arg(manifest.with_file_name("status.json"))
         .output()
-        .expect("run worker");
+        .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert_eq!(
         out.status.code(),

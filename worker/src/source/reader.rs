@@ -316,8 +316,8 @@ fn redact(text: &str) -> String {
         out.push_str(&rest[..i + "password=".len()]);
         out.push_str("***");
         rest = &rest[i + "password=".len()..];
-        let end = if rest.starts_with('\'') {
-            rest[1..].find('\'').map(|j| j + 2).unwrap_or(rest.len())
+        let end = if let Some(quoted) = rest.strip_prefix('\'') {
+            quoted.find('\'').map(|j| j + 2).unwrap_or(rest.len())
         } else {
             rest.find(char::is_whitespace).unwrap_or(rest.len())
         };

@@ -1,7 +1,7 @@
 //! Test fixtures: the private PostgreSQL (started through e2e/pg.sh), a database per test,
 //! the worker binary as a child process, and polling with deadlines (no fixed sleeps).
 
-#![allow(dead_code)]
+#![allow(dead_code, clippy::expect_used, clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
