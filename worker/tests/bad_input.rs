@@ -2,6 +2,8 @@
 //! panic: invalid YAML, unknown field, missing Destination, unreachable PostgreSQL, wrong
 //! password, wal_level=replica, a publication table that does not exist.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::path::Path;

@@ -1,6 +1,8 @@
 //! The standalone worker against the real PostgreSQL: round trip of every operation,
 //! resume after kill -9, and clean shutdown.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::collections::HashMap;
