@@ -9,6 +9,7 @@ command -v cc >/dev/null || need+=(gcc)
 command -v make >/dev/null || need+=(make)
 command -v perl >/dev/null || need+=(perl)
 command -v psql >/dev/null || need+=(postgresql-client-15)
+command -v cargo >/dev/null || command -v curl >/dev/null || need+=(curl ca-certificates)
 [ -x /usr/lib/postgresql/15/bin/initdb ] || need+=(postgresql-15)
 if [ "${#need[@]}" -gt 0 ]; then
   echo "setup: installing ${need[*]}" >&2

@@ -6,6 +6,9 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$here/.."
 
 "$here/setup.sh" >/dev/null
+# setup.sh may have just installed Rust with rustup.
+# shellcheck disable=SC1091
+[ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
 # The tests start the private PostgreSQL themselves too (idempotent); export it here so
 # every test process agrees on the instance.
 eval "$("$here/pg.sh" env)"

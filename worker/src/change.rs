@@ -137,7 +137,7 @@ pub struct TxnMeta {
 
 /// Text value to JSON: booleans and integers become JSON scalars, `json`/`jsonb` are
 /// embedded, everything else keeps PostgreSQL's exact text (numeric, floats with NaN,
-/// timestamps, bytea as `\x…`). The full type mapping lives in docs/types.md.
+/// timestamps, bytea as `\x…`). The mapping is documented in docs/destinations.md.
 fn cell_json(type_oid: u32, cell: &Cell) -> Value {
     let Cell::Text(text) = cell else {
         return Value::Null;

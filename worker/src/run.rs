@@ -87,7 +87,17 @@ pub async fn run(
     );
 
     let (tx, rx) = mpsc::channel(EVENT_BUFFER);
-    let pipeline_task = tokio::spawn(pipeline.run(rx));
+    let pipeline_task = {
+        // A failed destination must stop the reader at once, not at the next change.
+        let cancel = cancel.clone();
+        tokio::spawn(async move {
+            let result = pipeline.run(rx).await;
+            if result.is_err() {
+                cancel.cancel();
+            }
+            result
+        })
+    };
     let status_task = {
         let progress = progress.clone();
         let cancel = cancel.clone();

@@ -155,8 +155,13 @@ async fn kill_9_mid_stream_loses_nothing_and_duplicates_only_the_unconfirmed_tai
             .unwrap();
         }
     });
-    wait_for("a third of the rows on disk", DEADLINE, async || {
-        (records(dir.path()).len() >= (TXNS as usize * 5) / 3).then_some(())
+    // Kill once a third of the rows are on disk and the slot has confirmed some of them,
+    // so the kill lands between confirmed and unconfirmed batches.
+    let initial = parse_lsn(&db.slot(&db.name).await.unwrap().0);
+    wait_for("rows on disk and a confirmed batch", DEADLINE, async || {
+        let on_disk = records(dir.path()).len() >= (TXNS as usize * 5) / 3;
+        let confirmed = parse_lsn(&db.slot(&db.name).await?.0) > initial;
+        (on_disk && confirmed).then_some(())
     })
     .await;
     worker.kill9();

@@ -20,6 +20,8 @@ pub struct FileDestination {
     current: Option<OpenFile>,
     /// A file was created (or finished) since the last directory fsync.
     dir_dirty: bool,
+    /// Files opened by this process.
+    sequence: u32,
 }
 
 #[derive(Debug)]
@@ -51,6 +53,7 @@ impl FileDestination {
             rotate_interval,
             current: None,
             dir_dirty: false,
+            sequence: 0,
         })
     }
 
@@ -67,9 +70,12 @@ impl FileDestination {
                 .duration_since(UNIX_EPOCH)
                 .unwrap_or_default()
                 .as_millis();
-            let path = self
-                .dir
-                .join(format!("changes-{millis:013}-{:016X}.jsonl", lsn.0));
+            // The sequence keeps names unique when several files open in one millisecond.
+            self.sequence += 1;
+            let path = self.dir.join(format!(
+                "changes-{millis:013}-{:016X}-{:06}.jsonl",
+                lsn.0, self.sequence
+            ));
             let file = OpenOptions::new()
                 .create_new(true)
                 .append(true)

@@ -33,7 +33,7 @@ impl fmt::Debug for PgConnection {
 
 impl PgConnection {
     /// Combines `source.postgres.dsn` with the keys of its Secret (`dsn`, `host`, `port`,
-    /// `user`, `password`, `dbname`, `sslrootcert`). `ssl_root_cert` is a file holding the
+    /// `user`, `password`, `dbname`). `ssl_root_cert` is a file holding the
     /// PEM CA (written by the caller from `source.postgres.sslRootCert`).
     pub fn resolve(
         spec: &PostgresSource,

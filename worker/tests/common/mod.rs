@@ -53,6 +53,7 @@ pub async fn connect(dsn: &str) -> tokio_postgres::Client {
 
 /// A database owned by the `wallaby` role, dropped (with its slots) at the end.
 pub struct TestDb {
+    admin: tokio_postgres::Client,
     pub name: String,
     /// DSN of the `wallaby` role (SCRAM over TCP) for this database.
     pub dsn: String,
@@ -97,7 +98,7 @@ impl TestDb {
             "{}/{name}",
             base.rsplit_once('/').expect("dsn has a database").0
         );
-        Self { name, dsn }
+        Self { admin, name, dsn }
     }
 
     pub async fn client(&self) -> tokio_postgres::Client {
@@ -106,14 +107,13 @@ impl TestDb {
 
     /// `confirmed_flush_lsn` and `active` of a slot.
     pub async fn slot(&self, slot: &str) -> Option<(String, bool)> {
-        let admin = connect(superuser_dsn()).await;
-        admin
+        self.admin
             .query_opt(
                 "SELECT confirmed_flush_lsn::text, active FROM pg_replication_slots WHERE slot_name = $1",
                 &[&slot],
             )
             .await
-            .expect("slot query")
+            .unwrap_or_else(|e| panic!("slot query: {e:?}"))
             .map(|r| (r.get(0), r.get(1)))
     }
 
