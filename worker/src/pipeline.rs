@@ -11,6 +11,7 @@ use chrono::{DateTime, Utc};
 use pg_walstream::SharedLsnFeedback;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
+use wallaby_crds::flow::Counters;
 
 use crate::change::{Op, SourceEvent, TxnMeta, message_record};
 use crate::destination::file::FileDestination;
@@ -23,20 +24,9 @@ pub struct Progress {
     pub checkpoint: Option<(Lsn, DateTime<Utc>)>,
     /// Commit time of the oldest transaction received but not yet confirmed.
     pub oldest_pending: Option<DateTime<Utc>>,
-    /// Transactions made durable.
-    pub transactions: u64,
-    /// Inserts written.
-    pub inserts: u64,
-    /// Updates written.
-    pub updates: u64,
-    /// Deletes written.
-    pub deletes: u64,
-    /// Truncates written.
-    pub truncates: u64,
-    /// Batches made durable.
-    pub batches: u64,
-    /// Bytes written.
-    pub bytes: u64,
+    /// The counters reported in `Flow.status.counters` (rows and bytes as written,
+    /// transactions and batches as made durable).
+    pub counters: Counters,
 }
 
 /// Failure of a destination write; the worker stops without confirming the batch.
@@ -135,12 +125,15 @@ impl Pipeline {
                     self.write(meta.commit_lsn, &record)?;
                     let mut p = lock(&self.progress);
                     match change.op {
-                        Op::Insert => p.inserts += 1,
-                        Op::Update => p.updates += 1,
-                        Op::Delete => p.deletes += 1,
-                        Op::Truncate => p.truncates += 1,
+                        Op::Insert => p.counters.inserts += 1,
+                        Op::Update => p.counters.updates += 1,
+                        Op::Delete => p.counters.deletes += 1,
+                        Op::Truncate => p.counters.truncates += 1,
                     }
-                    p.bytes += record.len() as u64 + 1;
+                    if change.op != Op::Truncate {
+                        p.counters.rows += 1;
+                    }
+                    p.counters.bytes += record.len() as u64 + 1;
                     batch.rows += 1;
                     batch.started.get_or_insert_with(Instant::now);
                 }
@@ -201,8 +194,8 @@ impl Pipeline {
             self.feedback.update_applied_lsn(end_lsn.0);
             let mut p = lock(&self.progress);
             p.checkpoint = Some((end_lsn, commit_time));
-            p.transactions += batch.txns;
-            p.batches += 1;
+            p.counters.transactions += batch.txns;
+            p.counters.batches += 1;
             p.oldest_pending = None;
             tracing::debug!(lsn = %end_lsn, rows = batch.rows, txns = batch.txns, "batch durable");
         }

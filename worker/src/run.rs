@@ -48,7 +48,8 @@ pub async fn run(
     let conn = PgConnection::resolve(pg, resolved.source_secret.as_ref(), ca_path)?;
     tracing::info!(flow = %flow_name, source = %conn.describe(), slot = %pg.slot, publication = %pg.publication, "starting");
 
-    let catalog = conn.connect().await?;
+    // One SQL connection serves preflight, primary-key lookups and status queries.
+    let catalog = Arc::new(conn.connect().await?);
     let slot = setup::prepare(&catalog, pg).await?;
     tracing::info!(slot = %pg.slot, resume_from = %slot.confirmed_flush_lsn, created = slot.created, "slot ready");
 
@@ -64,7 +65,7 @@ pub async fn run(
         &pg.slot,
         &pg.publication,
         status_interval,
-        conn.connect().await?,
+        catalog.clone(),
     )
     .await?;
     let progress = Arc::new(Mutex::new(Progress::default()));
@@ -75,7 +76,7 @@ pub async fn run(
         reader.feedback(),
         progress.clone(),
     );
-    let reporter = StatusReporter::new(
+    let reporter = Arc::new(StatusReporter::new(
         options.status_file.clone(),
         pg.slot.clone(),
         resolved
@@ -84,7 +85,7 @@ pub async fn run(
             .map(|(n, _)| n.clone())
             .collect(),
         flow.metadata.generation,
-    );
+    ));
 
     let (tx, rx) = mpsc::channel(EVENT_BUFFER);
     let pipeline_task = {
@@ -101,18 +102,8 @@ pub async fn run(
     let status_task = {
         let progress = progress.clone();
         let cancel = cancel.clone();
-        let reporter_path = reporter.path().to_owned();
-        let catalog = conn.connect().await?;
-        let reporter = StatusReporter::new(
-            reporter_path,
-            pg.slot.clone(),
-            resolved
-                .destinations
-                .iter()
-                .map(|(n, _)| n.clone())
-                .collect(),
-            flow.metadata.generation,
-        );
+        let catalog = catalog.clone();
+        let reporter = reporter.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(status_interval);
             loop {

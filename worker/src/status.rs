@@ -6,9 +6,7 @@ use std::path::{Path, PathBuf};
 use chrono::Utc;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use tokio_postgres::Client;
-use wallaby_crds::flow::{
-    Checkpoint, Counters, DestinationProgress, FlowPhase, FlowStatus, Lag, SlotStatus,
-};
+use wallaby_crds::flow::{Checkpoint, DestinationProgress, FlowPhase, FlowStatus, Lag, SlotStatus};
 
 use crate::lsn::Lsn;
 use crate::pipeline::Progress;
@@ -45,11 +43,6 @@ impl StatusReporter {
         }
     }
 
-    /// Path of the status file.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// Builds the status from pipeline progress and the slot, writes it, logs a summary.
     pub async fn report(
         &self,
@@ -78,7 +71,7 @@ impl StatusReporter {
             lag_bytes = status.lag.as_ref().map(|l| l.bytes).unwrap_or(0),
             lag_seconds = status.lag.as_ref().map(|l| l.seconds).unwrap_or(0.0),
             rows = status.counters.as_ref().map(|c| c.rows).unwrap_or(0),
-            transactions = progress.transactions,
+            transactions = progress.counters.transactions,
             retained_wal_bytes = status
                 .slot
                 .as_ref()
@@ -183,16 +176,7 @@ impl StatusReporter {
             slot: view.slot.clone(),
             snapshot: Vec::new(),
             workload: None,
-            counters: Some(Counters {
-                transactions: p.transactions,
-                rows: p.inserts + p.updates + p.deletes,
-                inserts: p.inserts,
-                updates: p.updates,
-                deletes: p.deletes,
-                truncates: p.truncates,
-                batches: p.batches,
-                bytes: p.bytes,
-            }),
+            counters: Some(p.counters.clone()),
         }
     }
 }

@@ -36,6 +36,24 @@ fn assert_mentions(stderr: &str, wants: &[&str]) {
     }
 }
 
+/// Writes each case to `<dir>/<name>.yaml`, runs the worker on it, checks the expected
+/// phrases, and returns each case's stderr for further checks.
+fn run_cases(
+    dir: &Path,
+    cases: Vec<(&'static str, String, Vec<&str>)>,
+) -> Vec<(&'static str, std::path::PathBuf, String)> {
+    cases
+        .into_iter()
+        .map(|(name, text, wants)| {
+            let path = dir.join(format!("{}.yaml", name.replace(' ', "-")));
+            std::fs::write(&path, text).unwrap();
+            let stderr = run_failing(&path);
+            assert_mentions(&stderr, &wants);
+            (name, path, stderr)
+        })
+        .collect()
+}
+
 fn flow(dsn: &str, extra_spec: &str, destination: &str) -> String {
     format!(
         r#"apiVersion: wallaby.dev/v1alpha1
@@ -94,11 +112,7 @@ fn manifest_errors_name_the_document_field_and_fix() {
             vec!["primaryDestination is required when ackPolicy is primary"],
         ),
     ];
-    for (name, text, wants) in cases {
-        let path = dir.path().join(format!("{}.yaml", name.replace(' ', "-")));
-        std::fs::write(&path, text).unwrap();
-        let stderr = run_failing(&path);
-        assert_mentions(&stderr, &wants);
+    for (name, path, stderr) in run_cases(dir.path(), cases) {
         assert!(
             stderr.contains(&path.display().to_string()),
             "{name}: names the file:\n{stderr}"
@@ -144,11 +158,7 @@ async fn connection_and_catalog_errors_name_the_fix() {
             ],
         ),
     ];
-    for (name, text, wants) in cases {
-        let path = dir.path().join(format!("{}.yaml", name.replace(' ', "-")));
-        std::fs::write(&path, text).unwrap();
-        let stderr = run_failing(&path);
-        assert_mentions(&stderr, &wants);
+    for (name, _, stderr) in run_cases(dir.path(), cases) {
         assert!(
             !stderr.contains("not-the-password"),
             "{name}: password leaked:\n{stderr}"

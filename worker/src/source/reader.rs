@@ -27,7 +27,7 @@ pub struct ReplicationReader {
     stream: LogicalReplicationStream,
     parser: LogicalReplicationParser,
     relations: HashMap<u32, Arc<Relation>>,
-    catalog: Client,
+    catalog: Arc<Client>,
     slot: String,
 }
 
@@ -47,7 +47,7 @@ impl ReplicationReader {
         slot: &str,
         publication: &str,
         status_interval: Duration,
-        catalog: Client,
+        catalog: Arc<Client>,
     ) -> Result<Self, SourceError> {
         let config = ReplicationStreamConfig::new(
             slot.to_owned(),

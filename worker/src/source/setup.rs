@@ -229,35 +229,35 @@ async fn ensure_publication(
         .map(|r| TableName { schema: r.get(0), table: r.get(1) })
         .collect();
     for t in tables.iter().filter(|t| !current.contains(t)) {
-        let sql = format!(
-            "ALTER PUBLICATION {} ADD TABLE {}",
-            quote_ident(publication),
-            t.quoted()
-        );
-        client
-            .batch_execute(&sql)
-            .await
-            .map_err(SourceError::query(format!(
-                "adding {t} to publication {publication}"
-            )))?;
-        tracing::info!(publication = %publication, table = %t, "added table to publication");
+        alter_publication(client, publication, "ADD", t).await?;
     }
     if spec.sync_publication == SyncPublication::Sync {
         for t in current.iter().filter(|t| !tables.contains(t)) {
-            let sql = format!(
-                "ALTER PUBLICATION {} DROP TABLE {}",
-                quote_ident(publication),
-                t.quoted()
-            );
-            client
-                .batch_execute(&sql)
-                .await
-                .map_err(SourceError::query(format!(
-                    "dropping {t} from publication {publication}"
-                )))?;
-            tracing::info!(publication = %publication, table = %t, "dropped table from publication");
+            alter_publication(client, publication, "DROP", t).await?;
         }
     }
+    Ok(())
+}
+
+/// `ALTER PUBLICATION … ADD|DROP TABLE …`.
+async fn alter_publication(
+    client: &Client,
+    publication: &str,
+    action: &str,
+    table: &TableName,
+) -> Result<(), SourceError> {
+    let sql = format!(
+        "ALTER PUBLICATION {} {action} TABLE {}",
+        quote_ident(publication),
+        table.quoted()
+    );
+    client
+        .batch_execute(&sql)
+        .await
+        .map_err(SourceError::query(format!(
+            "{action} TABLE {table} on publication {publication}"
+        )))?;
+    tracing::info!(publication = %publication, table = %table, action, "altered publication");
     Ok(())
 }
 
