@@ -35,6 +35,8 @@ pub struct Column {
     pub name: String,
     /// Type OID.
     pub type_oid: u32,
+    /// Type modifier (`atttypmod`), -1 when none.
+    pub type_modifier: i32,
 }
 
 /// One column value of a tuple, in pgoutput's text format.
@@ -244,18 +246,22 @@ mod tests {
                 Column {
                     name: "id".into(),
                     type_oid: 20,
+                    type_modifier: -1,
                 },
                 Column {
                     name: "ok".into(),
                     type_oid: 16,
+                    type_modifier: -1,
                 },
                 Column {
                     name: "doc".into(),
                     type_oid: 3802,
+                    type_modifier: -1,
                 },
                 Column {
                     name: "big".into(),
                     type_oid: 25,
+                    type_modifier: -1,
                 },
             ],
             key: vec![0],

@@ -171,6 +171,7 @@ impl ReplicationReader {
                     .map(|c| Column {
                         name: c.name.to_string(),
                         type_oid: c.type_id,
+                        type_modifier: c.type_modifier,
                     })
                     .collect();
                 let pk = self.primary_key(relation_id).await?;

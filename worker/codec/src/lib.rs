@@ -1,0 +1,44 @@
+//! Typed PostgreSQL values, relation schemas and the wire formats every destination shares.
+//!
+//! ```text
+//! pgoutput text ──text::decode──▶ Value ──format::encode(WireFormat)──▶ bytes
+//!                                   ▲                                     │
+//!                                   └────────format::decode──────────────┘ (consumers, tests)
+//! Value ──text::render──▶ PostgreSQL's own text output (the fidelity contract)
+//! ```
+
+pub mod format;
+pub mod schema;
+pub mod text;
+pub mod value;
+
+pub use format::{WireFormat, decode, encode};
+pub use schema::{ColumnSchema, TableSchema, TypeInfo, TypeKind};
+pub use value::{Change, Op, Row, Value};
+
+/// Errors of decoding and encoding.
+#[derive(Debug, thiserror::Error)]
+pub enum CodecError {
+    /// PostgreSQL's text for a value did not parse as its type.
+    #[error("cannot decode {type_name} value {text:?}: {reason}")]
+    Text {
+        /// Type name.
+        type_name: String,
+        /// The offending text (truncated to 200 characters).
+        text: String,
+        /// Why.
+        reason: String,
+    },
+    /// A wire format could not encode or decode a batch.
+    #[error("{format} {action} failed for {table}: {reason}")]
+    Format {
+        /// Format name.
+        format: &'static str,
+        /// `encode` or `decode`.
+        action: &'static str,
+        /// Qualified table name.
+        table: String,
+        /// Why.
+        reason: String,
+    },
+}
