@@ -68,6 +68,11 @@ pub struct DestinationSpec {
     #[schemars(transform = string_map)]
     pub type_mappings: BTreeMap<String, String>,
 
+    /// Retries of a failed write or flush: exponential backoff with jitter; after
+    /// `maxRetries` the Flow's `giveUpPolicy` and `failureMode` apply.
+    #[serde(default)]
+    pub retry: RetrySpec,
+
     /// Kafka options (`type: kafka`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kafka: Option<KafkaSpec>,

@@ -68,6 +68,13 @@ pub struct FlowSpec {
     #[schemars(length(min = 1, max = 253))]
     pub primary_destination: Option<String>,
 
+    /// With `ackPolicy: primary`, how many bytes of changes a secondary destination may
+    /// fall behind the primary. Past it the secondary is detached (status says from which
+    /// LSN it stopped) and must be re-synced; the primary is never slowed down by it.
+    #[serde(default = "default_secondary_buffer_bytes")]
+    #[schemars(range(min = 65536))]
+    pub secondary_buffer_bytes: u64,
+
     /// What happens to the replication slot after retries are exhausted: `holdSlot` keeps it
     /// (WAL is retained until the flow is repaired) or `dropSlot` drops it (WAL is released,
     /// changes in between are lost for this flow and a new snapshot is needed).
@@ -133,6 +140,7 @@ pub struct Source {
 #[x_kube(
     validation = Rule::new("has(self.dsn) || has(self.secretRef)").message("set source.postgres.dsn or source.postgres.secretRef (a Secret with key `dsn`, or `host`/`user`/`password`)").reason(Reason::FieldValueRequired),
     validation = Rule::new("self.toastFetch != 'cache' || self.toastCacheSize > 0").message("toastCacheSize must be positive when toastFetch is cache"),
+    validation = Rule::new("self.memoryBudgetBytes >= 2 * self.batchMaxBytes").message("memoryBudgetBytes must be at least twice batchMaxBytes (one batch is assembled while another is written)"),
 )]
 #[serde(rename_all = "camelCase")]
 pub struct PostgresSource {
@@ -199,6 +207,20 @@ pub struct PostgresSource {
     /// A batch is flushed after this long even when it is not full.
     #[serde(default = "default_batch_timeout")]
     pub batch_timeout: DurationString,
+
+    /// Maximum bytes of decoded changes per batch (a batch is cut at whichever of
+    /// `batchSize`, `batchMaxBytes` or `batchTimeout` comes first; a cut inside a
+    /// transaction never checkpoints).
+    #[serde(default = "default_batch_max_bytes")]
+    #[schemars(range(min = 1024))]
+    pub batch_max_bytes: u64,
+
+    /// Memory budget of the pipeline: bytes of changes held at once, in the batch being
+    /// assembled and in batches not yet written by every destination. Reading from
+    /// PostgreSQL pauses while it is spent. Must be at least twice `batchMaxBytes`.
+    #[serde(default = "default_memory_budget_bytes")]
+    #[schemars(range(min = 65536))]
+    pub memory_budget_bytes: u64,
 
     /// Interval of standby status updates to PostgreSQL and of status reports.
     #[serde(default = "default_status_interval")]
@@ -271,6 +293,18 @@ fn yes() -> bool {
 fn default_batch_size() -> u32 {
     100
 }
+fn default_secondary_buffer_bytes() -> u64 {
+    64 << 20
+}
+
+fn default_batch_max_bytes() -> u64 {
+    8 << 20
+}
+
+fn default_memory_budget_bytes() -> u64 {
+    256 << 20
+}
+
 fn default_batch_timeout() -> DurationString {
     "1s".into()
 }

@@ -51,7 +51,7 @@ pub enum Cell {
 }
 
 /// Operation of a change.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Op {
     /// INSERT.
     Insert,
@@ -88,6 +88,9 @@ pub struct RowChange {
     pub before_is_identity: bool,
     /// New values.
     pub after: Option<Vec<Cell>>,
+    /// WAL position of the change (the XLogData start of its message); with the table
+    /// and key, the idempotency key of the change.
+    pub lsn: Lsn,
 }
 
 /// What the source emits.
@@ -276,6 +279,7 @@ mod tests {
     #[test]
     fn update_record_flags_unchanged_toast_and_keys_by_primary_key() {
         let change = RowChange {
+            lsn: Lsn(0),
             relation: rel(),
             op: Op::Update,
             before: None,

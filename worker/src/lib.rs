@@ -1,10 +1,13 @@
 //! WALlaby worker: streams PostgreSQL logical replication (`pgoutput`) to destinations,
 //! confirming to the slot only what every destination made durable.
 
+pub mod ack;
+pub mod batch;
 pub mod change;
 pub mod destination;
 pub mod lsn;
 pub mod pipeline;
+pub mod retry;
 pub mod run;
 pub mod source;
 pub mod standalone;

@@ -1,206 +1,622 @@
-//! Batcher, fan-out and checkpoint: records are written to every destination as they
-//! arrive; at a batch boundary (`batchSize` rows or `batchTimeout`) every destination is
-//! made durable, and only then does the confirmed position advance to the end of the last
-//! committed transaction in the batch. Progress never moves backward and never passes a
-//! transaction that is not fully durable.
+//! Batcher → fan-out → ack tracker → checkpoint.
+//!
+//! ```text
+//! SourceEvent ─▶ Batcher ─Arc<ChangeBatch>─┬─▶ runner(dest 0) ─write/flush (retry)─┐
+//!  (commit order) (count/bytes/time,        ├─▶ runner(dest 1) ─────────────────────┤ AckEvent
+//!                  memory budget)           └─▶ …  (≤ parallelism writes at once)   │
+//!                                                                                   ▼
+//!              slot feedback ◀── AckTracker (all: min of durable; primary: primary's)
+//! ```
+//!
+//! Each destination has its own runner task and queue, so a slow destination delays only
+//! itself until the memory budget is spent; the slot advances only over transaction ends
+//! that the required destinations reported *durable*, cumulatively, never backward.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use pg_walstream::SharedLsnFeedback;
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc};
+use tokio::task::JoinSet;
 use tokio::time::Instant;
+use tracing::Instrument;
 use wallaby_crds::flow::Counters;
 
-use crate::change::{Op, SourceEvent, TxnMeta, message_record};
-use crate::destination::file::FileDestination;
+use crate::ack::{AckMode, AckTracker};
+use crate::batch::{BatchError, Batcher, ChangeBatch, LogicalMessage, SchemaSource};
+use crate::change::{Op, SourceEvent};
+use crate::destination::{Destination, DestinationError, WriteAck};
 use crate::lsn::Lsn;
+use crate::retry::{RetryDecision, RetryPolicy};
 
-/// Shared view of the pipeline for status reports.
+/// Batches queued per destination before the pipeline waits (under `ackPolicy: all`).
+const QUEUE_BATCHES: usize = 8;
+
+/// Health of one destination as the status reports it.
+#[derive(Debug, Clone, Default)]
+pub struct DestinationState {
+    /// Destination name.
+    pub name: String,
+    /// Highest transaction end it made durable.
+    pub lsn: Option<Lsn>,
+    /// Last error (with its class and hint), cleared by the next success.
+    pub last_error: Option<String>,
+    /// When it happened.
+    pub last_error_time: Option<DateTime<Utc>>,
+    /// Failed attempts in a row.
+    pub failed_attempts: u32,
+    /// The destination no longer receives batches (a secondary that gave up or fell
+    /// behind its buffer); the text says why.
+    pub detached: Option<String>,
+}
+
+/// Shared view of the pipeline for status reports and metrics.
 #[derive(Debug, Default, Clone)]
 pub struct Progress {
     /// Last confirmed position and the commit time of its transaction.
     pub checkpoint: Option<(Lsn, DateTime<Utc>)>,
     /// Commit time of the oldest transaction received but not yet confirmed.
     pub oldest_pending: Option<DateTime<Utc>>,
-    /// The counters reported in `Flow.status.counters` (rows and bytes as written,
-    /// transactions and batches as made durable).
+    /// The counters reported in `Flow.status.counters` (rows and bytes as made durable by
+    /// the required destinations).
     pub counters: Counters,
+    /// Per destination.
+    pub destinations: Vec<DestinationState>,
+    /// Bytes held under the memory budget.
+    pub pending_bytes: u64,
 }
 
-/// Failure of a destination write; the worker stops without confirming the batch.
+/// Why the pipeline stopped the flow.
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
-    /// A destination could not write or sync.
-    #[error("destination {destination:?} failed: {source}")]
-    Destination {
+    /// A destination the slot depends on gave up after its retries.
+    #[error(
+        "destination {destination:?} gave up after {attempts} attempt(s): {error}; the slot was not advanced past LSN {held_at}"
+    )]
+    GaveUp {
+        /// Destination.
         destination: String,
-        #[source]
-        source: std::io::Error,
+        /// Attempts made.
+        attempts: u32,
+        /// Last error.
+        error: DestinationError,
+        /// The slot's confirmed position.
+        held_at: Lsn,
     },
+    /// A change could not be decoded.
+    #[error("{0}")]
+    Batch(#[from] BatchError),
     /// The source broke its own protocol.
     #[error("{0}")]
     Protocol(String),
 }
 
+/// Settings of the stage, validated at the edge.
+#[derive(Debug, Clone)]
+pub struct PipelineConfig {
+    /// Rows per batch.
+    pub batch_size: u64,
+    /// Bytes per batch.
+    pub batch_max_bytes: u64,
+    /// Longest a batch stays open.
+    pub batch_timeout: Duration,
+    /// Bytes of changes held at once (assembling plus in flight).
+    pub memory_budget: u64,
+    /// Concurrent destination writes.
+    pub parallelism: u32,
+    /// Ack policy.
+    pub ack: AckMode,
+    /// Bytes a secondary (under `ackPolicy: primary`) may fall behind before it is
+    /// detached.
+    pub secondary_buffer_bytes: u64,
+    /// Emit empty batches on timeout.
+    pub emit_empty: bool,
+}
+
+/// A destination with its name and retry policy.
+#[derive(Debug)]
+pub struct DestinationSlot {
+    /// Destination name.
+    pub name: String,
+    /// The sink.
+    pub sink: Box<dyn Destination>,
+    /// Retry policy.
+    pub retry: RetryPolicy,
+}
+
+/// Handles shared between the pipeline and the rest of the worker.
+#[derive(Debug, Clone)]
+pub struct PipelineHandles {
+    /// Status view.
+    pub progress: Arc<Mutex<Progress>>,
+    /// Slot feedback cell of the replication stream.
+    pub feedback: Arc<SharedLsnFeedback>,
+    /// The confirmed position, for the reader's idle-keepalive logic.
+    pub confirmed: Arc<AtomicU64>,
+}
+
+/// What runners report.
+#[derive(Debug)]
+enum AckEvent {
+    /// The batch was handed to the destination (its memory may be released).
+    Written { dest: usize, bytes: u64 },
+    /// Everything up to `lsn` is durable at the destination.
+    Durable {
+        dest: usize,
+        lsn: Lsn,
+        time: Option<DateTime<Utc>>,
+        rows: u64,
+        transactions: u64,
+        counts: Vec<(String, Op, u64)>,
+    },
+    /// An attempt failed; a retry follows.
+    Failed {
+        dest: usize,
+        attempt: u32,
+        error: DestinationError,
+    },
+    /// Retries are exhausted.
+    GaveUp {
+        dest: usize,
+        attempts: u32,
+        error: DestinationError,
+    },
+}
+
+struct Lane {
+    tx: Option<mpsc::Sender<Arc<ChangeBatch>>>,
+    /// Bytes sent but not yet written (secondaries only are bounded by this).
+    queued_bytes: u64,
+}
+
 /// The batching / fan-out / ack stage.
 #[derive(Debug)]
 pub struct Pipeline {
-    destinations: Vec<(String, FileDestination)>,
-    batch_size: u64,
-    batch_timeout: Duration,
-    feedback: Arc<SharedLsnFeedback>,
-    progress: Arc<Mutex<Progress>>,
+    config: PipelineConfig,
+    destinations: Vec<DestinationSlot>,
+    handles: PipelineHandles,
+    start: Lsn,
+    schemas: Box<dyn SchemaSource>,
 }
 
-/// State of the batch being assembled.
-#[derive(Debug, Default)]
-struct Batch {
-    rows: u64,
-    txns: u64,
-    started: Option<Instant>,
-    /// End LSN and commit time of the last transaction committed in this batch.
-    last_commit: Option<(Lsn, DateTime<Utc>)>,
+impl std::fmt::Debug for dyn SchemaSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SchemaSource")
+    }
 }
 
 impl Pipeline {
-    /// Builds the stage.
+    /// Builds the stage; `start` is the slot's confirmed position.
     pub fn new(
-        destinations: Vec<(String, FileDestination)>,
-        batch_size: u32,
-        batch_timeout: Duration,
-        feedback: Arc<SharedLsnFeedback>,
-        progress: Arc<Mutex<Progress>>,
+        config: PipelineConfig,
+        destinations: Vec<DestinationSlot>,
+        handles: PipelineHandles,
+        start: Lsn,
+        schemas: Box<dyn SchemaSource>,
     ) -> Self {
+        {
+            let mut p = lock(&handles.progress);
+            p.destinations = destinations
+                .iter()
+                .map(|d| DestinationState {
+                    name: d.name.clone(),
+                    lsn: Some(start),
+                    ..DestinationState::default()
+                })
+                .collect();
+        }
+        handles.confirmed.store(start.0, Ordering::Release);
         Self {
+            config,
             destinations,
-            batch_size: batch_size.into(),
-            batch_timeout,
-            feedback,
-            progress,
+            handles,
+            start,
+            schemas,
         }
     }
 
-    /// Consumes events until the source hangs up, then makes the rest durable.
-    pub async fn run(
-        mut self,
-        mut events: mpsc::Receiver<SourceEvent>,
-    ) -> Result<(), PipelineError> {
-        let mut txn: Option<TxnMeta> = None;
-        let mut batch = Batch::default();
-        loop {
-            let deadline = batch.started.map(|t| t + self.batch_timeout);
-            let event = tokio::select! {
-                event = events.recv() => event,
-                _ = sleep_until(deadline) => {
-                    self.flush(&mut batch)?;
+    /// Consumes events until the source hangs up, then waits for every destination to
+    /// make the rest durable. Returns the first reason to stop the flow.
+    pub async fn run(self, mut events: mpsc::Receiver<SourceEvent>) -> Result<(), PipelineError> {
+        let Self {
+            config,
+            destinations,
+            handles,
+            start,
+            mut schemas,
+        } = self;
+        let names: Vec<String> = destinations.iter().map(|d| d.name.clone()).collect();
+        let mut tracker = AckTracker::new(config.ack, destinations.len(), start);
+        let parallelism = Arc::new(Semaphore::new(config.parallelism.max(1) as usize));
+        let (ack_tx, mut ack_rx) = mpsc::unbounded_channel();
+        let mut runners = JoinSet::new();
+        let mut lanes = Vec::new();
+        for (index, slot) in destinations.into_iter().enumerate() {
+            let (tx, rx) = mpsc::channel(QUEUE_BATCHES);
+            lanes.push(Lane {
+                tx: Some(tx),
+                queued_bytes: 0,
+            });
+            runners.spawn(run_destination(
+                index,
+                slot,
+                rx,
+                ack_tx.clone(),
+                parallelism.clone(),
+            ));
+        }
+        drop(ack_tx);
+
+        let mut batcher = Batcher::new(config.memory_budget);
+        let mut opened: Option<Instant> = None;
+        let mut state = Flow {
+            tracker: &mut tracker,
+            lanes: &mut lanes,
+            names: &names,
+            handles: &handles,
+            secondary_limit: config.secondary_buffer_bytes,
+        };
+
+        // Phase 1: read, batch and dispatch until the source hangs up.
+        let mut source_open = true;
+        while source_open {
+            let deadline = opened.map(|t| t + config.batch_timeout);
+            tokio::select! {
+                biased;
+                ack = ack_rx.recv() => {
+                    if let Some(ack) = ack {
+                        state.on_ack(ack)?;
+                    }
                     continue;
                 }
-            };
-            let Some(event) = event else {
-                self.flush(&mut batch)?;
-                return Ok(());
-            };
-            match event {
-                SourceEvent::Begin {
-                    xid,
-                    commit_lsn,
-                    commit_time,
-                } => {
-                    txn = Some(TxnMeta {
-                        xid,
-                        commit_lsn,
-                        commit_time,
-                    });
-                    let mut p = lock(&self.progress);
-                    p.oldest_pending.get_or_insert(commit_time);
-                }
-                SourceEvent::Row(change) => {
-                    let meta = txn.as_ref().ok_or_else(|| {
-                        PipelineError::Protocol("row change outside a transaction".into())
-                    })?;
-                    let record = serde_json::to_vec(&change.to_record(meta))
-                        .map_err(|e| PipelineError::Protocol(e.to_string()))?;
-                    self.write(meta.commit_lsn, &record)?;
-                    let mut p = lock(&self.progress);
-                    match change.op {
-                        Op::Insert => p.counters.inserts += 1,
-                        Op::Update => p.counters.updates += 1,
-                        Op::Delete => p.counters.deletes += 1,
-                        Op::Truncate => p.counters.truncates += 1,
+                _ = sleep_until(deadline) => {
+                    opened = None;
+                    match batcher.take() {
+                        Some(batch) => state.dispatch(batch).await?,
+                        None if config.emit_empty => state.dispatch(batcher.empty()).await?,
+                        None => {}
                     }
-                    if change.op != Op::Truncate {
-                        p.counters.rows += 1;
-                    }
-                    p.counters.bytes += record.len() as u64 + 1;
-                    batch.rows += 1;
-                    batch.started.get_or_insert_with(Instant::now);
+                    continue;
                 }
-                SourceEvent::Message {
-                    transactional,
-                    lsn,
-                    prefix,
-                    content,
-                } => {
-                    let meta = if transactional { txn.as_ref() } else { None };
-                    let record =
-                        message_record(meta, lsn, transactional, &prefix, &content).to_string();
-                    self.write(meta.map(|m| m.commit_lsn).unwrap_or(lsn), record.as_bytes())?;
-                    batch.started.get_or_insert_with(Instant::now);
-                }
-                SourceEvent::Commit {
-                    end_lsn,
-                    commit_time,
-                    ..
-                } => {
-                    txn = None;
-                    batch.txns += 1;
-                    batch.last_commit = Some((end_lsn, commit_time));
-                    batch.started.get_or_insert_with(Instant::now);
-                    if batch.rows >= self.batch_size {
-                        self.flush(&mut batch)?;
+                event = events.recv() => match event {
+                    None => source_open = false,
+                    Some(event) => {
+                        opened.get_or_insert_with(Instant::now);
+                        let full = match event {
+                            SourceEvent::Begin { xid, commit_lsn, commit_time } => {
+                                batcher.begin(xid, commit_lsn, commit_time);
+                                let mut p = lock(&handles.progress);
+                                p.oldest_pending.get_or_insert(commit_time);
+                                false
+                            }
+                            SourceEvent::Row(change) => {
+                                let lsn = change.lsn;
+                                batcher.row(&change, lsn, schemas.as_mut()).await?;
+                                batcher.current().is_some_and(|b| {
+                                    b.rows >= config.batch_size || b.bytes >= config.batch_max_bytes
+                                })
+                            }
+                            SourceEvent::Message { transactional, lsn, prefix, content } => {
+                                batcher
+                                    .message(transactional, LogicalMessage { lsn, commit_lsn: None, prefix, content })
+                                    .await;
+                                false
+                            }
+                            SourceEvent::Commit { end_lsn, commit_time, .. } => {
+                                batcher.commit(end_lsn, commit_time);
+                                batcher.current().is_some_and(|b| {
+                                    b.rows >= config.batch_size || b.bytes >= config.batch_max_bytes
+                                })
+                            }
+                        };
+                        if full && let Some(batch) = batcher.take() {
+                            opened = None;
+                            state.dispatch(batch).await?;
+                        }
+                        lock(&handles.progress).pending_bytes = batcher.pending_bytes();
                     }
+                },
+            }
+        }
+
+        // Phase 2: the source is gone (stop or error): deliver what was read, then let the
+        // runners drain and make it durable.
+        if let Some(batch) = batcher.take() {
+            state.dispatch(batch).await?;
+        }
+        for lane in state.lanes.iter_mut() {
+            lane.tx = None;
+        }
+        while let Some(ack) = ack_rx.recv().await {
+            state.on_ack(ack)?;
+        }
+        while runners.join_next().await.is_some() {}
+        Ok(())
+    }
+}
+
+/// Mutable state of a running pipeline.
+struct Flow<'a> {
+    tracker: &'a mut AckTracker,
+    lanes: &'a mut Vec<Lane>,
+    names: &'a [String],
+    handles: &'a PipelineHandles,
+    secondary_limit: u64,
+}
+
+impl Flow<'_> {
+    async fn dispatch(&mut self, batch: ChangeBatch) -> Result<(), PipelineError> {
+        let bytes = batch.bytes;
+        let seq = batch.seq;
+        let batch = Arc::new(batch);
+        for (index, lane) in self.lanes.iter_mut().enumerate() {
+            let Some(tx) = &lane.tx else { continue };
+            if self.tracker.is_required(index) {
+                // Required destinations apply back-pressure: wait for queue room.
+                if tx.send(batch.clone()).await.is_err() {
+                    // The runner ended; its GaveUp event explains why and is handled when
+                    // it is received.
+                    lane.tx = None;
+                }
+                lane.queued_bytes += bytes;
+                continue;
+            }
+            // A secondary must not slow the primary: it may fall behind by its buffer,
+            // and is detached past it.
+            let limit = self.secondary_limit;
+            let over = lane.queued_bytes + bytes > limit;
+            let sent = !over && tx.try_send(batch.clone()).is_ok();
+            if sent {
+                lane.queued_bytes += bytes;
+            } else {
+                lane.tx = None;
+                let reason = format!(
+                    "fell behind the primary by more than its buffer ({limit} bytes) at batch {seq}; it stopped receiving changes after LSN {} and must be re-synced (backfill) or the flow restarted",
+                    self.tracker.destination(index)
+                );
+                tracing::error!(destination = %self.names[index], "{reason}");
+                let mut p = lock(&self.handles.progress);
+                if let Some(d) = p.destinations.get_mut(index) {
+                    d.detached = Some(reason);
                 }
             }
         }
-    }
-
-    fn write(&mut self, lsn: Lsn, record: &[u8]) -> Result<(), PipelineError> {
-        for (name, dest) in &mut self.destinations {
-            dest.write(lsn, record)
-                .map_err(|source| PipelineError::Destination {
-                    destination: name.clone(),
-                    source,
-                })?;
-        }
         Ok(())
     }
 
-    /// Makes every destination durable, then confirms the last committed transaction.
-    fn flush(&mut self, batch: &mut Batch) -> Result<(), PipelineError> {
-        for (name, dest) in &mut self.destinations {
-            tokio::task::block_in_place(|| {
-                dest.rotate_if_due()?;
-                dest.sync()
-            })
-            .map_err(|source| PipelineError::Destination {
-                destination: name.clone(),
-                source,
-            })?;
+    fn on_ack(&mut self, ack: AckEvent) -> Result<(), PipelineError> {
+        match ack {
+            AckEvent::Written { dest, bytes } => {
+                if let Some(lane) = self.lanes.get_mut(dest) {
+                    lane.queued_bytes = lane.queued_bytes.saturating_sub(bytes);
+                }
+            }
+            AckEvent::Durable {
+                dest,
+                lsn,
+                time,
+                rows,
+                transactions,
+                counts,
+            } => {
+                let advanced = self.tracker.durable(dest, lsn);
+                let mut p = lock(&self.handles.progress);
+                if let Some(d) = p.destinations.get_mut(dest) {
+                    d.lsn = Some(self.tracker.destination(dest));
+                    d.last_error = None;
+                    d.failed_attempts = 0;
+                }
+                // Counters follow the destinations that drive the slot, so they count
+                // what was made durable there once.
+                if self.tracker.is_required(dest) && is_first_required(self.tracker, dest) {
+                    p.counters.rows += rows;
+                    p.counters.transactions += transactions;
+                    p.counters.batches += 1;
+                    for (_, op, n) in counts {
+                        match op {
+                            Op::Insert => p.counters.inserts += n,
+                            Op::Update => p.counters.updates += n,
+                            Op::Delete => p.counters.deletes += n,
+                            Op::Truncate => p.counters.truncates += n,
+                        }
+                    }
+                }
+                if let Some(confirmed) = advanced {
+                    // Only now — every required destination durable — may the slot move.
+                    self.handles.feedback.update_flushed_lsn(confirmed.0);
+                    self.handles.feedback.update_applied_lsn(confirmed.0);
+                    self.handles.confirmed.store(confirmed.0, Ordering::Release);
+                    let time = time.unwrap_or_else(Utc::now);
+                    p.checkpoint = Some((confirmed, time));
+                    if p.oldest_pending.is_some_and(|t| t <= time) {
+                        p.oldest_pending = None;
+                    }
+                    tracing::debug!(lsn = %confirmed, "checkpoint");
+                }
+            }
+            AckEvent::Failed {
+                dest,
+                attempt,
+                error,
+            } => {
+                tracing::warn!(destination = %self.names[dest], attempt, %error, "destination write failed; retrying");
+                let mut p = lock(&self.handles.progress);
+                if let Some(d) = p.destinations.get_mut(dest) {
+                    d.last_error = Some(error.to_string());
+                    d.last_error_time = Some(Utc::now());
+                    d.failed_attempts = attempt;
+                }
+            }
+            AckEvent::GaveUp {
+                dest,
+                attempts,
+                error,
+            } => {
+                {
+                    let mut p = lock(&self.handles.progress);
+                    if let Some(d) = p.destinations.get_mut(dest) {
+                        d.last_error = Some(error.to_string());
+                        d.last_error_time = Some(Utc::now());
+                        d.failed_attempts = attempts;
+                    }
+                }
+                if self.tracker.is_required(dest) {
+                    return Err(PipelineError::GaveUp {
+                        destination: self.names[dest].clone(),
+                        attempts,
+                        error,
+                        held_at: self.tracker.confirmed(),
+                    });
+                }
+                if let Some(lane) = self.lanes.get_mut(dest) {
+                    lane.tx = None;
+                }
+                let reason = format!(
+                    "gave up after {attempts} attempt(s): {error}; it stopped at LSN {} while the primary continues",
+                    self.tracker.destination(dest)
+                );
+                tracing::error!(destination = %self.names[dest], "{reason}");
+                let mut p = lock(&self.handles.progress);
+                if let Some(d) = p.destinations.get_mut(dest) {
+                    d.detached = Some(reason);
+                }
+            }
         }
-        if let Some((end_lsn, commit_time)) = batch.last_commit.take() {
-            // Only now, with every destination fsynced, may the slot move past this batch.
-            self.feedback.update_applied_lsn(end_lsn.0);
-            let mut p = lock(&self.progress);
-            p.checkpoint = Some((end_lsn, commit_time));
-            p.counters.transactions += batch.txns;
-            p.counters.batches += 1;
-            p.oldest_pending = None;
-            tracing::debug!(lsn = %end_lsn, rows = batch.rows, txns = batch.txns, "batch durable");
-        }
-        *batch = Batch::default();
         Ok(())
+    }
+}
+
+fn is_first_required(tracker: &AckTracker, dest: usize) -> bool {
+    (0..dest).all(|i| !tracker.is_required(i))
+}
+
+/// Writes batches to one destination in order, with retries, reporting durability.
+async fn run_destination(
+    index: usize,
+    mut slot: DestinationSlot,
+    mut rx: mpsc::Receiver<Arc<ChangeBatch>>,
+    acks: mpsc::UnboundedSender<AckEvent>,
+    parallelism: Arc<Semaphore>,
+) {
+    // Transaction end (and its stats) accepted but not yet flushed.
+    let mut unflushed: Option<Pending> = None;
+    while let Some(batch) = rx.recv().await {
+        let span = tracing::info_span!(
+            "destination.write",
+            destination = %slot.name,
+            batch = batch.seq,
+            rows = batch.rows,
+        );
+        let written = async {
+            // The semaphore is never closed; if it were, write without the limit.
+            let _permit = parallelism.acquire().await.ok();
+            attempt(index, &mut slot, &acks, Attempt::Write(&batch)).await
+        }
+        .instrument(span)
+        .await;
+        let ack = match written {
+            Ok(Some(ack)) => ack,
+            Ok(None) => WriteAck::Durable,
+            Err(()) => return,
+        };
+        let _ = acks.send(AckEvent::Written {
+            dest: index,
+            bytes: batch.bytes,
+        });
+        let pending = unflushed.get_or_insert_with(Pending::default);
+        pending.rows += batch.rows;
+        pending.transactions += batch.transactions;
+        for (t, op, n) in &batch.op_counts {
+            pending.counts.push((t.clone(), *op, *n));
+        }
+        if let Some(cp) = batch.checkpoint {
+            pending.lsn = Some(cp);
+            pending.time = batch.checkpoint_time;
+        }
+        // Flush only at a transaction end: a batch holding part of a transaction can
+        // confirm nothing, so its durability would buy nothing.
+        if batch.checkpoint.is_none() {
+            continue;
+        }
+        if ack == WriteAck::Accepted {
+            let span = tracing::info_span!("destination.flush", destination = %slot.name);
+            let flushed = attempt(index, &mut slot, &acks, Attempt::Flush)
+                .instrument(span)
+                .await;
+            if flushed.is_err() {
+                return;
+            }
+        }
+        if let Some(p) = unflushed.take()
+            && let Some(lsn) = p.lsn
+        {
+            let _ = acks.send(AckEvent::Durable {
+                dest: index,
+                lsn,
+                time: p.time,
+                rows: p.rows,
+                transactions: p.transactions,
+                counts: p.counts,
+            });
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Pending {
+    lsn: Option<Lsn>,
+    time: Option<DateTime<Utc>>,
+    rows: u64,
+    transactions: u64,
+    counts: Vec<(String, Op, u64)>,
+}
+
+/// One destination operation.
+#[derive(Clone, Copy)]
+enum Attempt<'a> {
+    Write(&'a ChangeBatch),
+    Flush,
+}
+
+/// Runs the operation until it succeeds (`Some(ack)` for a write, `None` for a flush) or
+/// the retry policy gives up (then reports `GaveUp` and returns `Err`).
+async fn attempt(
+    index: usize,
+    slot: &mut DestinationSlot,
+    acks: &mpsc::UnboundedSender<AckEvent>,
+    what: Attempt<'_>,
+) -> Result<Option<WriteAck>, ()> {
+    let mut attempt = 0u32;
+    loop {
+        attempt += 1;
+        let result = match what {
+            Attempt::Write(batch) => slot.sink.write(batch).await.map(Some),
+            Attempt::Flush => slot.sink.flush().await.map(|()| None),
+        };
+        let error = match result {
+            Ok(v) => return Ok(v),
+            Err(e) => e,
+        };
+        match slot.retry.decide(attempt, &error) {
+            RetryDecision::RetryAfter(wait) => {
+                let _ = acks.send(AckEvent::Failed {
+                    dest: index,
+                    attempt,
+                    error,
+                });
+                tokio::time::sleep(wait).await;
+            }
+            RetryDecision::GiveUp => {
+                let _ = acks.send(AckEvent::GaveUp {
+                    dest: index,
+                    attempts: attempt,
+                    error,
+                });
+                return Err(());
+            }
+        }
     }
 }
 

@@ -1,15 +1,32 @@
 //! One run of a flow: preflight, stream, pipeline and status reporter wired together, and
-//! an orderly shutdown (flush → confirm → final standby status → final status file).
+//! an orderly shutdown (flush → confirm → final standby status → final status file). When
+//! a required destination gives up, the flow's `failureMode` decides the slot's fate.
 
 use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 
+use async_trait::async_trait;
 use pg_walstream::CancellationToken;
 use tokio::sync::mpsc;
+use wallaby_codec::{TableSchema, WireFormat};
+use wallaby_crds::Flow;
+use wallaby_crds::common::WireFormat as SpecFormat;
+use wallaby_crds::destination::DestinationSpec;
+use wallaby_crds::flow::{AckPolicy, FailureMode};
 
+use crate::ack::AckMode;
+use crate::batch::SchemaSource;
+use crate::change::Relation;
+use crate::destination::TypeOverrides;
 use crate::destination::file::FileDestination;
-use crate::pipeline::{Pipeline, Progress, lock};
+use crate::lsn::Lsn;
+use crate::pipeline::{
+    DestinationSlot, Pipeline, PipelineConfig, PipelineError, PipelineHandles, Progress, lock,
+};
+use crate::retry::RetryPolicy;
 use crate::source::reader::ReplicationReader;
+use crate::source::types::TypeResolver;
 use crate::source::{PgConnection, setup};
 use crate::standalone::Resolved;
 use crate::status::StatusReporter;
@@ -26,9 +43,77 @@ pub struct RunOptions {
     pub state_dir: PathBuf,
 }
 
+/// The codec format of a spec format.
+pub fn wire_format(f: SpecFormat) -> WireFormat {
+    match f {
+        SpecFormat::Arrow => WireFormat::Arrow,
+        SpecFormat::Parquet => WireFormat::Parquet,
+        SpecFormat::Avro => WireFormat::Avro,
+        SpecFormat::Proto => WireFormat::Proto,
+        SpecFormat::Json => WireFormat::Json,
+    }
+}
+
+/// Opens the destinations a standalone manifest declares.
+pub fn open_destinations(
+    flow: &Flow,
+    destinations: &[(String, DestinationSpec)],
+) -> anyhow::Result<Vec<DestinationSlot>> {
+    let mut slots = Vec::new();
+    for (name, spec) in destinations {
+        let format = wire_format(spec.format.unwrap_or(flow.spec.wire_format));
+        let overrides = TypeOverrides::new(spec.type_mappings.clone());
+        let sink = match &spec.file {
+            Some(file) => FileDestination::open(file, format, overrides).map_err(|e| {
+                anyhow::anyhow!("Destination/{name}: cannot open {}: {e}", file.path)
+            })?,
+            None => anyhow::bail!(
+                "Destination/{name}: type {:?} is not delivered by this worker",
+                spec.kind.as_str()
+            ),
+        };
+        let retry = RetryPolicy::from_spec(&spec.retry, flow.spec.give_up_policy)
+            .map_err(|e| anyhow::anyhow!("Destination/{name} spec.retry: {e}"))?;
+        slots.push(DestinationSlot {
+            name: name.clone(),
+            sink: Box::new(sink),
+            retry,
+        });
+    }
+    Ok(slots)
+}
+
 /// Runs until `cancel` fires (clean stop, `Ok`) or an error stops the flow.
 pub async fn run(
     resolved: Resolved,
+    options: RunOptions,
+    cancel: CancellationToken,
+) -> anyhow::Result<()> {
+    let destinations = open_destinations(&resolved.flow, &resolved.destinations)?;
+    run_with(resolved, destinations, options, cancel).await
+}
+
+/// Adapts the catalog type resolver to the batcher.
+struct CatalogSchemas(TypeResolver);
+
+#[async_trait]
+impl SchemaSource for CatalogSchemas {
+    async fn table_schema(
+        &mut self,
+        relation: &Relation,
+        version: u32,
+    ) -> Result<TableSchema, String> {
+        self.0
+            .table_schema(relation, version)
+            .await
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// Runs the flow with the given destinations (in `spec.destinations` order).
+pub async fn run_with(
+    resolved: Resolved,
+    destinations: Vec<DestinationSlot>,
     options: RunOptions,
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
@@ -48,17 +133,41 @@ pub async fn run(
     let conn = PgConnection::resolve(pg, resolved.source_secret.as_ref(), ca_path)?;
     tracing::info!(flow = %flow_name, source = %conn.describe(), slot = %pg.slot, publication = %pg.publication, "starting");
 
-    // One SQL connection serves preflight, primary-key lookups and status queries.
+    // One SQL connection serves preflight, key and type lookups and status queries.
     let catalog = Arc::new(conn.connect().await?);
     let slot = setup::prepare(&catalog, pg).await?;
     tracing::info!(slot = %pg.slot, resume_from = %slot.confirmed_flush_lsn, created = slot.created, "slot ready");
+    let start: Lsn = slot
+        .confirmed_flush_lsn
+        .parse()
+        .map_err(|e| anyhow::anyhow!("slot {}: bad confirmed_flush_lsn: {e}", pg.slot))?;
 
-    let mut destinations = Vec::new();
-    for (name, spec) in &resolved.destinations {
-        let dest = FileDestination::open(spec)
-            .map_err(|e| anyhow::anyhow!("Destination/{name}: cannot open {}: {e}", spec.path))?;
-        destinations.push((name.clone(), dest));
-    }
+    let ack = match flow.spec.ack_policy {
+        AckPolicy::All => AckMode::All,
+        AckPolicy::Primary => {
+            let primary = flow.spec.primary_destination.as_deref().unwrap_or_default();
+            let index = destinations
+                .iter()
+                .position(|d| d.name == primary)
+                .ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "primaryDestination {primary:?} is not one of the flow's destinations"
+                    )
+                })?;
+            AckMode::Primary(index)
+        }
+    };
+    let config = PipelineConfig {
+        batch_size: pg.batch_size.into(),
+        batch_max_bytes: pg.batch_max_bytes,
+        batch_timeout,
+        memory_budget: pg.memory_budget_bytes,
+        parallelism: flow.spec.parallelism,
+        ack,
+        secondary_buffer_bytes: flow.spec.secondary_buffer_bytes,
+        emit_empty: pg.emit_empty,
+    };
+    let names: Vec<String> = destinations.iter().map(|d| d.name.clone()).collect();
 
     let mut reader = ReplicationReader::start(
         &conn,
@@ -68,22 +177,18 @@ pub async fn run(
         catalog.clone(),
     )
     .await?;
-    let progress = Arc::new(Mutex::new(Progress::default()));
-    let pipeline = Pipeline::new(
-        destinations,
-        pg.batch_size,
-        batch_timeout,
-        reader.feedback(),
-        progress.clone(),
-    );
+    let handles = PipelineHandles {
+        progress: Arc::new(Mutex::new(Progress::default())),
+        feedback: reader.feedback(),
+        confirmed: Arc::new(AtomicU64::new(start.0)),
+    };
+    let progress = handles.progress.clone();
+    let schemas = CatalogSchemas(TypeResolver::new(catalog.clone(), pg.resolve_types));
+    let pipeline = Pipeline::new(config, destinations, handles, start, Box::new(schemas));
     let reporter = Arc::new(StatusReporter::new(
         options.status_file.clone(),
         pg.slot.clone(),
-        resolved
-            .destinations
-            .iter()
-            .map(|(n, _)| n.clone())
-            .collect(),
+        names,
         flow.metadata.generation,
     ));
 
@@ -126,17 +231,39 @@ pub async fn run(
     cancel.cancel();
     let _ = status_task.await;
 
-    let error = match (&read_result, &pipeline_result) {
+    let mut error = match (&read_result, &pipeline_result) {
         (Err(e), _) => Some(e.to_string()),
         (_, Err(e)) => Some(e.to_string()),
         _ => None,
     };
+    if let Err(PipelineError::GaveUp { .. }) = &pipeline_result {
+        let fate = match flow.spec.failure_mode {
+            FailureMode::HoldSlot => format!(
+                "failureMode holdSlot: slot {} kept (PostgreSQL retains WAL from its position until the flow resumes)",
+                pg.slot
+            ),
+            FailureMode::DropSlot => match setup::drop_slot(&catalog, &pg.slot).await {
+                Ok(()) => format!(
+                    "failureMode dropSlot: slot {} dropped, WAL released; changes after the checkpoint are not recoverable from this slot, re-snapshot the destinations",
+                    pg.slot
+                ),
+                Err(e) => format!(
+                    "failureMode dropSlot: dropping slot {} failed: {e}",
+                    pg.slot
+                ),
+            },
+        };
+        tracing::error!("{fate}");
+        error = error.map(|e| format!("{e}; {fate}"));
+    }
     let snapshot = lock(&progress).clone();
     reporter
         .report(&snapshot, Some(&catalog), false, error.as_deref())
         .await;
     read_result?;
-    pipeline_result?;
+    if let Err(e) = pipeline_result {
+        anyhow::bail!(error.unwrap_or_else(|| e.to_string()));
+    }
     tracing::info!(flow = %flow_name, "stopped cleanly");
     Ok(())
 }

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use wallaby_crds::destination::FileSpec;
+use wallaby_crds::destination::DestinationSpec;
 use wallaby_crds::manifest::{self, Bundle};
 use wallaby_crds::{DestinationType, Flow, validate};
 
@@ -15,8 +15,8 @@ use wallaby_crds::{DestinationType, Flow, validate};
 pub struct Resolved {
     /// The Flow.
     pub flow: Flow,
-    /// Its destinations, in `spec.destinations` order, with their file options.
-    pub destinations: Vec<(String, FileSpec)>,
+    /// Its destinations, in `spec.destinations` order.
+    pub destinations: Vec<(String, DestinationSpec)>,
     /// Keys of the source Secret (`dsn`, `password`, …).
     pub source_secret: Option<BTreeMap<String, String>>,
     /// PEM CA of `sslRootCert`, when set.
@@ -102,8 +102,16 @@ fn resolve(
                 .iter()
                 .map(ToString::to_string),
         );
+        for (pg_type, target) in &dest.spec.type_mappings {
+            if let Err(e) = wallaby_codec::format::check_type_mapping(pg_type, target) {
+                problems.push(format!(
+                    "Destination/{} spec.typeMappings.{pg_type}: {e}",
+                    r.name
+                ));
+            }
+        }
         match (&dest.spec.kind, &dest.spec.file) {
-            (DestinationType::File, Some(file)) => destinations.push((r.name.clone(), file.clone())),
+            (DestinationType::File, Some(_)) => destinations.push((r.name.clone(), dest.spec.clone())),
             (DestinationType::File, None) => {}
             (other, _) => problems.push(format!(
                 "Destination/{} spec.type: {:?} is declared in the CRD but not delivered by this worker version yet; use type: file (see docs/destinations.md)",

@@ -147,17 +147,46 @@ impl StatusReporter {
                 "worker stopped; it resumes from the checkpoint on restart".to_owned(),
             ),
         };
+        let condition = |type_: &str, status: &str, reason: &str, message: String| Condition {
+            type_: type_.into(),
+            status: status.into(),
+            reason: reason.into(),
+            message,
+            last_transition_time: Time(k8s_openapi::jiff::Timestamp::now()),
+            observed_generation: self.generation,
+        };
+        // Degraded: a destination is retrying or was detached, while the flow still runs.
+        let troubled: Vec<String> = p
+            .destinations
+            .iter()
+            .filter_map(|d| match (&d.detached, &d.last_error) {
+                (Some(why), _) => Some(format!("{}: detached: {why}", d.name)),
+                (None, Some(e)) => Some(format!(
+                    "{}: {} failed attempt(s), last: {e}",
+                    d.name, d.failed_attempts
+                )),
+                _ => None,
+            })
+            .collect();
+        let degraded = if troubled.is_empty() {
+            condition(
+                "Degraded",
+                "False",
+                "AllDestinationsHealthy",
+                "every destination is keeping up".into(),
+            )
+        } else {
+            condition("Degraded", "True", "DestinationErrors", troubled.join("; "))
+        };
+        let phase = if running && error.is_none() && !troubled.is_empty() {
+            FlowPhase::Degraded
+        } else {
+            phase
+        };
         FlowStatus {
             observed_generation: self.generation,
             phase: Some(phase),
-            conditions: vec![Condition {
-                type_: "Ready".into(),
-                status: ready.into(),
-                reason: reason.into(),
-                message,
-                last_transition_time: Time(k8s_openapi::jiff::Timestamp::now()),
-                observed_generation: self.generation,
-            }],
+            conditions: vec![condition("Ready", ready, reason, message), degraded],
             checkpoint: checkpoint_lsn.map(|l| Checkpoint {
                 lsn: l.to_string(),
                 time: p.checkpoint.map(|(_, t)| t.to_rfc3339()),
@@ -165,11 +194,19 @@ impl StatusReporter {
             destinations: self
                 .destinations
                 .iter()
-                .map(|name| DestinationProgress {
-                    name: name.clone(),
-                    lsn: p.checkpoint.map(|(l, _)| l.to_string()),
-                    last_error: error.map(str::to_owned),
-                    last_error_time: error.map(|_| now.to_rfc3339()),
+                .enumerate()
+                .map(|(i, name)| {
+                    let d = p.destinations.get(i);
+                    DestinationProgress {
+                        name: name.clone(),
+                        lsn: d
+                            .and_then(|d| d.lsn)
+                            .or(checkpoint_lsn)
+                            .map(|l| l.to_string()),
+                        last_error: d
+                            .and_then(|d| d.detached.clone().or_else(|| d.last_error.clone())),
+                        last_error_time: d.and_then(|d| d.last_error_time).map(|t| t.to_rfc3339()),
+                    }
                 })
                 .collect(),
             lag,

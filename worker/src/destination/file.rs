@@ -1,23 +1,32 @@
-//! The `file` destination: a directory of JSON-lines files, one record per change,
-//! rotated by size and age. A batch is durable once its bytes and (for a new file) the
-//! directory entry are fsynced; only then may the slot advance past it.
+//! The `file` destination: a local directory. With `format: json` every change is a JSON
+//! line appended to a rolling file (rotated by size and age); with a binary format
+//! (arrow, parquet, avro, proto) each batch becomes one file per table schema. Writes are
+//! *accepted*; `flush` fsyncs files and the directory (binary files are renamed into place
+//! only once complete), and only then may the slot advance past them.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use async_trait::async_trait;
+use wallaby_codec::WireFormat;
 use wallaby_crds::destination::FileSpec;
 
-use crate::lsn::Lsn;
+use super::{Destination, DestinationError, TypeOverrides, WriteAck};
+use crate::batch::ChangeBatch;
 
 /// Writer of one destination directory.
 #[derive(Debug)]
 pub struct FileDestination {
     dir: PathBuf,
+    format: WireFormat,
+    overrides: TypeOverrides,
     max_file_bytes: u64,
     rotate_interval: Duration,
     current: Option<OpenFile>,
+    /// Complete binary files waiting for flush: (temporary path, final path).
+    staged: Vec<(PathBuf, PathBuf)>,
     /// A file was created (or finished) since the last directory fsync.
     dir_dirty: bool,
     /// Files opened by this process.
@@ -33,8 +42,9 @@ struct OpenFile {
 }
 
 impl FileDestination {
-    /// Opens the directory (creating it), repairing a record torn by a crash.
-    pub fn open(spec: &FileSpec) -> io::Result<Self> {
+    /// Opens the directory (creating it), repairing a JSON record torn by a crash and
+    /// removing binary files a crash left incomplete (their batches were never confirmed).
+    pub fn open(spec: &FileSpec, format: WireFormat, overrides: TypeOverrides) -> io::Result<Self> {
         let dir = PathBuf::from(&spec.path);
         fs::create_dir_all(&dir).map_err(|e| annotate(e, "creating directory", &dir))?;
         let rotate_interval = spec
@@ -45,20 +55,25 @@ impl FileDestination {
             let path = entry?.path();
             if path.extension().is_some_and(|e| e == "jsonl") {
                 repair_torn_tail(&path)?;
+            } else if path.extension().is_some_and(|e| e == "tmp") {
+                tracing::warn!(file = %path.display(), "removing an incomplete file left by a crash");
+                fs::remove_file(&path).map_err(|e| annotate(e, "removing", &path))?;
             }
         }
         Ok(Self {
             dir,
+            format,
+            overrides,
             max_file_bytes: spec.max_file_bytes,
             rotate_interval,
             current: None,
+            staged: Vec::new(),
             dir_dirty: false,
             sequence: 0,
         })
     }
 
-    /// Appends one record (a JSON line without the newline). `lsn` names a new file.
-    pub fn write(&mut self, lsn: Lsn, record: &[u8]) -> io::Result<()> {
+    fn append(&mut self, first_lsn: u64, lines: &[u8]) -> io::Result<()> {
         let rotate = self.current.as_ref().is_some_and(|f| {
             f.bytes >= self.max_file_bytes || f.opened.elapsed() >= self.rotate_interval
         });
@@ -66,15 +81,10 @@ impl FileDestination {
             self.finish_current()?;
         }
         if self.current.is_none() {
-            let millis = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .unwrap_or_default()
-                .as_millis();
-            // The sequence keeps names unique when several files open in one millisecond.
-            self.sequence += 1;
+            let seq = self.next_sequence();
             let path = self.dir.join(format!(
-                "changes-{millis:013}-{:016X}-{:06}.jsonl",
-                lsn.0, self.sequence
+                "changes-{:013}-{first_lsn:016X}-{seq:06}.jsonl",
+                now_millis(),
             ));
             let file = OpenOptions::new()
                 .create_new(true)
@@ -90,15 +100,82 @@ impl FileDestination {
             self.dir_dirty = true;
         }
         if let Some(f) = self.current.as_mut() {
-            f.writer.write_all(record)?;
-            f.writer.write_all(b"\n")?;
-            f.bytes += record.len() as u64 + 1;
+            f.writer
+                .write_all(lines)
+                .map_err(|e| annotate(e, "writing", &f.path))?;
+            f.bytes += lines.len() as u64;
+        }
+        Ok(())
+    }
+
+    fn next_sequence(&mut self) -> u32 {
+        // The sequence keeps names unique when several files open in one millisecond.
+        self.sequence += 1;
+        self.sequence
+    }
+
+    fn write_batch(&mut self, batch: &ChangeBatch) -> Result<(), DestinationError> {
+        for group in &batch.tables {
+            if group.changes.is_empty() {
+                continue;
+            }
+            let schema = self.overrides.apply(&group.schema);
+            let payload =
+                wallaby_codec::encode(self.format, &schema, &group.changes).map_err(|e| {
+                    DestinationError::permanent(format!(
+                        "encoding {}: {e}",
+                        schema.qualified_name()
+                    ))
+                })?;
+            let first_lsn = group.changes.first().map_or(0, |c| c.commit_lsn);
+            if self.format == WireFormat::Json {
+                self.append(first_lsn, &payload)
+                    .map_err(|e| DestinationError::from_io("file destination", &e))?;
+                continue;
+            }
+            let name = format!(
+                "{}.{}.v{}-{:013}-{first_lsn:016X}-{:06}.{}",
+                schema.schema,
+                schema.table,
+                schema.version,
+                now_millis(),
+                self.next_sequence(),
+                self.format.extension()
+            );
+            let path = self.dir.join(&name);
+            let tmp = self.dir.join(format!(".{name}.tmp"));
+            fs::write(&tmp, &payload).map_err(|e| {
+                DestinationError::from_io(&format!("writing {}", tmp.display()), &e)
+            })?;
+            self.staged.push((tmp, path));
+        }
+        for m in &batch.messages {
+            let mut line = serde_json::json!({
+                "kind": "message",
+                "lsn": m.lsn.to_string(),
+                "commit_lsn": m.commit_lsn.map(|l| l.to_string()),
+                "transactional": m.commit_lsn.is_some(),
+                "prefix": m.prefix,
+                "content": String::from_utf8_lossy(&m.content),
+            })
+            .to_string()
+            .into_bytes();
+            line.push(b'\n');
+            self.append(m.lsn.0, &line)
+                .map_err(|e| DestinationError::from_io("file destination", &e))?;
         }
         Ok(())
     }
 
     /// Makes everything written so far durable.
-    pub fn sync(&mut self) -> io::Result<()> {
+    fn sync(&mut self) -> io::Result<()> {
+        let rotate = self
+            .current
+            .as_ref()
+            .is_some_and(|f| f.opened.elapsed() >= self.rotate_interval);
+        if rotate {
+            self.finish_current()?;
+        }
         if let Some(f) = self.current.as_mut() {
             f.writer.flush()?;
             f.writer
@@ -106,23 +183,18 @@ impl FileDestination {
                 .sync_data()
                 .map_err(|e| annotate(e, "fsync of", &f.path))?;
         }
+        for (tmp, path) in std::mem::take(&mut self.staged) {
+            File::open(&tmp)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| annotate(e, "fsync of", &tmp))?;
+            fs::rename(&tmp, &path).map_err(|e| annotate(e, "renaming", &tmp))?;
+            self.dir_dirty = true;
+        }
         if self.dir_dirty {
             File::open(&self.dir)?
                 .sync_all()
                 .map_err(|e| annotate(e, "fsync of", &self.dir))?;
             self.dir_dirty = false;
-        }
-        Ok(())
-    }
-
-    /// Rotates when the current file is too old even without new records.
-    pub fn rotate_if_due(&mut self) -> io::Result<()> {
-        if self
-            .current
-            .as_ref()
-            .is_some_and(|f| f.opened.elapsed() >= self.rotate_interval)
-        {
-            self.finish_current()?;
         }
         Ok(())
     }
@@ -138,6 +210,33 @@ impl FileDestination {
         }
         Ok(())
     }
+}
+
+#[async_trait]
+impl Destination for FileDestination {
+    async fn write(&mut self, batch: &ChangeBatch) -> Result<WriteAck, DestinationError> {
+        blocking(|| self.write_batch(batch))?;
+        Ok(WriteAck::Accepted)
+    }
+
+    async fn flush(&mut self) -> Result<(), DestinationError> {
+        blocking(|| self.sync()).map_err(|e| DestinationError::from_io("file destination", &e))
+    }
+}
+
+/// Runs blocking file I/O without stalling other tasks on a multi-threaded runtime.
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
+fn now_millis() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis()
 }
 
 fn annotate(e: io::Error, what: &str, path: &Path) -> io::Error {
@@ -183,41 +282,21 @@ fn repair_torn_tail(path: &Path) -> io::Result<()> {
 mod tests {
     use super::*;
 
-    fn spec(dir: &Path, max: u64) -> FileSpec {
-        FileSpec {
-            path: dir.display().to_string(),
-            max_file_bytes: max,
-            rotate_interval: "1h".into(),
-        }
-    }
-
     #[test]
-    fn rotates_by_size_and_repairs_torn_tails() {
+    fn repairs_torn_tails() {
         let dir = tempfile::tempdir().unwrap();
-        let mut d = FileDestination::open(&spec(dir.path(), 1024)).unwrap();
-        let record = vec![b'x'; 300];
-        for i in 0..10 {
-            d.write(Lsn(i), &record).unwrap();
-        }
-        d.sync().unwrap();
-        let mut files: Vec<_> = fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .collect();
-        files.sort();
-        assert_eq!(
-            files.len(),
-            3,
-            "10 records of 301 bytes with 1 KiB files: {files:?}"
-        );
-        // Simulate a crash mid-record.
-        let last = files.last().unwrap();
-        let mut f = OpenOptions::new().append(true).open(last).unwrap();
-        f.write_all(b"{\"half\":").unwrap();
-        drop(f);
-        FileDestination::open(&spec(dir.path(), 1024)).unwrap();
-        let text = fs::read_to_string(last).unwrap();
-        assert!(text.ends_with('\n') && !text.contains("half"));
-        assert_eq!(text.lines().count(), 2);
+        let path = dir.path().join("changes-1.jsonl");
+        fs::write(&path, b"{\"a\":1}\n{\"b\":2}\n{\"half\":").unwrap();
+        let spec = FileSpec {
+            path: dir.path().display().to_string(),
+            max_file_bytes: 1024,
+            rotate_interval: "1h".into(),
+        };
+        FileDestination::open(&spec, WireFormat::Json, TypeOverrides::default()).unwrap();
+        let text = fs::read_to_string(&path).unwrap();
+        assert_eq!(text, "{\"a\":1}\n{\"b\":2}\n");
+        fs::write(dir.path().join(".x.parquet.tmp"), b"partial").unwrap();
+        FileDestination::open(&spec, WireFormat::Parquet, TypeOverrides::default()).unwrap();
+        assert!(!dir.path().join(".x.parquet.tmp").exists());
     }
 }

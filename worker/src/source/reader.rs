@@ -114,7 +114,10 @@ impl ReplicationReader {
                         slot: self.slot.clone(),
                         message: e.to_string(),
                     })?;
-            for event in self.decode(parsed.message).await? {
+            for event in self
+                .decode(parsed.message, Lsn(raw.wal_start.value()))
+                .await?
+            {
                 if out.send(event).await.is_err() {
                     return Ok(());
                 }
@@ -132,6 +135,7 @@ impl ReplicationReader {
     async fn decode(
         &mut self,
         message: LogicalReplicationMessage,
+        lsn: Lsn,
     ) -> Result<Vec<SourceEvent>, SourceError> {
         let event = match message {
             LogicalReplicationMessage::Begin {
@@ -196,6 +200,7 @@ impl ReplicationReader {
             LogicalReplicationMessage::Insert { relation_id, tuple } => {
                 let relation = self.relation(relation_id)?;
                 SourceEvent::Row(RowChange {
+                    lsn,
                     relation,
                     op: Op::Insert,
                     before: None,
@@ -211,6 +216,7 @@ impl ReplicationReader {
             } => {
                 let relation = self.relation(relation_id)?;
                 SourceEvent::Row(RowChange {
+                    lsn,
                     relation,
                     op: Op::Update,
                     before: old_tuple.as_ref().map(cells),
@@ -225,6 +231,7 @@ impl ReplicationReader {
             } => {
                 let relation = self.relation(relation_id)?;
                 SourceEvent::Row(RowChange {
+                    lsn,
                     relation,
                     op: Op::Delete,
                     before: Some(cells(&old_tuple)),
@@ -237,6 +244,7 @@ impl ReplicationReader {
                     .iter()
                     .map(|id| {
                         Ok(SourceEvent::Row(RowChange {
+                            lsn,
                             relation: self.relation(*id)?,
                             op: Op::Truncate,
                             before: None,

@@ -330,3 +330,29 @@ async fn ensure_slot(client: &Client, spec: &PostgresSource) -> Result<SlotState
         created: false,
     })
 }
+
+/// Drops the slot (`failureMode: dropSlot`), waiting for the walsender that held it to
+/// exit first: a slot that is still active cannot be dropped.
+pub async fn drop_slot(client: &Client, slot: &str) -> Result<(), SourceError> {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let row = client
+            .query_opt(
+                "SELECT active FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await
+            .map_err(SourceError::query("looking up the slot to drop"))?;
+        match row {
+            None => return Ok(()),
+            Some(r) if !r.get::<_, bool>(0) => break,
+            Some(_) if tokio::time::Instant::now() >= deadline => break,
+            Some(_) => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+        }
+    }
+    client
+        .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+        .await
+        .map_err(SourceError::query(format!("dropping slot {slot}")))?;
+    Ok(())
+}

@@ -1,0 +1,448 @@
+//! Change batches: source events decoded into typed [`Change`]s, grouped per table schema,
+//! cut by count (`batchSize`), bytes (`batchMaxBytes`) and time (`batchTimeout`), and
+//! charged against the pipeline's memory budget until every destination is done with them.
+//! A batch may end inside a transaction; its checkpoint is then the end of the last
+//! transaction it completed (or none), so the slot only ever moves to transaction ends.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use wallaby_codec::{Change, Op as CodecOp, Row, TableSchema, Value};
+
+use crate::change::{Cell, Op, Relation, RowChange};
+use crate::lsn::Lsn;
+
+/// Fixed cost charged per row on top of its values (the `Change`, vectors, indexes).
+const ROW_OVERHEAD: u64 = 96;
+/// Cost charged per typed value on top of its text.
+const VALUE_OVERHEAD: u64 = 40;
+/// Budget permits are KiB so that a `u32` permit count covers terabytes.
+const PERMIT_UNIT: u64 = 1024;
+
+/// The changes of one table (one schema version) in a batch, in commit order.
+#[derive(Debug)]
+pub struct TableChanges {
+    /// Schema the changes conform to.
+    pub schema: Arc<TableSchema>,
+    /// Changes.
+    pub changes: Vec<Change>,
+}
+
+/// A `pg_logical_emit_message` carried through to destinations.
+#[derive(Debug, Clone)]
+pub struct LogicalMessage {
+    /// LSN of the message.
+    pub lsn: Lsn,
+    /// Commit LSN of its transaction (transactional messages only).
+    pub commit_lsn: Option<Lsn>,
+    /// Prefix given by the emitter.
+    pub prefix: String,
+    /// Payload.
+    pub content: bytes::Bytes,
+}
+
+/// One unit of delivery to every destination.
+#[derive(Debug)]
+pub struct ChangeBatch {
+    /// Position of this batch in the run (1, 2, …).
+    pub seq: u64,
+    /// Row changes grouped by table schema, in first-seen order.
+    pub tables: Vec<TableChanges>,
+    /// Logical messages.
+    pub messages: Vec<LogicalMessage>,
+    /// Rows (changes) in the batch.
+    pub rows: u64,
+    /// Bytes charged to the memory budget.
+    pub bytes: u64,
+    /// Transactions whose commit is in this batch.
+    pub transactions: u64,
+    /// End LSN of the last transaction completed in this batch: what the slot may confirm
+    /// once the batch is durable. `None` when the batch only holds part of a transaction.
+    pub checkpoint: Option<Lsn>,
+    /// Commit time of that transaction.
+    pub checkpoint_time: Option<DateTime<Utc>>,
+    /// Rows per (qualified table, op) for metrics and counters.
+    pub op_counts: Vec<(String, Op, u64)>,
+    /// Memory-budget reservation, released when the last destination drops the batch.
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+impl ChangeBatch {
+    /// Whether the batch carries nothing (an `emitEmpty` tick).
+    pub fn is_empty(&self) -> bool {
+        self.rows == 0 && self.messages.is_empty()
+    }
+}
+
+/// Failure while building a batch.
+#[derive(Debug, thiserror::Error)]
+pub enum BatchError {
+    /// A value's text did not parse as its column's type.
+    #[error("table {table}, column {column} ({type_name}): {source}")]
+    Decode {
+        /// Qualified table.
+        table: String,
+        /// Column.
+        column: String,
+        /// PostgreSQL type.
+        type_name: String,
+        /// Why.
+        #[source]
+        source: wallaby_codec::CodecError,
+    },
+    /// The column types of a table could not be resolved.
+    #[error("resolving the column types of {table}: {message}")]
+    Schema {
+        /// Qualified table.
+        table: String,
+        /// Why.
+        message: String,
+    },
+    /// The source broke its own protocol.
+    #[error("{0}")]
+    Protocol(String),
+}
+
+/// Turns a pgoutput relation into a typed table schema (type resolution through
+/// `pg_type`, destination type overrides are applied per destination later).
+#[async_trait]
+pub trait SchemaSource: Send {
+    /// The schema of `relation` at `version`.
+    async fn table_schema(
+        &mut self,
+        relation: &Relation,
+        version: u32,
+    ) -> Result<TableSchema, String>;
+}
+
+/// Schema versions per relation: a new version whenever a Relation message changes the
+/// columns (names, types or modifiers).
+#[derive(Debug, Default)]
+struct SchemaRegistry {
+    by_relation: HashMap<u32, (Arc<Relation>, Arc<TableSchema>)>,
+}
+
+fn same_shape(a: &Relation, b: &Relation) -> bool {
+    a.schema == b.schema
+        && a.table == b.table
+        && a.key == b.key
+        && a.columns.len() == b.columns.len()
+        && a.columns.iter().zip(&b.columns).all(|(x, y)| {
+            x.name == y.name && x.type_oid == y.type_oid && x.type_modifier == y.type_modifier
+        })
+}
+
+/// Assembles batches; owned by the pipeline.
+#[derive(Debug)]
+pub struct Batcher {
+    budget: Arc<Semaphore>,
+    budget_bytes: u64,
+    registry: SchemaRegistry,
+    next_seq: u64,
+    current: Option<ChangeBatch>,
+    /// Open transaction: (xid, commit lsn, commit time).
+    txn: Option<(u32, Lsn, DateTime<Utc>)>,
+    /// Position of the table group for a schema in the current batch.
+    group_index: HashMap<(u32, u32), usize>,
+    op_index: HashMap<(String, Op), usize>,
+}
+
+impl Batcher {
+    /// A batcher charging `budget` (shared with nothing else) of `budget_bytes`.
+    pub fn new(budget_bytes: u64) -> Self {
+        let permits = (budget_bytes / PERMIT_UNIT).clamp(1, Semaphore::MAX_PERMITS as u64);
+        Self {
+            budget: Arc::new(Semaphore::new(permits as usize)),
+            budget_bytes,
+            registry: SchemaRegistry::default(),
+            next_seq: 1,
+            current: None,
+            txn: None,
+            group_index: HashMap::new(),
+            op_index: HashMap::new(),
+        }
+    }
+
+    /// Bytes currently reserved (batches in assembly or in flight).
+    pub fn pending_bytes(&self) -> u64 {
+        let total = (self.budget_bytes / PERMIT_UNIT).clamp(1, Semaphore::MAX_PERMITS as u64);
+        (total - self.budget.available_permits() as u64) * PERMIT_UNIT
+    }
+
+    /// Whether a transaction is open (its commit not yet seen).
+    pub fn in_transaction(&self) -> bool {
+        self.txn.is_some()
+    }
+
+    /// The batch being assembled, if any.
+    pub fn current(&self) -> Option<&ChangeBatch> {
+        self.current.as_ref()
+    }
+
+    fn batch(&mut self) -> &mut ChangeBatch {
+        let seq = &mut self.next_seq;
+        self.current.get_or_insert_with(|| {
+            let b = ChangeBatch {
+                seq: *seq,
+                tables: Vec::new(),
+                messages: Vec::new(),
+                rows: 0,
+                bytes: 0,
+                transactions: 0,
+                checkpoint: None,
+                checkpoint_time: None,
+                op_counts: Vec::new(),
+                _permit: None,
+            };
+            *seq += 1;
+            b
+        })
+    }
+
+    /// Reserves `bytes` of the budget for the current batch, waiting while destinations
+    /// still hold earlier batches (this is the back-pressure that bounds memory).
+    async fn charge(&mut self, bytes: u64) {
+        let total = (self.budget_bytes / PERMIT_UNIT).clamp(1, Semaphore::MAX_PERMITS as u64);
+        let want = bytes.div_ceil(PERMIT_UNIT).clamp(1, total) as u32;
+        // The semaphore is never closed, so acquisition only fails if it were; then the
+        // batch proceeds uncharged rather than stalling the flow.
+        let permit = self.budget.clone().acquire_many_owned(want).await.ok();
+        let batch = self.batch();
+        batch.bytes += bytes;
+        match (&mut batch._permit, permit) {
+            (Some(held), Some(p)) => held.merge(p),
+            (slot @ None, p) => *slot = p,
+            (Some(_), None) => {}
+        }
+    }
+
+    /// A transaction begins.
+    pub fn begin(&mut self, xid: u32, commit_lsn: Lsn, commit_time: DateTime<Utc>) {
+        self.txn = Some((xid, commit_lsn, commit_time));
+    }
+
+    /// A transaction committed: the current batch may now checkpoint at `end_lsn`.
+    pub fn commit(&mut self, end_lsn: Lsn, commit_time: DateTime<Utc>) {
+        self.txn = None;
+        let batch = self.batch();
+        batch.transactions += 1;
+        batch.checkpoint = Some(end_lsn);
+        batch.checkpoint_time = Some(commit_time);
+    }
+
+    /// Adds a logical message.
+    pub async fn message(&mut self, transactional: bool, message: LogicalMessage) {
+        let bytes = ROW_OVERHEAD + message.content.len() as u64 + message.prefix.len() as u64;
+        self.charge(bytes).await;
+        let commit_lsn = if transactional {
+            self.txn.map(|t| t.1)
+        } else {
+            None
+        };
+        self.batch().messages.push(LogicalMessage {
+            commit_lsn,
+            ..message
+        });
+    }
+
+    /// Decodes and adds a row change.
+    pub async fn row(
+        &mut self,
+        change: &RowChange,
+        lsn: Lsn,
+        schemas: &mut dyn SchemaSource,
+    ) -> Result<(), BatchError> {
+        let (xid, commit_lsn, commit_time) = self
+            .txn
+            .ok_or_else(|| BatchError::Protocol("row change outside a transaction".into()))?;
+        let schema = self.schema(&change.relation, schemas).await?;
+        let bytes = row_bytes(change);
+        self.charge(bytes).await;
+
+        let decoded = Change {
+            op: match change.op {
+                Op::Insert => CodecOp::Insert,
+                Op::Update => CodecOp::Update,
+                Op::Delete => CodecOp::Delete,
+                Op::Truncate => CodecOp::Truncate,
+            },
+            commit_lsn: commit_lsn.0,
+            lsn: lsn.0,
+            commit_time_micros: commit_time.timestamp_micros(),
+            xid,
+            before: match &change.before {
+                Some(cells) => Some(decode_row(
+                    &schema,
+                    cells,
+                    change
+                        .before_is_identity
+                        .then_some(&change.relation.identity),
+                )?),
+                None => None,
+            },
+            after: match &change.after {
+                Some(cells) => Some(decode_row(&schema, cells, None)?),
+                None => None,
+            },
+        };
+
+        let key = (change.relation.id, schema.version);
+        let table = schema.qualified_name();
+        let group = match self.group_index.get(&key) {
+            Some(i) => *i,
+            None => {
+                let batch = self.batch();
+                batch.tables.push(TableChanges {
+                    schema: schema.clone(),
+                    changes: Vec::new(),
+                });
+                let i = batch.tables.len() - 1;
+                self.group_index.insert(key, i);
+                i
+            }
+        };
+        let op_slot = match self.op_index.get(&(table.clone(), change.op)) {
+            Some(i) => *i,
+            None => {
+                let batch = self.batch();
+                batch.op_counts.push((table.clone(), change.op, 0));
+                let i = batch.op_counts.len() - 1;
+                self.op_index.insert((table, change.op), i);
+                i
+            }
+        };
+        let batch = self.batch();
+        batch.tables[group].changes.push(decoded);
+        batch.op_counts[op_slot].2 += 1;
+        batch.rows += 1;
+        Ok(())
+    }
+
+    async fn schema(
+        &mut self,
+        relation: &Arc<Relation>,
+        schemas: &mut dyn SchemaSource,
+    ) -> Result<Arc<TableSchema>, BatchError> {
+        let version = match self.registry.by_relation.get(&relation.id) {
+            Some((known, schema)) if Arc::ptr_eq(known, relation) => return Ok(schema.clone()),
+            Some((known, schema)) if same_shape(known, relation) => {
+                let schema = schema.clone();
+                self.registry
+                    .by_relation
+                    .insert(relation.id, (relation.clone(), schema.clone()));
+                return Ok(schema);
+            }
+            Some((_, schema)) => schema.version + 1,
+            None => 1,
+        };
+        let schema = schemas
+            .table_schema(relation, version)
+            .await
+            .map_err(|message| BatchError::Schema {
+                table: format!("{}.{}", relation.schema, relation.table),
+                message,
+            })?;
+        let schema = Arc::new(schema);
+        self.registry
+            .by_relation
+            .insert(relation.id, (relation.clone(), schema.clone()));
+        Ok(schema)
+    }
+
+    /// Hands out the batch being assembled (if any) and starts a new one.
+    pub fn take(&mut self) -> Option<ChangeBatch> {
+        self.group_index.clear();
+        self.op_index.clear();
+        self.current.take()
+    }
+
+    /// An empty batch (for `emitEmpty`).
+    pub fn empty(&mut self) -> ChangeBatch {
+        self.batch();
+        self.take().unwrap_or_else(|| ChangeBatch {
+            seq: 0,
+            tables: Vec::new(),
+            messages: Vec::new(),
+            rows: 0,
+            bytes: 0,
+            transactions: 0,
+            checkpoint: None,
+            checkpoint_time: None,
+            op_counts: Vec::new(),
+            _permit: None,
+        })
+    }
+}
+
+fn row_bytes(change: &RowChange) -> u64 {
+    let cells = |c: &Option<Vec<Cell>>| -> u64 {
+        c.as_ref().map_or(0, |cells| {
+            cells
+                .iter()
+                .map(|cell| match cell {
+                    Cell::Text(t) => t.len() as u64 + VALUE_OVERHEAD,
+                    _ => VALUE_OVERHEAD,
+                })
+                .sum()
+        })
+    };
+    ROW_OVERHEAD + cells(&change.before) + cells(&change.after)
+}
+
+fn decode_row(
+    schema: &TableSchema,
+    cells: &[Cell],
+    identity_only: Option<&Vec<usize>>,
+) -> Result<Row, BatchError> {
+    let mut row = Row {
+        values: Vec::with_capacity(cells.len()),
+        absent: Vec::new(),
+    };
+    for (i, cell) in cells.iter().enumerate() {
+        let Some(column) = schema.columns.get(i) else {
+            return Err(BatchError::Protocol(format!(
+                "tuple of {} has {} values but the relation has {} columns",
+                schema.qualified_name(),
+                cells.len(),
+                schema.columns.len()
+            )));
+        };
+        let not_sent = identity_only.is_some_and(|ids| !ids.contains(&i));
+        let value = match cell {
+            _ if not_sent => {
+                row.absent.push(i);
+                Value::Null
+            }
+            Cell::Null => Value::Null,
+            Cell::UnchangedToast => {
+                row.absent.push(i);
+                Value::Null
+            }
+            Cell::Text(text) => {
+                let text = std::str::from_utf8(text).map_err(|e| BatchError::Decode {
+                    table: schema.qualified_name(),
+                    column: column.name.clone(),
+                    type_name: column.ty.name.clone(),
+                    source: wallaby_codec::CodecError::Text {
+                        type_name: column.ty.name.clone(),
+                        text: String::from_utf8_lossy(&text[..text.len().min(200)]).into(),
+                        reason: format!("not UTF-8: {e}"),
+                    },
+                })?;
+                wallaby_codec::text::decode(&column.ty, text).map_err(|source| {
+                    BatchError::Decode {
+                        table: schema.qualified_name(),
+                        column: column.name.clone(),
+                        type_name: column.ty.name.clone(),
+                        source,
+                    }
+                })?
+            }
+        };
+        row.values.push(value);
+    }
+    Ok(row)
+}

@@ -1,0 +1,544 @@
+//! Fan-out, ack and failure policies against the real PostgreSQL, with fault-injecting
+//! destinations (fail N times, fail permanently, hang, slow). The invariant checked
+//! throughout: the slot's `confirmed_flush_lsn` never passes what the required
+//! destinations made durable.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use common::{TestDb, parse_lsn, wait_for};
+use pg_walstream::CancellationToken;
+use wallaby_crds::flow::GiveUpPolicy;
+use wallaby_worker::batch::ChangeBatch;
+use wallaby_worker::destination::{Destination, DestinationError, WriteAck};
+use wallaby_worker::pipeline::DestinationSlot;
+use wallaby_worker::retry::RetryPolicy;
+use wallaby_worker::run::{RunOptions, run_with};
+use wallaby_worker::standalone;
+
+/// What the fault destination does.
+#[derive(Debug, Default)]
+struct Script {
+    /// Fail this many writes (transiently) before succeeding.
+    fail_writes: u32,
+    /// Fail every write with a permanent error.
+    permanent: bool,
+    /// Block writes while true.
+    hang: bool,
+    /// Delay each write.
+    delay: Duration,
+    /// Acknowledge writes as durable at once (else accepted + flush).
+    durable_writes: bool,
+}
+
+#[derive(Debug, Default)]
+struct Observed {
+    /// Rows written (ids from the `id` column), in order, accepted or durable.
+    accepted_rows: u64,
+    /// Rows made durable.
+    durable_rows: u64,
+    /// Highest checkpoint made durable.
+    durable_lsn: u64,
+    /// Checkpoint accepted but not yet flushed.
+    pending_lsn: u64,
+    pending_rows: u64,
+    failures: u32,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Fault {
+    script: Arc<Mutex<Script>>,
+    seen: Arc<Mutex<Observed>>,
+}
+
+impl Fault {
+    fn durable_lsn(&self) -> u64 {
+        self.seen.lock().unwrap().durable_lsn
+    }
+    fn durable_rows(&self) -> u64 {
+        self.seen.lock().unwrap().durable_rows
+    }
+}
+
+#[derive(Debug)]
+struct FaultDestination(Fault);
+
+#[async_trait]
+impl Destination for FaultDestination {
+    async fn write(&mut self, batch: &ChangeBatch) -> Result<WriteAck, DestinationError> {
+        loop {
+            let hang = self.0.script.lock().unwrap().hang;
+            if !hang {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let (delay, durable) = {
+            let mut s = self.0.script.lock().unwrap();
+            if s.permanent {
+                self.0.seen.lock().unwrap().failures += 1;
+                return Err(DestinationError::permanent("credentials rejected")
+                    .with_hint("fix the destination's secret"));
+            }
+            if s.fail_writes > 0 {
+                s.fail_writes -= 1;
+                self.0.seen.lock().unwrap().failures += 1;
+                return Err(DestinationError::transient("connection reset"));
+            }
+            (s.delay, s.durable_writes)
+        };
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        let mut seen = self.0.seen.lock().unwrap();
+        seen.accepted_rows += batch.rows;
+        if durable {
+            seen.durable_rows += batch.rows;
+            if let Some(cp) = batch.checkpoint {
+                seen.durable_lsn = seen.durable_lsn.max(cp.0);
+            }
+            Ok(WriteAck::Durable)
+        } else {
+            seen.pending_rows += batch.rows;
+            if let Some(cp) = batch.checkpoint {
+                seen.pending_lsn = seen.pending_lsn.max(cp.0);
+            }
+            Ok(WriteAck::Accepted)
+        }
+    }
+
+    async fn flush(&mut self) -> Result<(), DestinationError> {
+        let mut seen = self.0.seen.lock().unwrap();
+        seen.durable_rows += std::mem::take(&mut seen.pending_rows);
+        seen.durable_lsn = seen.durable_lsn.max(seen.pending_lsn);
+        Ok(())
+    }
+}
+
+fn retry(max_retries: u32, give_up: GiveUpPolicy) -> RetryPolicy {
+    RetryPolicy {
+        max_retries,
+        base: Duration::from_millis(10),
+        max: Duration::from_millis(50),
+        factor: 2.0,
+        give_up,
+    }
+}
+
+fn manifest(dir: &Path, db: &TestDb, flow_extra: &str, source_extra: &str) -> std::path::PathBuf {
+    let text = format!(
+        r#"apiVersion: wallaby.dev/v1alpha1
+kind: Flow
+metadata: {{name: acks}}
+spec:
+{flow_extra}
+  source:
+    postgres:
+      secretRef: {{name: pg}}
+      slot: {slot}
+      publication: {slot}
+      tables: ["public.t"]
+      batchSize: 50
+      batchTimeout: 20ms
+      statusInterval: 200ms
+{source_extra}
+  destinations: [{{name: a}}, {{name: b}}]
+---
+apiVersion: wallaby.dev/v1alpha1
+kind: Destination
+metadata: {{name: a}}
+spec: {{type: file, file: {{path: "{out}/a"}}}}
+---
+apiVersion: wallaby.dev/v1alpha1
+kind: Destination
+metadata: {{name: b}}
+spec: {{type: file, file: {{path: "{out}/b"}}}}
+---
+apiVersion: v1
+kind: Secret
+metadata: {{name: pg}}
+stringData: {{dsn: "{dsn}"}}
+"#,
+        slot = db.name,
+        dsn = db.dsn,
+        out = dir.display()
+    );
+    let path = dir.join("flow.yaml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+struct Running {
+    cancel: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    status: std::path::PathBuf,
+}
+
+impl Running {
+    fn status(&self) -> serde_json::Value {
+        std::fs::read_to_string(&self.status)
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or_default()
+    }
+
+    async fn stop(self) -> anyhow::Result<()> {
+        self.cancel.cancel();
+        self.task.await.unwrap()
+    }
+}
+
+fn start(
+    dir: &Path,
+    manifest: &Path,
+    a: (&Fault, RetryPolicy),
+    b: (&Fault, RetryPolicy),
+) -> Running {
+    let resolved = standalone::load(manifest, None).unwrap();
+    let slots = vec![
+        DestinationSlot {
+            name: "a".into(),
+            sink: Box::new(FaultDestination(a.0.clone())),
+            retry: a.1,
+        },
+        DestinationSlot {
+            name: "b".into(),
+            sink: Box::new(FaultDestination(b.0.clone())),
+            retry: b.1,
+        },
+    ];
+    let cancel = CancellationToken::new();
+    let status = dir.join("status.json");
+    let options = RunOptions {
+        status_file: status.clone(),
+        state_dir: dir.join("state"),
+    };
+    let task = tokio::spawn(run_with(resolved, slots, options, cancel.clone()));
+    Running {
+        cancel,
+        task,
+        status,
+    }
+}
+
+async fn setup_table(db: &TestDb) -> tokio_postgres::Client {
+    let c = db.client().await;
+    c.batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+        .await
+        .unwrap();
+    c
+}
+
+async fn insert(c: &tokio_postgres::Client, from: i32, to: i32) {
+    c.execute(
+        "INSERT INTO t SELECT g, 'v' || g FROM generate_series($1::int, $2::int) g",
+        &[&from, &to],
+    )
+    .await
+    .unwrap();
+}
+
+async fn confirmed(db: &TestDb) -> u64 {
+    db.slot(&db.name)
+        .await
+        .map(|(lsn, _)| parse_lsn(&lsn))
+        .unwrap_or(0)
+}
+
+/// Inserts rows in many small transactions while sampling the invariant: the slot never
+/// confirms past what the required destinations made durable.
+async fn write_and_check(
+    db: &TestDb,
+    c: &tokio_postgres::Client,
+    required: &[&Fault],
+    rows: i32,
+) {
+    for chunk in 0..(rows / 10) {
+        insert(c, chunk * 10 + 1, chunk * 10 + 10).await;
+        let slot = confirmed(db).await;
+        for f in required {
+            let durable = f.durable_lsn();
+            assert!(
+                slot <= durable.max(start_lsn(db).await),
+                "slot confirmed {slot:X} past a durable position {durable:X}"
+            );
+        }
+    }
+}
+
+/// The slot's position before the test wrote anything is the floor for the invariant.
+async fn start_lsn(db: &TestDb) -> u64 {
+    static START: Mutex<Vec<(String, u64)>> = Mutex::new(Vec::new());
+    if let Some((_, l)) = START.lock().unwrap().iter().find(|(n, _)| n == &db.name) {
+        return *l;
+    }
+    let l = confirmed(db).await;
+    START.lock().unwrap().push((db.name.clone(), l));
+    l
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn all_waits_for_every_destination_and_retries_transient_failures() {
+    let db = TestDb::create("ack_all").await;
+    let c = setup_table(&db).await;
+    let dir = tempfile::tempdir().unwrap();
+    let m = manifest(dir.path(), &db, "", "");
+    let a = Fault::default();
+    let b = Fault::default();
+    // `a` fails three times transiently, `b` is slow and durable on write.
+    a.script.lock().unwrap().fail_writes = 3;
+    {
+        let mut s = b.script.lock().unwrap();
+        s.delay = Duration::from_millis(30);
+        s.durable_writes = true;
+    }
+    let run = start(
+        dir.path(),
+        &m,
+        (&a, retry(5, GiveUpPolicy::OnRetryExhaustion)),
+        (&b, retry(5, GiveUpPolicy::OnRetryExhaustion)),
+    );
+    wait_for("slot created", Duration::from_secs(20), async || {
+        db.slot(&db.name).await
+    })
+    .await;
+    start_lsn(&db).await;
+    write_and_check(&db, &c, &[&a, &b], 300).await;
+    wait_for("every row durable at both", Duration::from_secs(30), async || {
+        (a.durable_rows() == 300 && b.durable_rows() == 300).then_some(())
+    })
+    .await;
+    wait_for("slot reaches the last durable commit", Duration::from_secs(20), async || {
+        let slot = confirmed(&db).await;
+        (slot == a.durable_lsn().min(b.durable_lsn())).then_some(())
+    })
+    .await;
+    assert_eq!(a.seen.lock().unwrap().failures, 3);
+    run.stop().await.unwrap();
+    db.drop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_destination_holds_the_slot_under_all() {
+    let db = TestDb::create("ack_hang").await;
+    let c = setup_table(&db).await;
+    let dir = tempfile::tempdir().unwrap();
+    let m = manifest(dir.path(), &db, "", "");
+    let a = Fault::default();
+    let b = Fault::default();
+    b.script.lock().unwrap().hang = true;
+    let run = start(
+        dir.path(),
+        &m,
+        (&a, retry(5, GiveUpPolicy::OnRetryExhaustion)),
+        (&b, retry(5, GiveUpPolicy::OnRetryExhaustion)),
+    );
+    wait_for("slot created", Duration::from_secs(20), async || {
+        db.slot(&db.name).await
+    })
+    .await;
+    let floor = start_lsn(&db).await;
+    insert(&c, 1, 100).await;
+    wait_for("a has everything", Duration::from_secs(20), async || {
+        (a.durable_rows() == 100).then_some(())
+    })
+    .await;
+    // `a` is done, `b` hangs: the slot must not move.
+    assert_eq!(confirmed(&db).await, floor, "slot moved while b holds nothing durable");
+    b.script.lock().unwrap().hang = false;
+    wait_for("b catches up and the slot moves", Duration::from_secs(20), async || {
+        let slot = confirmed(&db).await;
+        (b.durable_rows() == 100 && slot > floor && slot <= b.durable_lsn()).then_some(())
+    })
+    .await;
+    run.stop().await.unwrap();
+    db.drop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn primary_drives_the_slot_and_a_stuck_secondary_is_detached_past_its_buffer() {
+    let db = TestDb::create("ack_primary").await;
+    let c = setup_table(&db).await;
+    let dir = tempfile::tempdir().unwrap();
+    let m = manifest(
+        dir.path(),
+        &db,
+        "  ackPolicy: primary\n  primaryDestination: a\n  secondaryBufferBytes: 65536",
+        "",
+    );
+    let a = Fault::default();
+    let b = Fault::default();
+    b.script.lock().unwrap().hang = true;
+    let run = start(
+        dir.path(),
+        &m,
+        (&a, retry(5, GiveUpPolicy::OnRetryExhaustion)),
+        (&b, retry(5, GiveUpPolicy::OnRetryExhaustion)),
+    );
+    wait_for("slot created", Duration::from_secs(20), async || {
+        db.slot(&db.name).await
+    })
+    .await;
+    let floor = start_lsn(&db).await;
+    write_and_check(&db, &c, &[&a], 200).await;
+    wait_for("the slot follows the primary", Duration::from_secs(20), async || {
+        let slot = confirmed(&db).await;
+        (a.durable_rows() == 200 && slot > floor && slot == a.durable_lsn()).then_some(())
+    })
+    .await;
+    assert_eq!(b.durable_rows(), 0, "the secondary is stuck");
+    // Past its buffer the secondary is detached, and status says so.
+    c.execute(
+        "INSERT INTO t SELECT g, repeat('x', 2000) FROM generate_series(1001, 1200) g",
+        &[],
+    )
+    .await
+    .unwrap();
+    let status = wait_for("b detached in status", Duration::from_secs(20), async || {
+        let s = run.status();
+        let b = s["destinations"].as_array()?.iter().find(|d| d["name"] == "b")?.clone();
+        b["lastError"]
+            .as_str()
+            .filter(|e| e.contains("fell behind the primary"))
+            .map(|_| s)
+    })
+    .await;
+    assert_eq!(status["phase"], "Degraded", "{status}");
+    wait_for("primary keeps going", Duration::from_secs(20), async || {
+        (a.durable_rows() == 400).then_some(())
+    })
+    .await;
+    run.stop().await.unwrap();
+    db.drop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permanent_failure_gives_up_and_drop_slot_drops_it() {
+    let db = TestDb::create("ack_giveup").await;
+    let c = setup_table(&db).await;
+    let dir = tempfile::tempdir().unwrap();
+    let m = manifest(dir.path(), &db, "  failureMode: dropSlot", "");
+    let a = Fault::default();
+    let b = Fault::default();
+    let run = start(
+        dir.path(),
+        &m,
+        (&a, retry(5, GiveUpPolicy::OnRetryExhaustion)),
+        (&b, retry(5, GiveUpPolicy::OnRetryExhaustion)),
+    );
+    wait_for("slot created", Duration::from_secs(20), async || {
+        db.slot(&db.name).await
+    })
+    .await;
+    insert(&c, 1, 10).await;
+    wait_for("first rows durable", Duration::from_secs(20), async || {
+        (a.durable_rows() == 10 && b.durable_rows() == 10).then_some(())
+    })
+    .await;
+    b.script.lock().unwrap().permanent = true;
+    insert(&c, 11, 20).await;
+    let err = tokio::time::timeout(Duration::from_secs(30), run.task)
+        .await
+        .expect("the flow stops")
+        .unwrap()
+        .expect_err("the flow fails");
+    let text = err.to_string();
+    assert!(
+        text.contains("destination \"b\" gave up after 1 attempt(s)")
+            && text.contains("credentials rejected (permanent); hint: fix the destination's secret")
+            && text.contains("failureMode dropSlot: slot"),
+        "{text}"
+    );
+    assert_eq!(b.seen.lock().unwrap().failures, 1, "permanent errors are not retried");
+    assert!(db.slot(&db.name).await.is_none(), "dropSlot dropped the slot");
+    let status: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("status.json")).unwrap())
+            .unwrap();
+    assert_eq!(status["phase"], "Failed");
+    db.drop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hold_slot_keeps_the_slot_at_the_last_durable_position() {
+    let db = TestDb::create("ack_hold").await;
+    let c = setup_table(&db).await;
+    let dir = tempfile::tempdir().unwrap();
+    let m = manifest(dir.path(), &db, "", "");
+    let a = Fault::default();
+    let b = Fault::default();
+    let run = start(
+        dir.path(),
+        &m,
+        (&a, retry(2, GiveUpPolicy::OnRetryExhaustion)),
+        (&b, retry(2, GiveUpPolicy::OnRetryExhaustion)),
+    );
+    wait_for("slot created", Duration::from_secs(20), async || {
+        db.slot(&db.name).await
+    })
+    .await;
+    insert(&c, 1, 10).await;
+    wait_for("first rows durable", Duration::from_secs(20), async || {
+        (b.durable_rows() == 10 && a.durable_rows() == 10).then_some(())
+    })
+    .await;
+    let held = b.durable_lsn();
+    a.script.lock().unwrap().fail_writes = 100;
+    insert(&c, 11, 20).await;
+    let err = tokio::time::timeout(Duration::from_secs(30), run.task)
+        .await
+        .expect("the flow stops")
+        .unwrap()
+        .expect_err("the flow fails");
+    assert!(
+        err.to_string().contains("gave up after 3 attempt(s)")
+            && err.to_string().contains("failureMode holdSlot"),
+        "{err}"
+    );
+    let (lsn, active) = db.slot(&db.name).await.expect("slot kept");
+    assert!(!active);
+    assert!(parse_lsn(&lsn) <= held, "slot {lsn} past the last durable {held:X}");
+    db.drop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn give_up_never_keeps_retrying_and_recovers() {
+    let db = TestDb::create("ack_never").await;
+    let c = setup_table(&db).await;
+    let dir = tempfile::tempdir().unwrap();
+    let m = manifest(dir.path(), &db, "  giveUpPolicy: never", "");
+    let a = Fault::default();
+    let b = Fault::default();
+    a.script.lock().unwrap().fail_writes = 1_000_000;
+    let run = start(
+        dir.path(),
+        &m,
+        (&a, retry(1, GiveUpPolicy::Never)),
+        (&b, retry(1, GiveUpPolicy::Never)),
+    );
+    wait_for("slot created", Duration::from_secs(20), async || {
+        db.slot(&db.name).await
+    })
+    .await;
+    let floor = start_lsn(&db).await;
+    insert(&c, 1, 10).await;
+    let status = wait_for("degraded with the error", Duration::from_secs(20), async || {
+        let s = run.status();
+        (s["phase"] == "Degraded" && a.seen.lock().unwrap().failures > 3).then_some(s)
+    })
+    .await;
+    assert!(status.to_string().contains("connection reset (transient)"), "{status}");
+    assert_eq!(confirmed(&db).await, floor);
+    a.script.lock().unwrap().fail_writes = 0;
+    wait_for("recovered", Duration::from_secs(30), async || {
+        (a.durable_rows() == 10 && confirmed(&db).await > floor).then_some(())
+    })
+    .await;
+    run.stop().await.unwrap();
+    db.drop_all().await;
+}
