@@ -12,7 +12,7 @@ pub mod schema;
 pub mod text;
 pub mod value;
 
-pub use format::{WireFormat, decode, encode};
+pub use format::{TypeMapping, WireFormat, check_type_mapping, decode, encode};
 pub use schema::{ColumnSchema, TableSchema, TypeInfo, TypeKind};
 pub use value::{Change, Op, Row, Value};
 
@@ -39,6 +39,16 @@ pub enum CodecError {
         /// Qualified table name.
         table: String,
         /// Why.
+        reason: String,
+    },
+    /// A `typeMappings` entry the wire formats do not understand or cannot apply.
+    #[error("typeMappings entry {pg_type:?} → {target:?} is not supported: {reason}")]
+    TypeMapping {
+        /// PostgreSQL type name (the mapping's key).
+        pg_type: String,
+        /// Destination type (the mapping's value).
+        target: String,
+        /// Why, and what is supported.
         reason: String,
     },
 }

@@ -13,6 +13,12 @@ use wallaby_crds::flow::{PostgresSource, SslMode};
 
 use super::SourceError;
 
+/// Session settings that fix how PostgreSQL prints values, so the codec's text decoding
+/// (`wallaby_codec::text`) sees one canonical form: ISO dates, UTC times, `postgres`
+/// intervals, shortest round-trip floats, hex bytea and `$1,234.56` money.
+pub const SESSION_OPTIONS: &str = "-c DateStyle=ISO -c TimeZone=UTC -c IntervalStyle=postgres \
+     -c extra_float_digits=1 -c bytea_output=hex -c lc_monetary=C";
+
 /// Where and how to connect. `Debug` and [`PgConnection::describe`] omit the password.
 #[derive(Clone)]
 pub struct PgConnection {
@@ -105,9 +111,75 @@ impl PgConnection {
         &self.dbname
     }
 
-    /// Opens a normal SQL connection; the connection task runs in the background.
+    /// Opens a normal SQL connection with [`SESSION_OPTIONS`]; the connection task runs in
+    /// the background.
     pub async fn connect(&self) -> Result<tokio_postgres::Client, SourceError> {
+        self.connect_with(Some(SESSION_OPTIONS)).await
+    }
+
+    /// Checks the settings the walsender will print values with. pg_walstream's native
+    /// transport sends no `options` in its startup packet, so the replication session runs
+    /// with the server's, database's and role's defaults; a plain session of the same role
+    /// and database sees exactly those. TimeZone may be anything (the codec reads the
+    /// offsets); the others must match what the codec parses.
+    pub async fn check_output_settings(&self) -> Result<(), SourceError> {
+        let client = self.connect_with(None).await?;
+        let row = client
+            .query_one(
+                "SELECT current_setting('DateStyle'), current_setting('IntervalStyle'), \
+                 current_setting('bytea_output'), current_setting('extra_float_digits')::int, \
+                 '1234.56'::money::text",
+                &[],
+            )
+            .await
+            .map_err(SourceError::query(format!(
+                "reading the output settings of {}",
+                self.describe()
+            )))?;
+        let date_style: String = row.get(0);
+        let interval_style: String = row.get(1);
+        let bytea_output: String = row.get(2);
+        let float_digits: i32 = row.get(3);
+        let money: String = row.get(4);
+        let mut wrong = Vec::new();
+        if !date_style.starts_with("ISO") {
+            wrong.push(format!("DateStyle is {date_style:?}, needs 'ISO'"));
+        }
+        if interval_style != "postgres" {
+            wrong.push(format!(
+                "IntervalStyle is {interval_style:?}, needs 'postgres'"
+            ));
+        }
+        if bytea_output != "hex" {
+            wrong.push(format!("bytea_output is {bytea_output:?}, needs 'hex'"));
+        }
+        if float_digits < 1 {
+            wrong.push(format!("extra_float_digits is {float_digits}, needs 1"));
+        }
+        if money != "$1,234.56" {
+            wrong.push(format!("money prints as {money:?}, needs lc_monetary 'C'"));
+        }
+        if wrong.is_empty() {
+            return Ok(());
+        }
+        Err(SourceError::Replication(format!(
+            "the replication session of {} would print values in a form the worker does not read: {}. \
+             Set them for the replication user, e.g. ALTER ROLE {} SET DateStyle = 'ISO' (and likewise \
+             IntervalStyle = 'postgres', bytea_output = 'hex', extra_float_digits = 1, lc_monetary = 'C')",
+            self.describe(),
+            wrong.join("; "),
+            self.user
+        )))
+    }
+
+    async fn connect_with(
+        &self,
+        options: Option<&str>,
+    ) -> Result<tokio_postgres::Client, SourceError> {
         let mut config = tokio_postgres::Config::new();
+        if let Some(o) = options {
+            config.options(o);
+        }
         config
             .host(&self.host)
             .port(self.port)
@@ -149,6 +221,9 @@ impl PgConnection {
             kv("replication", "database"),
             kv("application_name", "wallaby-worker"),
             kv("sslmode", ssl_mode_name(self.ssl_mode)),
+            // Honoured by libpq transports; pg_walstream's native one drops it, which is
+            // why `check_output_settings` exists.
+            kv("options", SESSION_OPTIONS),
         ];
         if let Some(p) = &self.password {
             parts.push(kv("password", p));

@@ -11,6 +11,7 @@
 pub mod connection;
 pub mod reader;
 pub mod setup;
+pub mod types;
 
 pub use connection::PgConnection;
 

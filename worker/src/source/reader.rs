@@ -68,6 +68,8 @@ impl ReplicationReader {
             slot: slot.to_owned(),
             message: redact(&e.to_string()),
         };
+        // The walsender prints values with its own settings; refuse ones the codec cannot read.
+        conn.check_output_settings().await?;
         let mut stream = LogicalReplicationStream::new(&conn.replication_conninfo(), config)
             .await
             .map_err(stream_err)?;

@@ -1,17 +1,36 @@
 //! The shared wire formats. One encoder per format, used by every destination: a batch of
 //! changes of one table (one [`TableSchema`] version) becomes one self-describing payload.
+//! This module owns the logical record layout all formats share ([`Wire`]: how a column's
+//! PostgreSQL type is carried), the embedded schema descriptor and the `typeMappings`
+//! vocabulary; each submodule maps that layout onto one format.
 //!
 //! | format  | payload                                                               |
 //! |---------|-----------------------------------------------------------------------|
 //! | arrow   | Arrow IPC stream: schema message + one record batch                   |
-//! | parquet | a complete Parquet file                                               |
+//! | parquet | a complete Parquet file (the same Arrow schema)                       |
 //! | avro    | an Avro object container file, writer schema in its header            |
 //! | proto   | a length-delimited `WireBatch` carrying its `FileDescriptorSet`       |
-//! | json    | JSON lines, one change per line                                       |
+//! | json    | JSON lines: a schema header line, then one change per line            |
+//!
+//! Every payload carries the table, `TableSchema.version` and each column's PostgreSQL type
+//! name, OID and typmod; consumers key schemas by `(table, version)`. See
+//! `docs/wire-formats.md` for the full type-mapping table.
+
+mod arrow;
+mod avro;
+mod json;
+mod parquet;
+mod proto;
+
+use std::sync::Arc;
 
 use crate::CodecError;
-use crate::schema::TableSchema;
-use crate::value::Change;
+use crate::schema::{ColumnSchema, TableSchema, TypeInfo, TypeKind};
+use crate::value::{Change, Op, Row, Value};
+
+/// Version of the record layout described in `docs/wire-formats.md`; carried in every
+/// payload so the layout itself can evolve.
+pub const LAYOUT_VERSION: u32 = 1;
 
 /// The wire formats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -29,6 +48,15 @@ pub enum WireFormat {
 }
 
 impl WireFormat {
+    /// Every format, for tests and option validation.
+    pub const ALL: [WireFormat; 5] = [
+        Self::Json,
+        Self::Arrow,
+        Self::Parquet,
+        Self::Avro,
+        Self::Proto,
+    ];
+
     /// Lower-case name.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -63,35 +91,717 @@ impl WireFormat {
     }
 }
 
-/// Encodes changes of one table into one payload.
+/// Encodes changes of one table into one payload. All changes must belong to `schema`
+/// (one table, one schema version): callers group a batch by `(table, version)` and emit one
+/// payload per group.
 pub fn encode(
     format: WireFormat,
     schema: &TableSchema,
     changes: &[Change],
 ) -> Result<Vec<u8>, CodecError> {
-    let _ = (schema, changes);
-    Err(CodecError::Format {
-        format: format.as_str(),
-        action: "encode",
-        table: schema.qualified_name(),
-        reason: "not implemented yet".into(),
-    })
+    let layout = Layout::new(schema).map_err(|reason| error(format, "encode", schema, reason))?;
+    let result = match format {
+        WireFormat::Arrow => arrow::encode(&layout, changes),
+        WireFormat::Parquet => parquet::encode(&layout, changes),
+        WireFormat::Avro => avro::encode(&layout, changes),
+        WireFormat::Proto => proto::encode(&layout, changes),
+        WireFormat::Json => json::encode(&layout, changes),
+    };
+    result.map_err(|reason| error(format, "encode", schema, reason))
 }
 
 /// Decodes a payload produced by [`encode`] back to its changes. The payload's embedded
-/// schema (Arrow/Parquet schema, Avro writer schema, Protobuf descriptor, JSON column
-/// types) is checked against `schema` (column names, PostgreSQL type names, version); a
-/// mismatch is an error.
+/// schema (Arrow/Parquet schema metadata, Avro file metadata, Protobuf side table, JSON
+/// header line) is checked against `schema` (table, version, column names, PostgreSQL type
+/// names, type mappings); a mismatch is an error naming the first difference.
 pub fn decode(
     format: WireFormat,
     schema: &TableSchema,
     payload: &[u8],
 ) -> Result<Vec<Change>, CodecError> {
-    let _ = payload;
-    Err(CodecError::Format {
+    let layout = Layout::new(schema).map_err(|reason| error(format, "decode", schema, reason))?;
+    let result = match format {
+        WireFormat::Arrow => arrow::decode(&layout, payload),
+        WireFormat::Parquet => parquet::decode(&layout, payload),
+        WireFormat::Avro => avro::decode(&layout, payload),
+        WireFormat::Proto => proto::decode(&layout, payload),
+        WireFormat::Json => json::decode(&layout, payload),
+    };
+    result.map_err(|reason| error(format, "decode", schema, reason))
+}
+
+fn error(
+    format: WireFormat,
+    action: &'static str,
+    schema: &TableSchema,
+    reason: String,
+) -> CodecError {
+    CodecError::Format {
         format: format.as_str(),
-        action: "decode",
+        action,
         table: schema.qualified_name(),
-        reason: "not implemented yet".into(),
-    })
+        reason,
+    }
+}
+
+/// Internal result: the reason of a failure; the public functions add format and table.
+pub(crate) type Res<T> = Result<T, String>;
+
+// ---------------------------------------------------------------------------------------
+// typeMappings vocabulary
+
+/// A `typeMappings` target understood by the wire formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TypeMapping {
+    /// `string` (alias `text`): the column travels as PostgreSQL's text output. Lossless.
+    String,
+    /// `float64` (alias `double`): numeric as a 64-bit float. Lossy.
+    Float64,
+    /// `decimal(p,s)` (alias `numeric(p,s)`): numeric as a fixed-point decimal, rounded half
+    /// away from zero to `s` digits; NaN/±Infinity become NULL. Lossy.
+    Decimal {
+        /// Precision, 1..=38.
+        precision: u8,
+        /// Scale, 0..=precision.
+        scale: i8,
+    },
+    /// `json`: json/jsonb as a JSON document (Arrow extension `arrow.json`, embedded JSON in
+    /// the JSON format). Lossy for `json` (whitespace and key order are normalised).
+    Json,
+}
+
+impl TypeMapping {
+    /// Parses a target name, case-insensitively.
+    pub fn parse(target: &str) -> Result<Self, CodecError> {
+        let t = target.trim().to_ascii_lowercase();
+        let bad = |reason: String| CodecError::TypeMapping {
+            pg_type: String::new(),
+            target: target.to_string(),
+            reason,
+        };
+        match t.as_str() {
+            "string" | "text" => return Ok(Self::String),
+            "float64" | "double" => return Ok(Self::Float64),
+            "json" => return Ok(Self::Json),
+            _ => {}
+        }
+        let args = t
+            .strip_prefix("decimal")
+            .or_else(|| t.strip_prefix("numeric"))
+            .map(str::trim)
+            .and_then(|rest| rest.strip_prefix('('))
+            .and_then(|rest| rest.strip_suffix(')'));
+        let Some(args) = args else {
+            return Err(bad(
+                "unknown target; the wire formats understand string, float64, decimal(p,s) and json"
+                    .into(),
+            ));
+        };
+        let mut parts = args.split(',').map(str::trim);
+        let precision = parts.next().and_then(|p| p.parse::<u8>().ok());
+        let scale = parts.next().and_then(|s| s.parse::<i8>().ok());
+        match (precision, scale, parts.next()) {
+            (Some(p), Some(s), None) if (1..=38).contains(&p) && s >= 0 && s as u8 <= p => {
+                Ok(Self::Decimal {
+                    precision: p,
+                    scale: s,
+                })
+            }
+            _ => Err(bad(
+                "decimal needs decimal(p,s) with 1 <= p <= 38 and 0 <= s <= p".into(),
+            )),
+        }
+    }
+
+    /// Whether the override may lose information (decode is then not exact).
+    pub fn is_lossy(self) -> bool {
+        !matches!(self, Self::String)
+    }
+
+    fn applies_to(self, kind: &TypeKind) -> bool {
+        match self {
+            Self::String => true,
+            Self::Float64 | Self::Decimal { .. } => matches!(kind, TypeKind::Numeric),
+            Self::Json => matches!(kind, TypeKind::Json | TypeKind::Jsonb),
+        }
+    }
+}
+
+/// Checks a `typeMappings` entry (`postgres type → destination type`) against the wire
+/// formats' vocabulary, so configurations are validated once at the edge. `pg_type` is a
+/// type name as in `pg_type.typname` (`numeric`, `jsonb`, `public.mood`).
+pub fn check_type_mapping(pg_type: &str, target: &str) -> Result<(), CodecError> {
+    let mapping = TypeMapping::parse(target).map_err(|e| with_pg_type(e, pg_type))?;
+    let base = pg_type.trim().to_ascii_lowercase();
+    let base = base.strip_prefix("pg_catalog.").unwrap_or(&base);
+    let kind = match base {
+        "numeric" | "decimal" => Some(TypeKind::Numeric),
+        "json" => Some(TypeKind::Json),
+        "jsonb" => Some(TypeKind::Jsonb),
+        _ => None,
+    };
+    let fits = match (&kind, mapping) {
+        (_, TypeMapping::String) => true,
+        (Some(kind), mapping) => mapping.applies_to(kind),
+        (None, _) => false,
+    };
+    if fits {
+        Ok(())
+    } else {
+        Err(CodecError::TypeMapping {
+            pg_type: pg_type.to_string(),
+            target: target.to_string(),
+            reason: "float64 and decimal(p,s) apply to numeric, json to json/jsonb; string applies to any type".into(),
+        })
+    }
+}
+
+fn with_pg_type(e: CodecError, pg_type: &str) -> CodecError {
+    match e {
+        CodecError::TypeMapping { target, reason, .. } => CodecError::TypeMapping {
+            pg_type: pg_type.to_string(),
+            target,
+            reason,
+        },
+        other => other,
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The logical layout
+
+/// Which [`Value`] variant a string-carried type decodes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StrKind {
+    Text,
+    Json,
+    Xml,
+    Bits,
+    Enum,
+    Ltree,
+    Unknown,
+}
+
+impl StrKind {
+    pub(crate) fn wrap(self, s: String) -> Value {
+        match self {
+            Self::Text => Value::Text(s),
+            Self::Json => Value::Json(s),
+            Self::Xml => Value::Xml(s),
+            Self::Bits => Value::Bits(s),
+            Self::Enum => Value::Enum(s),
+            Self::Ltree => Value::Ltree(s),
+            Self::Unknown => Value::Unknown(s),
+        }
+    }
+
+    pub(crate) fn unwrap(self, v: &Value) -> Option<&str> {
+        match (self, v) {
+            (Self::Text, Value::Text(s))
+            | (Self::Json, Value::Json(s))
+            | (Self::Xml, Value::Xml(s))
+            | (Self::Bits, Value::Bits(s))
+            | (Self::Enum, Value::Enum(s))
+            | (Self::Ltree, Value::Ltree(s))
+            | (Self::Unknown, Value::Unknown(s)) => Some(s),
+            _ => None,
+        }
+    }
+}
+
+/// Which [`Value`] variant a bytes-carried type decodes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BinKind {
+    Bytes,
+    MacAddr,
+    Ewkb,
+}
+
+impl BinKind {
+    pub(crate) fn wrap(self, b: Vec<u8>) -> Value {
+        match self {
+            Self::Bytes => Value::Bytes(b),
+            Self::MacAddr => Value::MacAddr(b),
+            Self::Ewkb => Value::Ewkb(b),
+        }
+    }
+
+    pub(crate) fn unwrap(self, v: &Value) -> Option<&[u8]> {
+        match (self, v) {
+            (Self::Bytes, Value::Bytes(b))
+            | (Self::MacAddr, Value::MacAddr(b))
+            | (Self::Ewkb, Value::Ewkb(b)) => Some(b),
+            _ => None,
+        }
+    }
+}
+
+/// How a value travels: the PostgreSQL type with domains resolved and `typeMappings`
+/// applied. Every format maps each variant to one typed representation.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Wire {
+    Bool,
+    Int2,
+    Int4,
+    Int8,
+    Oid,
+    Float4,
+    Float8,
+    /// Exact decimal text.
+    Numeric,
+    Money,
+    Str(StrKind),
+    Bin(BinKind),
+    Uuid,
+    Date,
+    Time,
+    TimeTz,
+    Timestamp,
+    TimestampTz,
+    Interval,
+    Inet,
+    Composite(Vec<(String, Wire)>),
+    Range(Box<Wire>),
+    Array(Box<Wire>),
+    Hstore,
+    Vector,
+    /// `string` override: PostgreSQL's text output of the type.
+    PgText(Arc<TypeInfo>),
+    /// `float64` override of numeric.
+    NumericF64,
+    /// `decimal(p,s)` override of numeric.
+    Decimal { precision: u8, scale: i8 },
+    /// `json` override of json/jsonb.
+    JsonDoc,
+}
+
+impl Wire {
+    pub(crate) fn of_type(ty: &TypeInfo) -> Wire {
+        match &ty.kind {
+            TypeKind::Bool => Wire::Bool,
+            TypeKind::Int2 => Wire::Int2,
+            TypeKind::Int4 => Wire::Int4,
+            TypeKind::Int8 => Wire::Int8,
+            TypeKind::Oid => Wire::Oid,
+            TypeKind::Float4 => Wire::Float4,
+            TypeKind::Float8 => Wire::Float8,
+            TypeKind::Numeric => Wire::Numeric,
+            TypeKind::Money => Wire::Money,
+            TypeKind::Text => Wire::Str(StrKind::Text),
+            TypeKind::Bytea => Wire::Bin(BinKind::Bytes),
+            TypeKind::Uuid => Wire::Uuid,
+            TypeKind::Json | TypeKind::Jsonb => Wire::Str(StrKind::Json),
+            TypeKind::Xml => Wire::Str(StrKind::Xml),
+            TypeKind::Date => Wire::Date,
+            TypeKind::Time => Wire::Time,
+            TypeKind::TimeTz => Wire::TimeTz,
+            TypeKind::Timestamp => Wire::Timestamp,
+            TypeKind::TimestampTz => Wire::TimestampTz,
+            TypeKind::Interval => Wire::Interval,
+            TypeKind::Inet | TypeKind::Cidr => Wire::Inet,
+            TypeKind::MacAddr | TypeKind::MacAddr8 => Wire::Bin(BinKind::MacAddr),
+            TypeKind::Bit | TypeKind::VarBit => Wire::Str(StrKind::Bits),
+            TypeKind::Enum(_) => Wire::Str(StrKind::Enum),
+            TypeKind::Domain(base) => Wire::of_type(base),
+            TypeKind::Composite(attrs) => Wire::Composite(
+                attrs
+                    .iter()
+                    .map(|(name, ty)| (name.clone(), Wire::of_type(ty)))
+                    .collect(),
+            ),
+            TypeKind::Range(elem) => Wire::Range(Box::new(Wire::of_type(elem))),
+            TypeKind::Array(elem) => Wire::Array(Box::new(Wire::of_type(elem))),
+            TypeKind::Hstore => Wire::Hstore,
+            TypeKind::Ltree => Wire::Str(StrKind::Ltree),
+            TypeKind::Vector => Wire::Vector,
+            TypeKind::Geometry | TypeKind::Geography => Wire::Bin(BinKind::Ewkb),
+            TypeKind::Unknown => Wire::Str(StrKind::Unknown),
+        }
+    }
+
+    fn of_column(col: &ColumnSchema) -> Res<Wire> {
+        let Some(target) = &col.mapped_type else {
+            return Ok(Wire::of_type(&col.ty));
+        };
+        let mapping = TypeMapping::parse(target).map_err(|e| {
+            format!(
+                "column {:?}: {}",
+                col.name,
+                with_pg_type(e, &col.ty.name)
+            )
+        })?;
+        let base = base_type(&col.ty);
+        if !mapping.applies_to(&base.kind) {
+            return Err(format!(
+                "column {:?}: typeMappings target {target:?} does not apply to type {}; float64 and decimal(p,s) apply to numeric, json to json/jsonb, string to any type",
+                col.name, col.ty.name
+            ));
+        }
+        Ok(match mapping {
+            TypeMapping::String => Wire::PgText(col.ty.clone()),
+            TypeMapping::Float64 => Wire::NumericF64,
+            TypeMapping::Decimal { precision, scale } => Wire::Decimal { precision, scale },
+            TypeMapping::Json => Wire::JsonDoc,
+        })
+    }
+}
+
+/// The type under any domains.
+pub(crate) fn base_type(ty: &TypeInfo) -> &TypeInfo {
+    match &ty.kind {
+        TypeKind::Domain(base) => base_type(base),
+        _ => ty,
+    }
+}
+
+/// A table's columns with their wire representation, and its descriptor.
+#[derive(Debug)]
+pub(crate) struct Layout<'a> {
+    pub(crate) schema: &'a TableSchema,
+    pub(crate) wires: Vec<Wire>,
+}
+
+impl<'a> Layout<'a> {
+    fn new(schema: &'a TableSchema) -> Res<Self> {
+        let wires = schema
+            .columns
+            .iter()
+            .map(Wire::of_column)
+            .collect::<Res<Vec<_>>>()?;
+        Ok(Self { schema, wires })
+    }
+
+    pub(crate) fn table(&self) -> String {
+        self.schema.qualified_name()
+    }
+
+    /// The schema descriptor every payload embeds (JSON), see `docs/wire-formats.md`.
+    pub(crate) fn descriptor(&self) -> serde_json::Value {
+        let columns: Vec<serde_json::Value> = self
+            .schema
+            .columns
+            .iter()
+            .map(|c| {
+                let mut col = serde_json::json!({
+                    "name": c.name,
+                    "type": c.ty.name,
+                    "oid": c.ty.oid,
+                    "typmod": c.ty.typmod,
+                    "key": c.key,
+                });
+                if let Some(m) = &c.mapped_type {
+                    col["mapped_type"] = m.clone().into();
+                }
+                if let TypeKind::Enum(labels) = &base_type(&c.ty).kind {
+                    col["enum_labels"] = labels.clone().into();
+                }
+                col
+            })
+            .collect();
+        serde_json::json!({
+            "layout_version": LAYOUT_VERSION,
+            "table": self.table(),
+            "schema_version": self.schema.version,
+            "columns": columns,
+        })
+    }
+
+    pub(crate) fn descriptor_string(&self) -> String {
+        self.descriptor().to_string()
+    }
+
+    /// Checks an embedded descriptor against the expected schema.
+    pub(crate) fn check_descriptor(&self, embedded: &serde_json::Value) -> Res<()> {
+        let field = |name: &str| embedded.get(name);
+        let layout = field("layout_version").and_then(serde_json::Value::as_u64);
+        if layout != Some(u64::from(LAYOUT_VERSION)) {
+            return Err(format!(
+                "payload layout version {layout:?} is not {LAYOUT_VERSION}; upgrade the consumer"
+            ));
+        }
+        let table = field("table").and_then(serde_json::Value::as_str);
+        if table != Some(self.table().as_str()) {
+            return Err(format!(
+                "payload is for table {table:?}, expected {:?}",
+                self.table()
+            ));
+        }
+        let version = field("schema_version").and_then(serde_json::Value::as_u64);
+        if version != Some(u64::from(self.schema.version)) {
+            return Err(format!(
+                "payload has schema version {version:?}, expected {}; look the schema up by (table, version)",
+                self.schema.version
+            ));
+        }
+        let empty = Vec::new();
+        let columns = field("columns")
+            .and_then(serde_json::Value::as_array)
+            .unwrap_or(&empty);
+        if columns.len() != self.schema.columns.len() {
+            return Err(format!(
+                "payload has {} columns, schema version {} has {}",
+                columns.len(),
+                self.schema.version,
+                self.schema.columns.len()
+            ));
+        }
+        for (i, (got, want)) in columns.iter().zip(&self.schema.columns).enumerate() {
+            let name = got.get("name").and_then(serde_json::Value::as_str);
+            if name != Some(want.name.as_str()) {
+                return Err(format!(
+                    "column {i}: payload has {name:?}, expected {:?}",
+                    want.name
+                ));
+            }
+            let ty = got.get("type").and_then(serde_json::Value::as_str);
+            if ty != Some(want.ty.name.as_str()) {
+                return Err(format!(
+                    "column {:?}: payload type {ty:?}, expected {:?}",
+                    want.name, want.ty.name
+                ));
+            }
+            let mapped = got.get("mapped_type").and_then(serde_json::Value::as_str);
+            if mapped != want.mapped_type.as_deref() {
+                return Err(format!(
+                    "column {:?}: payload type mapping {mapped:?}, expected {:?}",
+                    want.name, want.mapped_type
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn absent_names(&self, row: &Row) -> Res<Vec<&'a str>> {
+        row.absent
+            .iter()
+            .map(|&i| {
+                self.schema
+                    .columns
+                    .get(i)
+                    .map(|c| c.name.as_str())
+                    .ok_or_else(|| {
+                        format!(
+                            "absent column index {i} is out of range ({} columns)",
+                            self.schema.columns.len()
+                        )
+                    })
+            })
+            .collect()
+    }
+
+    pub(crate) fn absent_indexes<S: AsRef<str>>(&self, names: &[S]) -> Res<Vec<usize>> {
+        names
+            .iter()
+            .map(|n| {
+                let n = n.as_ref();
+                self.schema
+                    .columns
+                    .iter()
+                    .position(|c| c.name == n)
+                    .ok_or_else(|| format!("absent column {n:?} is not a column of the table"))
+            })
+            .collect()
+    }
+
+    /// Checks a row has one value per column.
+    pub(crate) fn check_row(&self, row: &Row, which: &str) -> Res<()> {
+        if row.values.len() == self.schema.columns.len() {
+            Ok(())
+        } else {
+            Err(format!(
+                "{which} row has {} values, the table has {} columns",
+                row.values.len(),
+                self.schema.columns.len()
+            ))
+        }
+    }
+}
+
+pub(crate) fn parse_op(s: &str) -> Res<Op> {
+    match s {
+        "insert" => Ok(Op::Insert),
+        "update" => Ok(Op::Update),
+        "delete" => Ok(Op::Delete),
+        "truncate" => Ok(Op::Truncate),
+        other => Err(format!(
+            "unknown op {other:?}; expected insert, update, delete or truncate"
+        )),
+    }
+}
+
+/// Short description of a value's variant for error messages (never the value itself, which
+/// may be large or sensitive).
+pub(crate) fn variant_name(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "Null",
+        Value::Bool(_) => "Bool",
+        Value::Int2(_) => "Int2",
+        Value::Int4(_) => "Int4",
+        Value::Int8(_) => "Int8",
+        Value::Oid(_) => "Oid",
+        Value::Float4(_) => "Float4",
+        Value::Float8(_) => "Float8",
+        Value::Numeric(_) => "Numeric",
+        Value::Money(_) => "Money",
+        Value::Text(_) => "Text",
+        Value::Bytes(_) => "Bytes",
+        Value::Uuid(_) => "Uuid",
+        Value::Json(_) => "Json",
+        Value::Xml(_) => "Xml",
+        Value::Date(_) => "Date",
+        Value::Time(_) => "Time",
+        Value::TimeTz { .. } => "TimeTz",
+        Value::Timestamp(_) => "Timestamp",
+        Value::TimestampTz(_) => "TimestampTz",
+        Value::Interval { .. } => "Interval",
+        Value::Inet { .. } => "Inet",
+        Value::MacAddr(_) => "MacAddr",
+        Value::Bits(_) => "Bits",
+        Value::Enum(_) => "Enum",
+        Value::Composite(_) => "Composite",
+        Value::Range(_) => "Range",
+        Value::Array { .. } => "Array",
+        Value::Hstore(_) => "Hstore",
+        Value::Ltree(_) => "Ltree",
+        Value::Vector(_) => "Vector",
+        Value::Ewkb(_) => "Ewkb",
+        Value::Unknown(_) => "Unknown",
+    }
+}
+
+pub(crate) fn mismatch(wire: &Wire, v: &Value) -> String {
+    format!(
+        "a {} value does not fit the column's wire type {wire:?}",
+        variant_name(v)
+    )
+}
+
+// ---------------------------------------------------------------------------------------
+// Overrides shared by the formats
+
+/// `string` override: PostgreSQL's text of the value.
+pub(crate) fn pg_text(ty: &TypeInfo, v: &Value) -> String {
+    crate::text::render(ty, v)
+}
+
+/// `string` override, decode side.
+pub(crate) fn from_pg_text(ty: &TypeInfo, s: &str) -> Res<Value> {
+    crate::text::decode(ty, s).map_err(|e| e.to_string())
+}
+
+/// `float64` override: the numeric text as the nearest f64 (`NaN`, `Infinity` included).
+pub(crate) fn numeric_to_f64(s: &str) -> Res<f64> {
+    match s {
+        "NaN" => Ok(f64::NAN),
+        "Infinity" => Ok(f64::INFINITY),
+        "-Infinity" => Ok(f64::NEG_INFINITY),
+        _ => s
+            .parse::<f64>()
+            .map_err(|e| format!("numeric {s:?} is not a number: {e}")),
+    }
+}
+
+/// `float64` override, decode side: the shortest text that reads back as the same f64.
+pub(crate) fn f64_to_numeric(f: f64) -> Value {
+    if f.is_nan() {
+        Value::Numeric("NaN".into())
+    } else if f == f64::INFINITY {
+        Value::Numeric("Infinity".into())
+    } else if f == f64::NEG_INFINITY {
+        Value::Numeric("-Infinity".into())
+    } else {
+        Value::Numeric(format!("{f}"))
+    }
+}
+
+/// `decimal(p,s)` override: the numeric as an unscaled i128 at `scale`, rounded half away
+/// from zero; `None` for NaN/±Infinity (NULL on the wire). Errors when the value needs more
+/// than `precision` digits.
+pub(crate) fn numeric_to_decimal(s: &str, precision: u8, scale: i8) -> Res<Option<i128>> {
+    if matches!(s, "NaN" | "Infinity" | "-Infinity") {
+        return Ok(None);
+    }
+    let bad = || format!("numeric {s:?} is not a decimal number");
+    let (negative, digits) = match s.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, s.strip_prefix('+').unwrap_or(s)),
+    };
+    let (int_part, frac_part) = digits.split_once('.').unwrap_or((digits, ""));
+    if int_part.is_empty() && frac_part.is_empty()
+        || !int_part.bytes().all(|b| b.is_ascii_digit())
+        || !frac_part.bytes().all(|b| b.is_ascii_digit())
+    {
+        return Err(bad());
+    }
+    let scale = usize::try_from(scale).map_err(|_| bad())?;
+    let limit = 10i128.pow(u32::from(precision));
+    let overflow = || format!("numeric {s:?} does not fit decimal({precision},{scale})");
+    let mut unscaled: i128 = 0;
+    let frac: Vec<u8> = frac_part.bytes().collect();
+    for b in int_part
+        .bytes()
+        .chain((0..scale).map(|i| frac.get(i).copied().unwrap_or(b'0')))
+    {
+        unscaled = unscaled
+            .checked_mul(10)
+            .and_then(|u| u.checked_add(i128::from(b - b'0')))
+            .ok_or_else(overflow)?;
+        if unscaled >= limit {
+            return Err(overflow());
+        }
+    }
+    if frac.get(scale).is_some_and(|&d| d >= b'5') {
+        unscaled += 1;
+        if unscaled >= limit {
+            return Err(overflow());
+        }
+    }
+    Ok(Some(if negative { -unscaled } else { unscaled }))
+}
+
+/// `decimal(p,s)` override, decode side: the canonical text with exactly `scale` digits.
+pub(crate) fn decimal_to_numeric(unscaled: i128, scale: i8) -> Value {
+    let scale = usize::try_from(scale).unwrap_or(0);
+    let digits = unscaled.unsigned_abs().to_string();
+    let sign = if unscaled < 0 { "-" } else { "" };
+    if scale == 0 {
+        return Value::Numeric(format!("{sign}{digits}"));
+    }
+    let padded = format!("{digits:0>width$}", width = scale + 1);
+    let (int, frac) = padded.split_at(padded.len() - scale);
+    Value::Numeric(format!("{sign}{int}.{frac}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decimal_rounding_and_range() {
+        assert_eq!(numeric_to_decimal("12.345", 5, 2), Ok(Some(1235)));
+        assert_eq!(numeric_to_decimal("-12.344", 5, 2), Ok(Some(-1234)));
+        assert_eq!(numeric_to_decimal("7", 5, 2), Ok(Some(700)));
+        assert_eq!(numeric_to_decimal(".5", 3, 1), Ok(Some(5)));
+        assert_eq!(numeric_to_decimal("NaN", 5, 2), Ok(None));
+        assert!(numeric_to_decimal("1000", 5, 2).is_err());
+        assert!(numeric_to_decimal("1e5", 5, 2).is_err());
+        assert_eq!(decimal_to_numeric(-5, 2), Value::Numeric("-0.05".into()));
+        assert_eq!(decimal_to_numeric(1235, 2), Value::Numeric("12.35".into()));
+        assert_eq!(decimal_to_numeric(7, 0), Value::Numeric("7".into()));
+    }
+
+    #[test]
+    fn type_mapping_vocabulary() {
+        assert!(check_type_mapping("numeric", "decimal(10, 2)").is_ok());
+        assert!(check_type_mapping("numeric", "FLOAT64").is_ok());
+        assert!(check_type_mapping("jsonb", "json").is_ok());
+        assert!(check_type_mapping("public.geometry", "string").is_ok());
+        assert!(check_type_mapping("int4", "float64").is_err());
+        assert!(check_type_mapping("text", "json").is_err());
+        assert!(check_type_mapping("numeric", "decimal(40,2)").is_err());
+        assert!(check_type_mapping("numeric", "decimal(4,5)").is_err());
+        let err = check_type_mapping("jsonb", "VARIANT").map(|()| "").unwrap_err();
+        assert!(err.to_string().contains("jsonb"), "{err}");
+        assert!(err.to_string().contains("VARIANT"), "{err}");
+    }
 }
