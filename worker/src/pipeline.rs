@@ -239,13 +239,12 @@ impl Pipeline {
                 tx: Some(tx),
                 queued_bytes: 0,
             });
-            runners.spawn(run_destination(
-                index,
-                slot,
-                rx,
-                ack_tx.clone(),
-                parallelism.clone(),
-            ));
+            // Under `ackPolicy: primary` the primary never queues behind a secondary.
+            let limit = match config.ack {
+                AckMode::Primary(p) if p == index => None,
+                _ => Some(parallelism.clone()),
+            };
+            runners.spawn(run_destination(index, slot, rx, ack_tx.clone(), limit));
         }
         drop(ack_tx);
 
@@ -498,7 +497,7 @@ async fn run_destination(
     mut slot: DestinationSlot,
     mut rx: mpsc::Receiver<Arc<ChangeBatch>>,
     acks: mpsc::UnboundedSender<AckEvent>,
-    parallelism: Arc<Semaphore>,
+    parallelism: Option<Arc<Semaphore>>,
 ) {
     // Transaction end (and its stats) accepted but not yet flushed.
     let mut unflushed: Option<Pending> = None;
@@ -511,7 +510,10 @@ async fn run_destination(
         );
         let written = async {
             // The semaphore is never closed; if it were, write without the limit.
-            let _permit = parallelism.acquire().await.ok();
+            let _permit = match &parallelism {
+                Some(p) => p.acquire().await.ok(),
+                None => None,
+            };
             attempt(index, &mut slot, &acks, Attempt::Write(&batch)).await
         }
         .instrument(span)

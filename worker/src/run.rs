@@ -177,10 +177,11 @@ pub async fn run_with(
         catalog.clone(),
     )
     .await?;
+    let confirmed = Arc::new(AtomicU64::new(start.0));
     let handles = PipelineHandles {
         progress: Arc::new(Mutex::new(Progress::default())),
         feedback: reader.feedback(),
-        confirmed: Arc::new(AtomicU64::new(start.0)),
+        confirmed: confirmed.clone(),
     };
     let progress = handles.progress.clone();
     let schemas = CatalogSchemas(TypeResolver::new(catalog.clone(), pg.resolve_types));
@@ -223,7 +224,7 @@ pub async fn run_with(
     };
 
     // The reader stops on cancellation or error; dropping `tx` lets the pipeline drain.
-    let read_result = reader.run(tx, &cancel).await;
+    let read_result = reader.run(tx, &cancel, confirmed, status_interval).await;
     let pipeline_result = pipeline_task.await?;
     // Only after the pipeline confirmed what it made durable does the final standby status
     // go out, so a clean stop leaves the slot at the last durable transaction.

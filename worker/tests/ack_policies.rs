@@ -49,6 +49,10 @@ struct Observed {
     pending_lsn: u64,
     pending_rows: u64,
     failures: u32,
+    /// Commit LSN of every transaction the destination received.
+    commits: std::collections::BTreeSet<u64>,
+    /// (slot position, durable end) sampled in that order while the flow ran.
+    samples: Vec<(u64, u64)>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -63,6 +67,34 @@ impl Fault {
     }
     fn durable_rows(&self) -> u64 {
         self.seen.lock().unwrap().durable_rows
+    }
+
+    /// Samples the invariant: read the slot first, then the durable end (which only
+    /// grows), so a later check cannot be fooled by the order of the reads.
+    async fn sample(&self, db: &TestDb) -> u64 {
+        let slot = confirmed(db).await;
+        let durable = self.durable_lsn();
+        self.seen.lock().unwrap().samples.push((slot, durable));
+        slot
+    }
+
+    /// PostgreSQL skips, on restart, every transaction whose commit record starts before
+    /// the slot's confirmed position. So at every sample, no transaction with a commit LSN
+    /// in [durable end, slot) may exist: such a transaction would be lost.
+    fn assert_never_passed_durable(&self, floor: u64) {
+        let seen = self.seen.lock().unwrap();
+        assert!(!seen.samples.is_empty());
+        for (slot, durable) in &seen.samples {
+            let durable = (*durable).max(floor);
+            if durable >= *slot {
+                continue;
+            }
+            if let Some(lost) = seen.commits.range(durable..*slot).next() {
+                panic!(
+                    "slot confirmed {slot:X} while the transaction committed at {lost:X} was not durable (durable end {durable:X})"
+                );
+            }
+        }
     }
 }
 
@@ -98,6 +130,10 @@ impl Destination for FaultDestination {
         }
         let mut seen = self.0.seen.lock().unwrap();
         seen.accepted_rows += batch.rows;
+        for group in &batch.tables {
+            seen.commits
+                .extend(group.changes.iter().map(|c| c.commit_lsn));
+        }
         if durable {
             seen.durable_rows += batch.rows;
             if let Some(cp) = batch.checkpoint {
@@ -251,23 +287,12 @@ async fn confirmed(db: &TestDb) -> u64 {
         .unwrap_or(0)
 }
 
-/// Inserts rows in many small transactions while sampling the invariant: the slot never
-/// confirms past what the required destinations made durable.
-async fn write_and_check(
-    db: &TestDb,
-    c: &tokio_postgres::Client,
-    required: &[&Fault],
-    rows: i32,
-) {
+/// Inserts rows in many small transactions while sampling the invariant at each step.
+async fn write_and_check(db: &TestDb, c: &tokio_postgres::Client, required: &[&Fault], rows: i32) {
     for chunk in 0..(rows / 10) {
         insert(c, chunk * 10 + 1, chunk * 10 + 10).await;
-        let slot = confirmed(db).await;
         for f in required {
-            let durable = f.durable_lsn();
-            assert!(
-                slot <= durable.max(start_lsn(db).await),
-                "slot confirmed {slot:X} past a durable position {durable:X}"
-            );
+            f.sample(db).await;
         }
     }
 }
@@ -310,14 +335,20 @@ async fn all_waits_for_every_destination_and_retries_transient_failures() {
     .await;
     start_lsn(&db).await;
     write_and_check(&db, &c, &[&a, &b], 300).await;
-    wait_for("every row durable at both", Duration::from_secs(30), async || {
-        (a.durable_rows() == 300 && b.durable_rows() == 300).then_some(())
-    })
+    wait_for(
+        "every row durable at both",
+        Duration::from_secs(30),
+        async || (a.durable_rows() == 300 && b.durable_rows() == 300).then_some(()),
+    )
     .await;
-    wait_for("slot reaches the last durable commit", Duration::from_secs(20), async || {
-        let slot = confirmed(&db).await;
-        (slot == a.durable_lsn().min(b.durable_lsn())).then_some(())
-    })
+    wait_for(
+        "slot reaches the last durable commit",
+        Duration::from_secs(20),
+        async || {
+            let slot = confirmed(&db).await;
+            (slot == a.durable_lsn().min(b.durable_lsn())).then_some(())
+        },
+    )
     .await;
     assert_eq!(a.seen.lock().unwrap().failures, 3);
     run.stop().await.unwrap();
@@ -329,7 +360,8 @@ async fn a_hanging_destination_holds_the_slot_under_all() {
     let db = TestDb::create("ack_hang").await;
     let c = setup_table(&db).await;
     let dir = tempfile::tempdir().unwrap();
-    let m = manifest(dir.path(), &db, "", "");
+    // Two concurrent writes, so `a` is not queued behind `b`'s hung write.
+    let m = manifest(dir.path(), &db, "  parallelism: 2", "");
     let a = Fault::default();
     let b = Fault::default();
     b.script.lock().unwrap().hang = true;
@@ -349,14 +381,23 @@ async fn a_hanging_destination_holds_the_slot_under_all() {
         (a.durable_rows() == 100).then_some(())
     })
     .await;
-    // `a` is done, `b` hangs: the slot must not move.
-    assert_eq!(confirmed(&db).await, floor, "slot moved while b holds nothing durable");
+    // `a` is done, `b` hangs: the slot must not pass the transaction. Give the worker a
+    // few status intervals to (wrongly) confirm it.
+    for _ in 0..10 {
+        b.sample(&db).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     b.script.lock().unwrap().hang = false;
-    wait_for("b catches up and the slot moves", Duration::from_secs(20), async || {
-        let slot = confirmed(&db).await;
-        (b.durable_rows() == 100 && slot > floor && slot <= b.durable_lsn()).then_some(())
-    })
+    wait_for(
+        "b catches up and the slot moves",
+        Duration::from_secs(20),
+        async || {
+            let slot = b.sample(&db).await;
+            (b.durable_rows() == 100 && slot >= b.durable_lsn()).then_some(())
+        },
+    )
     .await;
+    b.assert_never_passed_durable(floor);
     run.stop().await.unwrap();
     db.drop_all().await;
 }
@@ -387,12 +428,17 @@ async fn primary_drives_the_slot_and_a_stuck_secondary_is_detached_past_its_buff
     .await;
     let floor = start_lsn(&db).await;
     write_and_check(&db, &c, &[&a], 200).await;
-    wait_for("the slot follows the primary", Duration::from_secs(20), async || {
-        let slot = confirmed(&db).await;
-        (a.durable_rows() == 200 && slot > floor && slot == a.durable_lsn()).then_some(())
-    })
+    wait_for(
+        "the slot follows the primary",
+        Duration::from_secs(20),
+        async || {
+            let slot = a.sample(&db).await;
+            (a.durable_rows() == 200 && slot >= a.durable_lsn()).then_some(())
+        },
+    )
     .await;
     assert_eq!(b.durable_rows(), 0, "the secondary is stuck");
+    a.assert_never_passed_durable(floor);
     // Past its buffer the secondary is detached, and status says so.
     c.execute(
         "INSERT INTO t SELECT g, repeat('x', 2000) FROM generate_series(1001, 1200) g",
@@ -400,14 +446,22 @@ async fn primary_drives_the_slot_and_a_stuck_secondary_is_detached_past_its_buff
     )
     .await
     .unwrap();
-    let status = wait_for("b detached in status", Duration::from_secs(20), async || {
-        let s = run.status();
-        let b = s["destinations"].as_array()?.iter().find(|d| d["name"] == "b")?.clone();
-        b["lastError"]
-            .as_str()
-            .filter(|e| e.contains("fell behind the primary"))
-            .map(|_| s)
-    })
+    let status = wait_for(
+        "b detached in status",
+        Duration::from_secs(20),
+        async || {
+            let s = run.status();
+            let b = s["destinations"]
+                .as_array()?
+                .iter()
+                .find(|d| d["name"] == "b")?
+                .clone();
+            b["lastError"]
+                .as_str()
+                .filter(|e| e.contains("fell behind the primary"))
+                .map(|_| s)
+        },
+    )
     .await;
     assert_eq!(status["phase"], "Degraded", "{status}");
     wait_for("primary keeps going", Duration::from_secs(20), async || {
@@ -451,12 +505,20 @@ async fn permanent_failure_gives_up_and_drop_slot_drops_it() {
     let text = err.to_string();
     assert!(
         text.contains("destination \"b\" gave up after 1 attempt(s)")
-            && text.contains("credentials rejected (permanent); hint: fix the destination's secret")
+            && text
+                .contains("credentials rejected (permanent); hint: fix the destination's secret")
             && text.contains("failureMode dropSlot: slot"),
         "{text}"
     );
-    assert_eq!(b.seen.lock().unwrap().failures, 1, "permanent errors are not retried");
-    assert!(db.slot(&db.name).await.is_none(), "dropSlot dropped the slot");
+    assert_eq!(
+        b.seen.lock().unwrap().failures,
+        1,
+        "permanent errors are not retried"
+    );
+    assert!(
+        db.slot(&db.name).await.is_none(),
+        "dropSlot dropped the slot"
+    );
     let status: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("status.json")).unwrap())
             .unwrap();
@@ -502,7 +564,10 @@ async fn hold_slot_keeps_the_slot_at_the_last_durable_position() {
     );
     let (lsn, active) = db.slot(&db.name).await.expect("slot kept");
     assert!(!active);
-    assert!(parse_lsn(&lsn) <= held, "slot {lsn} past the last durable {held:X}");
+    assert!(
+        parse_lsn(&lsn) <= held,
+        "slot {lsn} past the last durable {held:X}"
+    );
     db.drop_all().await;
 }
 
@@ -527,18 +592,26 @@ async fn give_up_never_keeps_retrying_and_recovers() {
     .await;
     let floor = start_lsn(&db).await;
     insert(&c, 1, 10).await;
-    let status = wait_for("degraded with the error", Duration::from_secs(20), async || {
-        let s = run.status();
-        (s["phase"] == "Degraded" && a.seen.lock().unwrap().failures > 3).then_some(s)
-    })
+    let status = wait_for(
+        "degraded with the error",
+        Duration::from_secs(20),
+        async || {
+            let s = run.status();
+            (s["phase"] == "Degraded" && a.seen.lock().unwrap().failures > 3).then_some(s)
+        },
+    )
     .await;
-    assert!(status.to_string().contains("connection reset (transient)"), "{status}");
-    assert_eq!(confirmed(&db).await, floor);
+    assert!(
+        status.to_string().contains("connection reset (transient)"),
+        "{status}"
+    );
+    a.sample(&db).await;
     a.script.lock().unwrap().fail_writes = 0;
     wait_for("recovered", Duration::from_secs(30), async || {
-        (a.durable_rows() == 10 && confirmed(&db).await > floor).then_some(())
+        (a.durable_rows() == 10 && a.sample(&db).await > floor).then_some(())
     })
     .await;
+    a.assert_never_passed_durable(floor);
     run.stop().await.unwrap();
     db.drop_all().await;
 }

@@ -23,8 +23,14 @@ async fn wait_slot_active(db: &TestDb, slot: &str) {
     .await;
 }
 
+fn row_id(r: &Value) -> Option<i64> {
+    r["after"]["id"]
+        .as_i64()
+        .or_else(|| r["before"]["id"].as_i64())
+}
+
 fn summary(r: &Value) -> Value {
-    json!({"table": r["table"], "op": r["op"], "key": r["key"], "before": r["before"], "after": r["after"]})
+    json!({"table": r["table"], "op": r["op"], "before": r["before"], "after": r["after"], "before_absent": r["before_absent"]})
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -72,28 +78,30 @@ async fn every_operation_round_trips_with_primary_key_and_replica_identity_full(
         (r.len() >= 8).then_some(r)
     })
     .await;
+    let none = json!([]);
     let want = vec![
-        json!({"table": "items", "op": "insert", "key": {"id": 1}, "before": null, "after": {"id": 1, "name": "apple", "qty": 3}}),
-        json!({"table": "items", "op": "insert", "key": {"id": 2}, "before": null, "after": {"id": 2, "name": "pear", "qty": null}}),
-        json!({"table": "items", "op": "update", "key": {"id": 1}, "before": null, "after": {"id": 1, "name": "apple", "qty": 4}}),
-        json!({"table": "items", "op": "delete", "key": {"id": 2}, "before": {"id": 2}, "after": null}),
-        json!({"table": "events", "op": "insert", "key": {"a": 10, "b": "x"}, "before": null, "after": {"a": 10, "b": "x"}}),
-        json!({"table": "events", "op": "update", "key": {"a": 10, "b": "y"}, "before": {"a": 10, "b": "x"}, "after": {"a": 10, "b": "y"}}),
-        json!({"table": "events", "op": "delete", "key": {"a": 10, "b": "y"}, "before": {"a": 10, "b": "y"}, "after": null}),
-        json!({"table": "items", "op": "truncate", "key": null, "before": null, "after": null}),
+        json!({"table": "public.items", "op": "insert", "before": null, "after": {"id": 1, "name": "apple", "qty": 3}, "before_absent": none}),
+        json!({"table": "public.items", "op": "insert", "before": null, "after": {"id": 2, "name": "pear", "qty": null}, "before_absent": none}),
+        json!({"table": "public.items", "op": "update", "before": null, "after": {"id": 1, "name": "apple", "qty": 4}, "before_absent": none}),
+        // A key-only old tuple: the non-key columns were not sent, and say so.
+        json!({"table": "public.items", "op": "delete", "before": {"id": 2, "name": null, "qty": null}, "after": null, "before_absent": ["name", "qty"]}),
+        json!({"table": "public.events", "op": "insert", "before": null, "after": {"a": 10, "b": "x"}, "before_absent": none}),
+        json!({"table": "public.events", "op": "update", "before": {"a": 10, "b": "x"}, "after": {"a": 10, "b": "y"}, "before_absent": none}),
+        json!({"table": "public.events", "op": "delete", "before": {"a": 10, "b": "y"}, "after": null, "before_absent": none}),
+        json!({"table": "public.items", "op": "truncate", "before": null, "after": null, "before_absent": none}),
     ];
     assert_eq!(got.iter().map(summary).collect::<Vec<_>>(), want);
     // Statement by statement in commit order: the two inserts share a transaction, every
     // other record has its own, later commit LSN.
     let lsns: Vec<u64> = got
         .iter()
-        .map(|r| parse_lsn(r["lsn"].as_str().unwrap()))
+        .map(|r| r["commit_lsn"].as_u64().unwrap())
         .collect();
     assert_eq!(lsns[0], lsns[1], "{lsns:?}");
     assert!(lsns[1..].windows(2).all(|w| w[0] < w[1]), "{lsns:?}");
     assert!(
         got.iter()
-            .all(|r| r["schema"] == "public" && r["xid"].is_u64() && r["commit_time"].is_string())
+            .all(|r| r["schema_version"] == 1 && r["xid"].is_u64() && r["commit_time"].is_string())
     );
 
     let (code, log) = worker.terminate();
@@ -101,9 +109,9 @@ async fn every_operation_round_trips_with_primary_key_and_replica_identity_full(
     let (confirmed, active) = db.slot(&db.name).await.unwrap();
     assert!(!active);
     assert!(
-        parse_lsn(&confirmed) >= parse_lsn(got.last().unwrap()["lsn"].as_str().unwrap()),
+        parse_lsn(&confirmed) >= got.last().unwrap()["commit_lsn"].as_u64().unwrap(),
         "slot confirmed {confirmed}, last record {}",
-        got.last().unwrap()["lsn"]
+        got.last().unwrap()["commit_lsn"]
     );
     assert!(parse_lsn(&confirmed) <= parse_lsn(&last_commit) + 1024 * 1024);
     let status: Value =
@@ -175,8 +183,7 @@ async fn kill_9_mid_stream_loses_nothing_and_duplicates_only_the_unconfirmed_tai
     writer.await.unwrap();
     let all = wait_for("every committed row", DEADLINE * 2, async || {
         let r = records(dir.path());
-        let ids: std::collections::HashSet<i64> =
-            r.iter().filter_map(|x| x["key"]["id"].as_i64()).collect();
+        let ids: std::collections::HashSet<i64> = r.iter().filter_map(row_id).collect();
         (ids.len() == TXNS as usize * 5).then_some(r)
     })
     .await;
@@ -185,9 +192,9 @@ async fn kill_9_mid_stream_loses_nothing_and_duplicates_only_the_unconfirmed_tai
 
     let mut seen: HashMap<i64, Vec<u64>> = HashMap::new();
     for r in &all {
-        seen.entry(r["key"]["id"].as_i64().unwrap())
+        seen.entry(row_id(r).unwrap())
             .or_default()
-            .push(parse_lsn(r["lsn"].as_str().unwrap()));
+            .push(r["commit_lsn"].as_u64().unwrap());
     }
     assert_eq!(
         seen.len(),

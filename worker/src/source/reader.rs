@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use pg_walstream::{
@@ -21,6 +22,49 @@ use crate::lsn::Lsn;
 
 /// pgoutput protocol version 1: whole transactions in commit order.
 const PROTOCOL_VERSION: u32 = 1;
+
+/// What the reader forwarded, to decide when the stream is idle.
+#[derive(Debug, Default)]
+struct IdleTracker {
+    in_transaction: bool,
+    last_commit_end: u64,
+    /// Non-transactional messages forwarded since the last commit (they carry no
+    /// position the pipeline confirms).
+    loose_messages: u64,
+}
+
+impl IdleTracker {
+    fn forwarded(&mut self, event: &SourceEvent) {
+        match event {
+            SourceEvent::Begin { .. } => self.in_transaction = true,
+            SourceEvent::Commit { end_lsn, .. } => {
+                self.in_transaction = false;
+                self.last_commit_end = end_lsn.0;
+                self.loose_messages = 0;
+            }
+            SourceEvent::Message {
+                transactional: false,
+                ..
+            } => self.loose_messages += 1,
+            _ => {}
+        }
+    }
+
+    fn is_idle(&self, confirmed: u64) -> bool {
+        !self.in_transaction && self.loose_messages == 0 && confirmed >= self.last_commit_end
+    }
+}
+
+/// Aborts the ticker task when the reader stops.
+struct AbortOnDrop(Option<tokio::task::JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(task) = &self.0 {
+            task.abort();
+        }
+    }
+}
 
 /// An open replication stream.
 pub struct ReplicationReader {
@@ -93,15 +137,60 @@ impl ReplicationReader {
 
     /// Reads until `cancel` fires or the stream fails, sending events to `out`. Returns
     /// `Ok` on cancellation (or when the pipeline hung up).
+    ///
+    /// Every `tick` the reader wakes up (even when the database is idle) to send a standby
+    /// status update with the position the pipeline confirmed in `confirmed`. When nothing
+    /// it forwarded is still pending, it confirms the server's latest position (keepalive
+    /// `wal_end`) instead, so WAL written by tables outside the publication is not retained
+    /// by an idle slot.
     pub async fn run(
         &mut self,
         out: mpsc::Sender<SourceEvent>,
         cancel: &CancellationToken,
+        confirmed: Arc<AtomicU64>,
+        tick: Duration,
     ) -> Result<(), SourceError> {
+        // Wake-ups interrupt a blocking read through a child token, which pg_walstream's
+        // inline driver handles without losing buffered data. The threaded driver (used
+        // off a multi-thread runtime) restarts its reader on cancellation, so there the
+        // reader relies on the library's own keepalive replies.
+        let multi_thread = matches!(
+            tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()),
+            Ok(tokio::runtime::RuntimeFlavor::MultiThread)
+        );
+        let wake = Arc::new(std::sync::Mutex::new(cancel.child_token()));
+        let ticker = multi_thread.then(|| {
+            let wake = wake.clone();
+            let cancel = cancel.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = tokio::time::sleep(tick) => {}
+                        _ = cancel.cancelled() => return,
+                    }
+                    wake.lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .cancel();
+                }
+            })
+        });
+        let _abort = AbortOnDrop(ticker);
+        let mut idle = IdleTracker::default();
         loop {
-            let raw = match self.stream.next_raw_event(cancel).await {
+            let token = wake
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone();
+            let raw = match self.stream.next_raw_event(&token).await {
                 Ok(raw) => raw,
-                Err(ReplicationError::Cancelled(_)) => return Ok(()),
+                Err(ReplicationError::Cancelled(_)) if cancel.is_cancelled() => return Ok(()),
+                Err(ReplicationError::Cancelled(_)) => {
+                    *wake
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner) = cancel.child_token();
+                    self.on_tick(&idle, confirmed.load(Ordering::Acquire)).await;
+                    continue;
+                }
                 Err(e) => {
                     return Err(SourceError::Stream {
                         slot: self.slot.clone(),
@@ -120,10 +209,28 @@ impl ReplicationReader {
                 .decode(parsed.message, Lsn(raw.wal_start.value()))
                 .await?
             {
+                idle.forwarded(&event);
                 if out.send(event).await.is_err() {
                     return Ok(());
                 }
             }
+        }
+    }
+
+    /// A wake-up: report the confirmed position now rather than at the next reply-requested
+    /// keepalive, and when nothing forwarded is pending, confirm the server's position.
+    async fn on_tick(&mut self, idle: &IdleTracker, confirmed: u64) {
+        let feedback = self.stream.shared_lsn_feedback.clone();
+        if idle.is_idle(confirmed) {
+            // Safe: every transaction forwarded so far is durable, no transaction is open,
+            // and anything committing at or below the server's last keepalive `wal_end`
+            // was already on the wire before it (the walsender's FIFO), hence forwarded.
+            let position = self.stream.current_lsn();
+            feedback.update_flushed_lsn(position);
+            feedback.update_applied_lsn(position);
+        }
+        if let Err(e) = self.stream.send_feedback().await {
+            tracing::debug!(error = %e, "standby status update on wake-up");
         }
     }
 

@@ -245,7 +245,10 @@ pub fn records(dir: &Path) -> Vec<Value> {
     for f in files {
         for line in std::fs::read_to_string(&f).unwrap_or_default().lines() {
             // A line being written right now may be incomplete; the caller polls again.
-            if let Ok(v) = serde_json::from_str(line) {
+            // Schema header lines (`wallaby_schema`) describe the changes that follow.
+            if let Ok(v) = serde_json::from_str::<Value>(line)
+                && v.get("op").is_some()
+            {
                 all.push(v);
             }
         }

@@ -370,7 +370,10 @@ pub(crate) enum Wire {
     /// `float64` override of numeric.
     NumericF64,
     /// `decimal(p,s)` override of numeric.
-    Decimal { precision: u8, scale: i8 },
+    Decimal {
+        precision: u8,
+        scale: i8,
+    },
     /// `json` override of json/jsonb.
     JsonDoc,
 }
@@ -423,13 +426,8 @@ impl Wire {
         let Some(target) = &col.mapped_type else {
             return Ok(Wire::of_type(&col.ty));
         };
-        let mapping = TypeMapping::parse(target).map_err(|e| {
-            format!(
-                "column {:?}: {}",
-                col.name,
-                with_pg_type(e, &col.ty.name)
-            )
-        })?;
+        let mapping = TypeMapping::parse(target)
+            .map_err(|e| format!("column {:?}: {}", col.name, with_pg_type(e, &col.ty.name)))?;
         let base = base_type(&col.ty);
         if !mapping.applies_to(&base.kind) {
             return Err(format!(
@@ -800,7 +798,9 @@ mod tests {
         assert!(check_type_mapping("text", "json").is_err());
         assert!(check_type_mapping("numeric", "decimal(40,2)").is_err());
         assert!(check_type_mapping("numeric", "decimal(4,5)").is_err());
-        let err = check_type_mapping("jsonb", "VARIANT").map(|()| "").unwrap_err();
+        let err = check_type_mapping("jsonb", "VARIANT")
+            .map(|()| "")
+            .unwrap_err();
         assert!(err.to_string().contains("jsonb"), "{err}");
         assert!(err.to_string().contains("VARIANT"), "{err}");
     }

@@ -143,9 +143,7 @@ pub(super) fn parse_timestamp(text: &str, with_zone: bool) -> Result<i64, String
         _ => {}
     }
     let (text, bc) = strip_bc(text);
-    let (date, time) = text
-        .split_once(' ')
-        .ok_or("expected YYYY-MM-DD HH:MM:SS")?;
+    let (date, time) = text.split_once(' ').ok_or("expected YYYY-MM-DD HH:MM:SS")?;
     let days = parse_ymd(date, bc)?;
     let (time, offset) = if with_zone {
         let (t, o) = split_offset(time)?;
@@ -308,7 +306,12 @@ pub(super) fn parse_interval(text: &str) -> Result<(i32, i32, i64), String> {
             .map_err(|_| format!("expected a number, got {token:?}"))?;
         let unit = tokens.next().ok_or("number without unit")?;
         match unit.trim_end_matches('s') {
-            "year" => months = n.checked_mul(12).and_then(|y| months.checked_add(y)).ok_or("years out of range")?,
+            "year" => {
+                months = n
+                    .checked_mul(12)
+                    .and_then(|y| months.checked_add(y))
+                    .ok_or("years out of range")?
+            }
             "mon" => months = months.checked_add(n).ok_or("months out of range")?,
             "day" => days = days.checked_add(n).ok_or("days out of range")?,
             other => return Err(format!("unexpected unit {other:?}")),
