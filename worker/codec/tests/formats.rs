@@ -20,7 +20,11 @@ fn ty(name: &str, oid: u32, kind: TypeKind) -> Arc<TypeInfo> {
 }
 
 fn array_of(elem: &Arc<TypeInfo>, oid: u32) -> Arc<TypeInfo> {
-    ty(&format!("_{}", elem.name), oid, TypeKind::Array(elem.clone()))
+    ty(
+        &format!("_{}", elem.name),
+        oid,
+        TypeKind::Array(elem.clone()),
+    )
 }
 
 fn arr(dims: &[(i32, i32)], elements: Vec<Value>) -> Value {
@@ -95,7 +99,11 @@ fn cases() -> Vec<(&'static str, Arc<TypeInfo>, Vec<Value>)> {
         (
             "c_int4",
             int4.clone(),
-            vec![Value::Int4(i32::MIN), Value::Int4(i32::MAX), Value::Int4(-1)],
+            vec![
+                Value::Int4(i32::MIN),
+                Value::Int4(i32::MAX),
+                Value::Int4(-1),
+            ],
         ),
         (
             "c_int8",
@@ -147,7 +155,11 @@ fn cases() -> Vec<(&'static str, Arc<TypeInfo>, Vec<Value>)> {
         (
             "c_money",
             ty("money", 790, TypeKind::Money),
-            vec![Value::Money(i64::MIN), Value::Money(i64::MAX), Value::Money(-1234)],
+            vec![
+                Value::Money(i64::MIN),
+                Value::Money(i64::MAX),
+                Value::Money(-1234),
+            ],
         ),
         (
             "c_text",
@@ -360,12 +372,22 @@ fn cases() -> Vec<(&'static str, Arc<TypeInfo>, Vec<Value>)> {
         (
             "c_daterange",
             daterange.clone(),
-            vec![range(Some(Value::Date(0)), Some(Value::Date(i32::MAX)), true, false)],
+            vec![range(
+                Some(Value::Date(0)),
+                Some(Value::Date(i32::MAX)),
+                true,
+                false,
+            )],
         ),
         (
             "c_numrange",
             numrange,
-            vec![range(Some(Value::Numeric("1.50".into())), None, true, false)],
+            vec![range(
+                Some(Value::Numeric("1.50".into())),
+                None,
+                true,
+                false,
+            )],
         ),
         (
             "c_int4_array",
@@ -424,7 +446,10 @@ fn cases() -> Vec<(&'static str, Arc<TypeInfo>, Vec<Value>)> {
             array_of(&int4range, 3905),
             vec![arr(
                 &[(2, 1)],
-                vec![empty_range(), range(None, Some(Value::Int4(3)), false, false)],
+                vec![
+                    empty_range(),
+                    range(None, Some(Value::Int4(3)), false, false),
+                ],
             )],
         ),
         (
@@ -524,7 +549,12 @@ fn assert_round_trip(format: WireFormat, schema: &TableSchema, changes: &[Change
         .unwrap_or_else(|e| panic!("{}: encode: {e}", format.as_str()));
     let back = decode(format, schema, &payload)
         .unwrap_or_else(|e| panic!("{}: decode: {e}", format.as_str()));
-    assert_eq!(back.len(), changes.len(), "{}: change count", format.as_str());
+    assert_eq!(
+        back.len(),
+        changes.len(),
+        "{}: change count",
+        format.as_str()
+    );
     for (i, (got, want)) in back.iter().zip(changes).enumerate() {
         for (side, g, w) in [
             ("before", &got.before, &want.before),
@@ -675,9 +705,7 @@ fn decode_rejects_a_payload_of_another_schema() {
         let mut other = schema.clone();
         other.table = "orders".into();
         let mut wider = schema.clone();
-        wider
-            .columns
-            .push(column("extra", ty_int4(), false));
+        wider.columns.push(column("extra", ty_int4(), false));
         for (expected, wrong) in [
             ("schema version", &newer),
             ("varchar", &retyped),
@@ -687,7 +715,10 @@ fn decode_rejects_a_payload_of_another_schema() {
         ] {
             let err = decode(format, wrong, &payload)
                 .map(|_| ())
-                .expect_err(&format!("{} accepted a mismatching schema", format.as_str()));
+                .expect_err(&format!(
+                    "{} accepted a mismatching schema",
+                    format.as_str()
+                ));
             let text = err.to_string();
             assert!(
                 text.contains(expected) && text.contains(format.as_str()),
@@ -710,9 +741,17 @@ fn encode_rejects_values_that_do_not_fit_their_column() {
     let short = vec![change(Op::Insert, 1, None, Some(row(vec![Value::Int4(1)])))];
     for format in WireFormat::ALL {
         let err = encode(format, &schema, &bad).map(|_| ()).unwrap_err();
-        assert!(err.to_string().contains("\"id\""), "{}: {err}", format.as_str());
+        assert!(
+            err.to_string().contains("\"id\""),
+            "{}: {err}",
+            format.as_str()
+        );
         let err = encode(format, &schema, &short).map(|_| ()).unwrap_err();
-        assert!(err.to_string().contains("3 columns"), "{}: {err}", format.as_str());
+        assert!(
+            err.to_string().contains("3 columns"),
+            "{}: {err}",
+            format.as_str()
+        );
     }
 }
 
@@ -751,7 +790,12 @@ fn float64_mapping_carries_numeric_as_a_double() {
                 &schema,
                 vec![Value::Int4(1), Value::Numeric(input.into())],
             );
-            assert_eq!(back[1], Value::Numeric(output.into()), "{}", format.as_str());
+            assert_eq!(
+                back[1],
+                Value::Numeric(output.into()),
+                "{}",
+                format.as_str()
+            );
         }
     }
 }
@@ -765,8 +809,14 @@ fn decimal_mapping_rounds_to_its_scale() {
     ]);
     for format in WireFormat::ALL {
         for (input, output) in [
-            (Value::Numeric("12.345".into()), Value::Numeric("12.35".into())),
-            (Value::Numeric("-0.004".into()), Value::Numeric("0.00".into())),
+            (
+                Value::Numeric("12.345".into()),
+                Value::Numeric("12.35".into()),
+            ),
+            (
+                Value::Numeric("-0.004".into()),
+                Value::Numeric("0.00".into()),
+            ),
             (Value::Numeric("7".into()), Value::Numeric("7.00".into())),
             (Value::Numeric("NaN".into()), Value::Null),
             (Value::Null, Value::Null),
@@ -778,7 +828,10 @@ fn decimal_mapping_rounds_to_its_scale() {
             Op::Insert,
             1,
             None,
-            Some(row(vec![Value::Int4(1), Value::Numeric("123456789.5".into())])),
+            Some(row(vec![
+                Value::Int4(1),
+                Value::Numeric("123456789.5".into()),
+            ])),
         )];
         let err = encode(format, &schema, &too_big).map(|_| ()).unwrap_err();
         assert!(err.to_string().contains("decimal(10,2)"), "{err}");
@@ -795,7 +848,10 @@ fn json_mapping_embeds_documents() {
         let back = decoded_after(
             format,
             &schema,
-            vec![Value::Int4(1), Value::Json("{\"a\": [1, 2.5, null]}".into())],
+            vec![
+                Value::Int4(1),
+                Value::Json("{\"a\": [1, 2.5, null]}".into()),
+            ],
         );
         let Value::Json(text) = &back[1] else {
             panic!("{}: not json: {:?}", format.as_str(), back[1]);

@@ -8,9 +8,8 @@ use std::sync::Arc;
 
 use arrow_array::cast::AsArray;
 use arrow_array::types::{
-    ArrowPrimitiveType, Date32Type, Decimal128Type, Float32Type, Float64Type, Int16Type,
-    Int32Type, Int64Type, Time64MicrosecondType, TimestampMicrosecondType, UInt8Type, UInt32Type,
-    UInt64Type,
+    ArrowPrimitiveType, Date32Type, Decimal128Type, Float32Type, Float64Type, Int16Type, Int32Type,
+    Int64Type, Time64MicrosecondType, TimestampMicrosecondType, UInt8Type, UInt32Type, UInt64Type,
 };
 use arrow_array::{
     Array, ArrayRef, BinaryArray, BooleanArray, Decimal128Array, FixedSizeBinaryArray, ListArray,
@@ -249,7 +248,11 @@ fn prim<T: ArrowPrimitiveType>(
     vals: &[&Value],
     get: impl Fn(&Value) -> Option<T::Native>,
 ) -> Res<ArrayRef> {
-    Ok(Arc::new(pick(w, vals, get)?.into_iter().collect::<PrimitiveArray<T>>()))
+    Ok(Arc::new(
+        pick(w, vals, get)?
+            .into_iter()
+            .collect::<PrimitiveArray<T>>(),
+    ))
 }
 
 fn strings<'v>(
@@ -260,11 +263,7 @@ fn strings<'v>(
     Ok(Arc::new(StringArray::from(pick(w, vals, get)?)))
 }
 
-fn struct_of(
-    w: &Wire,
-    children: Vec<ArrayRef>,
-    valid: Vec<bool>,
-) -> Res<ArrayRef> {
+fn struct_of(w: &Wire, children: Vec<ArrayRef>, valid: Vec<bool>) -> Res<ArrayRef> {
     let fields = struct_fields(w).ok_or_else(|| format!("{w:?} is not a struct"))?;
     let len = valid.len();
     Ok(Arc::new(
@@ -399,7 +398,9 @@ pub(crate) fn build(w: &Wire, vals: &[&Value]) -> Res<ArrayRef> {
                 Value::TimestampTz(t) => Some(*t),
                 _ => None,
             })?;
-            Ok(Arc::new(TimestampMicrosecondArray::from(ts).with_timezone("UTC")))
+            Ok(Arc::new(
+                TimestampMicrosecondArray::from(ts).with_timezone("UTC"),
+            ))
         }
         Wire::TimeTz => {
             let parts = pick(w, vals, |v| match v {
@@ -552,11 +553,7 @@ pub(crate) fn build(w: &Wire, vals: &[&Value]) -> Res<ArrayRef> {
                 .flatten()
                 .flat_map(|a| a.0.iter().copied())
                 .collect();
-            let all_elems: Vec<&Value> = arrays
-                .iter()
-                .flatten()
-                .flat_map(|a| a.1.iter())
-                .collect();
+            let all_elems: Vec<&Value> = arrays.iter().flatten().flat_map(|a| a.1.iter()).collect();
             let dims_struct: ArrayRef = Arc::new(
                 StructArray::try_new_with_length(
                     dims_fields(),
@@ -595,7 +592,8 @@ pub(crate) fn build(w: &Wire, vals: &[&Value]) -> Res<ArrayRef> {
                 _ => None,
             })?;
             let lengths: Vec<usize> = maps.iter().map(|m| m.map_or(0, <[_]>::len)).collect();
-            let pairs: Vec<&(String, Option<String>)> = maps.iter().flatten().flat_map(|m| m.iter()).collect();
+            let pairs: Vec<&(String, Option<String>)> =
+                maps.iter().flatten().flat_map(|m| m.iter()).collect();
             let keys = StringArray::from_iter_values(pairs.iter().map(|p| p.0.as_str()));
             let values: StringArray = pairs.iter().map(|p| p.1.as_deref()).collect();
             let DataType::Struct(entry_fields) = map_entries().data_type().clone() else {

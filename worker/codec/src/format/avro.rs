@@ -86,7 +86,10 @@ fn avro_type(w: &Wire, names: &mut Names) -> J {
             names,
             "TimeTz",
             vec![
-                field("micros", json!({"type": "long", "logicalType": "time-micros"})),
+                field(
+                    "micros",
+                    json!({"type": "long", "logicalType": "time-micros"}),
+                ),
                 field("offset_seconds", json!("int")),
             ],
         ),
@@ -393,7 +396,12 @@ fn to_avro(w: &Wire, v: &Value) -> Res<A> {
     })
 }
 
-fn row_to_avro(layout: &Layout<'_>, avro_names: &[String], row: Option<&Row>, which: &str) -> Res<A> {
+fn row_to_avro(
+    layout: &Layout<'_>,
+    avro_names: &[String],
+    row: Option<&Row>,
+    which: &str,
+) -> Res<A> {
     let Some(row) = row else {
         return Ok(none());
     };
@@ -418,7 +426,10 @@ fn row_to_avro(layout: &Layout<'_>, avro_names: &[String], row: Option<&Row>, wh
 fn absent_to_avro(layout: &Layout<'_>, row: Option<&Row>) -> Res<A> {
     let names = row.map_or(Ok(Vec::new()), |r| layout.absent_names(r))?;
     Ok(A::Array(
-        names.into_iter().map(|n| A::String(n.to_string())).collect(),
+        names
+            .into_iter()
+            .map(|n| A::String(n.to_string()))
+            .collect(),
     ))
 }
 
@@ -445,7 +456,10 @@ pub(crate) fn encode(layout: &Layout<'_>, changes: &[Change]) -> Res<Vec<u8>> {
             ("op".into(), A::String(c.op.as_str().into())),
             ("commit_lsn".into(), lsn_to_long(c.commit_lsn)),
             ("lsn".into(), lsn_to_long(c.lsn)),
-            ("commit_time".into(), A::TimestampMicros(c.commit_time_micros)),
+            (
+                "commit_time".into(),
+                A::TimestampMicros(c.commit_time_micros),
+            ),
             ("xid".into(), A::Long(i64::from(c.xid))),
             (
                 "before".into(),
@@ -457,8 +471,14 @@ pub(crate) fn encode(layout: &Layout<'_>, changes: &[Change]) -> Res<Vec<u8>> {
                 row_to_avro(layout, &avro_names, c.after.as_ref(), "after")
                     .map_err(|e| format!("change {n}: {e}"))?,
             ),
-            ("before_absent".into(), absent_to_avro(layout, c.before.as_ref())?),
-            ("after_absent".into(), absent_to_avro(layout, c.after.as_ref())?),
+            (
+                "before_absent".into(),
+                absent_to_avro(layout, c.before.as_ref())?,
+            ),
+            (
+                "after_absent".into(),
+                absent_to_avro(layout, c.after.as_ref())?,
+            ),
         ]);
         writer
             .append_value(record)
@@ -499,10 +519,9 @@ fn int(a: &A) -> Res<i32> {
 
 fn long(a: &A) -> Res<i64> {
     match a {
-        A::Long(i)
-        | A::TimeMicros(i)
-        | A::TimestampMicros(i)
-        | A::LocalTimestampMicros(i) => Ok(*i),
+        A::Long(i) | A::TimeMicros(i) | A::TimestampMicros(i) | A::LocalTimestampMicros(i) => {
+            Ok(*i)
+        }
         a => Err(got("long", a)),
     }
 }
@@ -538,9 +557,7 @@ fn from_opt(w: &Wire, a: &A) -> Res<Value> {
 fn from_avro(w: &Wire, a: &A) -> Res<Value> {
     Ok(match w {
         Wire::Bool => Value::Bool(boolean(a)?),
-        Wire::Int2 => Value::Int2(
-            i16::try_from(int(a)?).map_err(|_| got("an int2 in range", a))?,
-        ),
+        Wire::Int2 => Value::Int2(i16::try_from(int(a)?).map_err(|_| got("an int2 in range", a))?),
         Wire::Int4 => Value::Int4(int(a)?),
         Wire::Int8 => Value::Int8(long(a)?),
         Wire::Money => Value::Money(long(a)?),
@@ -565,7 +582,10 @@ fn from_avro(w: &Wire, a: &A) -> Res<Value> {
             A::Decimal(d) => {
                 let bytes = Vec::<u8>::try_from(d).map_err(|e| e.to_string())?;
                 if bytes.len() > 16 {
-                    return Err(format!("decimal of {} bytes does not fit 128 bits", bytes.len()));
+                    return Err(format!(
+                        "decimal of {} bytes does not fit 128 bits",
+                        bytes.len()
+                    ));
                 }
                 let fill = if bytes.first().is_some_and(|b| b & 0x80 != 0) {
                     0xff
@@ -612,8 +632,7 @@ fn from_avro(w: &Wire, a: &A) -> Res<Value> {
                     A::Bytes(b) => b.clone(),
                     a => return Err(got("bytes", a)),
                 },
-                prefix: u8::try_from(int(&f[1].1)?)
-                    .map_err(|_| got("a prefix length", &f[1].1))?,
+                prefix: u8::try_from(int(&f[1].1)?).map_err(|_| got("a prefix length", &f[1].1))?,
             }
         }
         Wire::Composite(attrs) => {
@@ -702,10 +721,7 @@ fn row_from_avro(layout: &Layout<'_>, row: &A, absent: &A, which: &str) -> Res<O
             from_opt(w, a).map_err(|e| format!("{which} column {:?}: {e}", col.name))
         })
         .collect::<Res<_>>()?;
-    let names = array(absent)?
-        .iter()
-        .map(string)
-        .collect::<Res<Vec<_>>>()?;
+    let names = array(absent)?.iter().map(string).collect::<Res<Vec<_>>>()?;
     Ok(Some(Row {
         values,
         absent: layout.absent_indexes(&names)?,

@@ -14,7 +14,8 @@ pub(crate) fn encode(layout: &Layout<'_>, changes: &[Change]) -> Res<Vec<u8>> {
     write_line(&mut out, &json!({ "wallaby_schema": layout.descriptor() }))?;
     let table = layout.table();
     for (n, change) in changes.iter().enumerate() {
-        let line = change_to_json(layout, &table, change).map_err(|e| format!("change {n}: {e}"))?;
+        let line =
+            change_to_json(layout, &table, change).map_err(|e| format!("change {n}: {e}"))?;
         write_line(&mut out, &line)?;
     }
     Ok(out)
@@ -33,7 +34,13 @@ fn change_to_json(layout: &Layout<'_>, table: &str, c: &Change) -> Res<J> {
         };
         layout.check_row(row, which)?;
         let mut obj = Map::new();
-        for ((col, wire), v) in layout.schema.columns.iter().zip(&layout.wires).zip(&row.values) {
+        for ((col, wire), v) in layout
+            .schema
+            .columns
+            .iter()
+            .zip(&layout.wires)
+            .zip(&row.values)
+        {
             let j = to_json(wire, v).map_err(|e| format!("{which} column {:?}: {e}", col.name))?;
             obj.insert(col.name.clone(), j);
         }
@@ -59,7 +66,10 @@ fn change_to_json(layout: &Layout<'_>, table: &str, c: &Change) -> Res<J> {
 
 pub(crate) fn decode(layout: &Layout<'_>, payload: &[u8]) -> Res<Vec<Change>> {
     let text = std::str::from_utf8(payload).map_err(|e| format!("payload is not UTF-8: {e}"))?;
-    let mut lines = text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty());
+    let mut lines = text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty());
     let (_, header) = lines
         .next()
         .ok_or("payload is empty; expected a {\"wallaby_schema\": …} header line")?;
@@ -86,7 +96,9 @@ fn change_from_json(layout: &Layout<'_>, table: &str, j: &J) -> Res<Change> {
     };
     let line_table = get("table")?.as_str();
     if line_table != Some(table) {
-        return Err(format!("change is for table {line_table:?}, expected {table:?}"));
+        return Err(format!(
+            "change is for table {line_table:?}, expected {table:?}"
+        ));
     }
     let version = u64_of("schema_version")?;
     if version != u64::from(layout.schema.version) {
@@ -124,7 +136,10 @@ fn change_from_json(layout: &Layout<'_>, table: &str, j: &J) -> Res<Change> {
             .as_array()
             .ok_or_else(|| format!("field {absent_key:?} is not an array"))?
             .iter()
-            .map(|n| n.as_str().ok_or_else(|| format!("{absent_key} holds a non-string")))
+            .map(|n| {
+                n.as_str()
+                    .ok_or_else(|| format!("{absent_key} holds a non-string"))
+            })
             .collect::<Res<_>>()?;
         let absent = layout.absent_indexes(&names)?;
         Ok(Some(Row { values, absent }))
@@ -270,7 +285,10 @@ fn to_json(w: &Wire, v: &Value) -> Res<J> {
             if plain {
                 J::Array(elems)
             } else {
-                let dims: Vec<J> = dims.iter().map(|(len, lower)| json!([len, lower])).collect();
+                let dims: Vec<J> = dims
+                    .iter()
+                    .map(|(len, lower)| json!([len, lower]))
+                    .collect();
                 json!({"dims": dims, "elements": elems})
             }
         }
@@ -291,8 +309,9 @@ fn to_json(w: &Wire, v: &Value) -> Res<J> {
                 None => J::Null,
             }
         }
-        (Wire::JsonDoc, Value::Json(s)) => serde_json::from_str(s)
-            .map_err(|e| format!("json value is not valid JSON: {e}"))?,
+        (Wire::JsonDoc, Value::Json(s)) => {
+            serde_json::from_str(s).map_err(|e| format!("json value is not valid JSON: {e}"))?
+        }
         (w, v) => return Err(mismatch(w, v)),
     })
 }
@@ -423,10 +442,7 @@ fn from_json(w: &Wire, j: &J) -> Res<Value> {
             };
             Value::Array {
                 dims,
-                elements: elems
-                    .iter()
-                    .map(|e| from_json(ew, e))
-                    .collect::<Res<_>>()?,
+                elements: elems.iter().map(|e| from_json(ew, e)).collect::<Res<_>>()?,
             }
         }
         Wire::Hstore => Value::Hstore(
@@ -467,7 +483,7 @@ fn hex_join(b: &[u8], sep: &str) -> String {
 }
 
 fn parse_hex(s: &str) -> Res<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return Err(format!("{s:?} is not hex bytes"));
     }
     (0..s.len())
@@ -531,7 +547,11 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
     // d in 1..=31 and m in 1..=12 by construction.
-    (y, u32::try_from(m).unwrap_or(1), u32::try_from(d).unwrap_or(1))
+    (
+        y,
+        u32::try_from(m).unwrap_or(1),
+        u32::try_from(d).unwrap_or(1),
+    )
 }
 
 fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
@@ -681,8 +701,8 @@ fn parse_timestamp(s: &str, utc: bool) -> Res<i64> {
         .split_once('T')
         .ok_or_else(|| format!("{s:?} is not an ISO 8601 timestamp"))?;
     // i128: the day's start may lie below i64::MIN even when the instant does not.
-    let micros = i128::from(parse_ymd(date)?) * i128::from(MICROS_PER_DAY)
-        + i128::from(parse_time(time)?);
+    let micros =
+        i128::from(parse_ymd(date)?) * i128::from(MICROS_PER_DAY) + i128::from(parse_time(time)?);
     i64::try_from(micros).map_err(|_| format!("timestamp {s:?} is out of range"))
 }
 

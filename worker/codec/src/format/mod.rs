@@ -22,6 +22,8 @@ mod json;
 mod parquet;
 mod proto;
 
+pub use proto::WireBatch;
+
 use std::sync::Arc;
 
 use crate::CodecError;
@@ -50,11 +52,11 @@ pub enum WireFormat {
 impl WireFormat {
     /// Every format, for tests and option validation.
     pub const ALL: [WireFormat; 5] = [
-        Self::Json,
         Self::Arrow,
         Self::Parquet,
         Self::Avro,
         Self::Proto,
+        Self::Json,
     ];
 
     /// Lower-case name.
@@ -370,7 +372,10 @@ pub(crate) enum Wire {
     /// `float64` override of numeric.
     NumericF64,
     /// `decimal(p,s)` override of numeric.
-    Decimal { precision: u8, scale: i8 },
+    Decimal {
+        precision: u8,
+        scale: i8,
+    },
     /// `json` override of json/jsonb.
     JsonDoc,
 }
@@ -423,13 +428,8 @@ impl Wire {
         let Some(target) = &col.mapped_type else {
             return Ok(Wire::of_type(&col.ty));
         };
-        let mapping = TypeMapping::parse(target).map_err(|e| {
-            format!(
-                "column {:?}: {}",
-                col.name,
-                with_pg_type(e, &col.ty.name)
-            )
-        })?;
+        let mapping = TypeMapping::parse(target)
+            .map_err(|e| format!("column {:?}: {}", col.name, with_pg_type(e, &col.ty.name)))?;
         let base = base_type(&col.ty);
         if !mapping.applies_to(&base.kind) {
             return Err(format!(
@@ -504,10 +504,6 @@ impl<'a> Layout<'a> {
             "schema_version": self.schema.version,
             "columns": columns,
         })
-    }
-
-    pub(crate) fn descriptor_string(&self) -> String {
-        self.descriptor().to_string()
     }
 
     /// Checks an embedded descriptor against the expected schema.
@@ -800,7 +796,9 @@ mod tests {
         assert!(check_type_mapping("text", "json").is_err());
         assert!(check_type_mapping("numeric", "decimal(40,2)").is_err());
         assert!(check_type_mapping("numeric", "decimal(4,5)").is_err());
-        let err = check_type_mapping("jsonb", "VARIANT").map(|()| "").unwrap_err();
+        let err = check_type_mapping("jsonb", "VARIANT")
+            .map(|()| "")
+            .unwrap_err();
         assert!(err.to_string().contains("jsonb"), "{err}");
         assert!(err.to_string().contains("VARIANT"), "{err}");
     }
