@@ -231,32 +231,80 @@ impl TypeMapping {
 
 /// Checks a `typeMappings` entry (`postgres type → destination type`) against the wire
 /// formats' vocabulary, so configurations are validated once at the edge. `pg_type` is a
-/// type name as in `pg_type.typname` (`numeric`, `jsonb`, `public.mood`).
+/// type name as in `pg_type.typname` (`numeric`, `jsonb`, `public.mood`). Built-in types are
+/// checked here; user-defined names (domains, extension types) are accepted and checked
+/// again by the encoders against the resolved type (a domain follows its base type).
 pub fn check_type_mapping(pg_type: &str, target: &str) -> Result<(), CodecError> {
     let mapping = TypeMapping::parse(target).map_err(|e| with_pg_type(e, pg_type))?;
-    let base = pg_type.trim().to_ascii_lowercase();
-    let base = base.strip_prefix("pg_catalog.").unwrap_or(&base);
-    let kind = match base {
+    let name = pg_type.trim().to_ascii_lowercase();
+    let name = name.strip_prefix("pg_catalog.").unwrap_or(&name);
+    let kind = match name {
         "numeric" | "decimal" => Some(TypeKind::Numeric),
         "json" => Some(TypeKind::Json),
         "jsonb" => Some(TypeKind::Jsonb),
+        n if n.starts_with('_') || n.ends_with("[]") || BUILTIN_OTHER.contains(&n) => {
+            Some(TypeKind::Unknown)
+        }
         _ => None,
     };
-    let fits = match (&kind, mapping) {
-        (_, TypeMapping::String) => true,
-        (Some(kind), mapping) => mapping.applies_to(kind),
-        (None, _) => false,
-    };
-    if fits {
-        Ok(())
-    } else {
-        Err(CodecError::TypeMapping {
+    match kind {
+        Some(kind) if !mapping.applies_to(&kind) => Err(CodecError::TypeMapping {
             pg_type: pg_type.to_string(),
             target: target.to_string(),
             reason: "float64 and decimal(p,s) apply to numeric, json to json/jsonb; string applies to any type".into(),
-        })
+        }),
+        _ => Ok(()),
     }
 }
+
+/// Built-in (and well-known extension) type names that are neither numeric nor json.
+const BUILTIN_OTHER: &[&str] = &[
+    "bool",
+    "boolean",
+    "int2",
+    "smallint",
+    "int4",
+    "int",
+    "integer",
+    "int8",
+    "bigint",
+    "oid",
+    "float4",
+    "real",
+    "float8",
+    "double precision",
+    "money",
+    "text",
+    "varchar",
+    "character varying",
+    "bpchar",
+    "character",
+    "char",
+    "name",
+    "citext",
+    "bytea",
+    "uuid",
+    "xml",
+    "date",
+    "time",
+    "timetz",
+    "timestamp",
+    "timestamptz",
+    "interval",
+    "inet",
+    "cidr",
+    "macaddr",
+    "macaddr8",
+    "bit",
+    "varbit",
+    "hstore",
+    "ltree",
+    "vector",
+    "geometry",
+    "geography",
+    "point",
+    "tsvector",
+];
 
 fn with_pg_type(e: CodecError, pg_type: &str) -> CodecError {
     match e {
@@ -792,6 +840,9 @@ mod tests {
         assert!(check_type_mapping("numeric", "FLOAT64").is_ok());
         assert!(check_type_mapping("jsonb", "json").is_ok());
         assert!(check_type_mapping("public.geometry", "string").is_ok());
+        // A user-defined name may be a domain over numeric: the encoder checks it.
+        assert!(check_type_mapping("public.price", "float64").is_ok());
+        assert!(check_type_mapping("_numeric", "float64").is_err());
         assert!(check_type_mapping("int4", "float64").is_err());
         assert!(check_type_mapping("text", "json").is_err());
         assert!(check_type_mapping("numeric", "decimal(40,2)").is_err());

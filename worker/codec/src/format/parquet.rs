@@ -9,10 +9,11 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
 
-use super::{Layout, Res, arrow};
+use super::{Layout, Res, Wire, arrow};
 use crate::value::Change;
 
 pub(crate) fn encode(layout: &Layout<'_>, changes: &[Change]) -> Res<Vec<u8>> {
+    check_no_empty_struct(layout)?;
     let batch = arrow::to_batch(layout, changes)?;
     let props = WriterProperties::builder()
         .set_compression(Compression::SNAPPY)
@@ -36,4 +37,32 @@ pub(crate) fn decode(layout: &Layout<'_>, payload: &[u8]) -> Res<Vec<Change>> {
         changes.extend(arrow::from_batch(layout, &batch)?);
     }
     Ok(changes)
+}
+
+/// Parquet cannot store a group without fields; say which object needs another format.
+fn check_no_empty_struct(layout: &Layout<'_>) -> Res<()> {
+    fn empty_composite(w: &Wire) -> bool {
+        match w {
+            Wire::Composite(attrs) => {
+                attrs.is_empty() || attrs.iter().any(|(_, aw)| empty_composite(aw))
+            }
+            Wire::Range(ew) | Wire::Array(ew) => empty_composite(ew),
+            _ => false,
+        }
+    }
+    if layout.schema.columns.is_empty() {
+        return Err(
+            "the table has no columns and Parquet cannot store an empty group; use the arrow, avro, proto or json format for it"
+                .into(),
+        );
+    }
+    for (col, w) in layout.schema.columns.iter().zip(&layout.wires) {
+        if empty_composite(w) {
+            return Err(format!(
+                "column {:?} holds a composite type with no attributes and Parquet cannot store an empty group; map it to string in typeMappings or use another format",
+                col.name
+            ));
+        }
+    }
+    Ok(())
 }
