@@ -1099,3 +1099,33 @@ fn avro_proto_and_json_payloads_describe_themselves() {
     assert_eq!(line["after"]["price"], "1.50");
     assert_eq!(line["schema_version"], 3);
 }
+
+#[test]
+fn appended_json_and_proto_payloads_decode_as_one_stream() {
+    let schema = small_schema();
+    let batch = |n: u64| {
+        vec![change(
+            Op::Insert,
+            n,
+            None,
+            Some(row(vec![
+                Value::Int4(i32::try_from(n).unwrap()),
+                Value::Null,
+                Value::Null,
+            ])),
+        )]
+    };
+    for format in [WireFormat::Json, WireFormat::Proto] {
+        let mut stream = encode(format, &schema, &batch(1)).unwrap();
+        stream.extend(encode(format, &schema, &batch(2)).unwrap());
+        let back = decode(format, &schema, &stream).unwrap();
+        let mut want = batch(1);
+        want.extend(batch(2));
+        assert!(same(&back, &want), "{}: {back:?}", format.as_str());
+        let mut newer = schema.clone();
+        newer.version += 1;
+        stream.extend(encode(format, &newer, &batch(3)).unwrap());
+        let err = decode(format, &schema, &stream).map(|_| ()).unwrap_err();
+        assert!(err.to_string().contains("schema version"), "{err}");
+    }
+}

@@ -64,27 +64,40 @@ fn change_to_json(layout: &Layout<'_>, table: &str, c: &Change) -> Res<J> {
     }))
 }
 
+/// Decodes one payload, or several appended one after the other (a file written batch after
+/// batch): every `wallaby_schema` line is checked and applies to the lines after it.
 pub(crate) fn decode(layout: &Layout<'_>, payload: &[u8]) -> Res<Vec<Change>> {
     let text = std::str::from_utf8(payload).map_err(|e| format!("payload is not UTF-8: {e}"))?;
-    let mut lines = text
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty());
-    let (_, header) = lines
-        .next()
-        .ok_or("payload is empty; expected a {\"wallaby_schema\": …} header line")?;
-    let header: J = serde_json::from_str(header).map_err(|e| format!("line 1: {e}"))?;
-    let descriptor = header
-        .get("wallaby_schema")
-        .ok_or("line 1 is not a {\"wallaby_schema\": …} header")?;
-    layout.check_descriptor(descriptor)?;
     let table = layout.table();
-    lines
-        .map(|(i, line)| {
-            let j: J = serde_json::from_str(line).map_err(|e| format!("line {}: {e}", i + 1))?;
-            change_from_json(layout, &table, &j).map_err(|e| format!("line {}: {e}", i + 1))
-        })
-        .collect()
+    let mut seen_header = false;
+    let mut changes = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let j: J = serde_json::from_str(line).map_err(|e| format!("line {}: {e}", i + 1))?;
+        if let Some(descriptor) = j.get("wallaby_schema") {
+            layout
+                .check_descriptor(descriptor)
+                .map_err(|e| format!("line {}: {e}", i + 1))?;
+            seen_header = true;
+            continue;
+        }
+        if !seen_header {
+            return Err(format!(
+                "line {}: a change before any {{\"wallaby_schema\": …}} header line",
+                i + 1
+            ));
+        }
+        changes.push(
+            change_from_json(layout, &table, &j).map_err(|e| format!("line {}: {e}", i + 1))?,
+        );
+    }
+    if seen_header {
+        Ok(changes)
+    } else {
+        Err("payload has no {\"wallaby_schema\": …} header line".into())
+    }
 }
 
 fn change_from_json(layout: &Layout<'_>, table: &str, j: &J) -> Res<Change> {

@@ -730,9 +730,28 @@ fn row_of(
     }))
 }
 
+/// Decodes one payload, or several length-delimited `WireBatch`es appended one after the
+/// other.
 pub(crate) fn decode(layout: &Layout<'_>, payload: &[u8]) -> Res<Vec<Change>> {
-    let batch = WireBatch::decode_length_delimited(payload)
-        .map_err(|e| format!("not a length-delimited WireBatch: {e}"))?;
+    let mut buf = payload;
+    let mut changes = Vec::new();
+    let mut batches = 0usize;
+    while !buf.is_empty() || batches == 0 {
+        let batch = WireBatch::decode_length_delimited(&mut buf)
+            .map_err(|e| format!("batch {batches}: not a length-delimited WireBatch: {e}"))?;
+        changes.extend(decode_batch(layout, &batch).map_err(|e| {
+            if batches == 0 {
+                e
+            } else {
+                format!("batch {batches}: {e}")
+            }
+        })?);
+        batches += 1;
+    }
+    Ok(changes)
+}
+
+fn decode_batch(layout: &Layout<'_>, batch: &WireBatch) -> Res<Vec<Change>> {
     let descriptor: serde_json::Value = serde_json::from_str(&batch.schema_descriptor)
         .map_err(|e| format!("schema_descriptor is not JSON: {e}"))?;
     layout.check_descriptor(&descriptor)?;
