@@ -1129,3 +1129,29 @@ fn appended_json_and_proto_payloads_decode_as_one_stream() {
         assert!(err.to_string().contains("schema version"), "{err}");
     }
 }
+
+#[test]
+fn payload_schema_reads_table_version_and_columns_of_every_format() {
+    let schema = typed_schema();
+    for format in WireFormat::ALL {
+        let payload = encode(format, &schema, &[]).unwrap();
+        let described = wallaby_codec::payload_schema(format, &payload)
+            .unwrap_or_else(|e| panic!("{}: {e}", format.as_str()));
+        assert_eq!(described.table, "public.items", "{}", format.as_str());
+        assert_eq!(described.schema_version, 3);
+        assert_eq!(
+            described.layout_version,
+            wallaby_codec::format::LAYOUT_VERSION
+        );
+        let names: Vec<&str> = described.columns.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["id", "price", "doc", "at"]);
+        assert_eq!(described.columns[1].typmod, 655_366);
+        assert_eq!(described.columns[1].oid, 1700);
+        assert!(described.columns[0].key);
+        assert_eq!(described.columns[2].mapped_type.as_deref(), Some("json"));
+        let err = wallaby_codec::payload_schema(format, b"not a payload")
+            .map(|_| ())
+            .unwrap_err();
+        assert!(err.to_string().contains(format.as_str()), "{err}");
+    }
+}

@@ -205,13 +205,23 @@ pub(crate) fn arrow_schema(layout: &Layout<'_>) -> Schema {
 }
 
 pub(crate) fn check_schema(layout: &Layout<'_>, schema: &Schema) -> Res<()> {
+    layout.check_descriptor(&embedded(schema)?)
+}
+
+/// The JSON descriptor in an Arrow schema's metadata.
+pub(crate) fn embedded(schema: &Schema) -> Res<serde_json::Value> {
     let descriptor = schema
         .metadata()
         .get(SCHEMA_KEY)
         .ok_or_else(|| format!("payload schema has no {SCHEMA_KEY:?} metadata"))?;
-    let descriptor: serde_json::Value = serde_json::from_str(descriptor)
-        .map_err(|e| format!("{SCHEMA_KEY:?} metadata is not JSON: {e}"))?;
-    layout.check_descriptor(&descriptor)
+    serde_json::from_str(descriptor)
+        .map_err(|e| format!("{SCHEMA_KEY:?} metadata is not JSON: {e}"))
+}
+
+pub(crate) fn descriptor(payload: &[u8]) -> Res<serde_json::Value> {
+    let reader = arrow_ipc::reader::StreamReader::try_new(Cursor::new(payload), None)
+        .map_err(|e| format!("not an Arrow IPC stream: {e}"))?;
+    embedded(&reader.schema())
 }
 
 // ---------------------------------------------------------------------------------------

@@ -730,13 +730,7 @@ fn row_from_avro(layout: &Layout<'_>, row: &A, absent: &A, which: &str) -> Res<O
 
 pub(crate) fn decode(layout: &Layout<'_>, payload: &[u8]) -> Res<Vec<Change>> {
     let reader = Reader::new(payload).map_err(|e| format!("not an Avro container file: {e}"))?;
-    let descriptor = reader
-        .user_metadata()
-        .get(SCHEMA_KEY)
-        .ok_or_else(|| format!("file has no {SCHEMA_KEY:?} metadata"))?;
-    let descriptor: J = serde_json::from_slice(descriptor)
-        .map_err(|e| format!("{SCHEMA_KEY:?} metadata is not JSON: {e}"))?;
-    layout.check_descriptor(&descriptor)?;
+    layout.check_descriptor(&embedded(&reader)?)?;
     reader
         .enumerate()
         .map(|(n, record)| {
@@ -754,4 +748,18 @@ pub(crate) fn decode(layout: &Layout<'_>, payload: &[u8]) -> Res<Vec<Change>> {
             Ok(change)
         })
         .collect::<Res<Vec<_>>>()
+}
+
+fn embedded<R: std::io::Read>(reader: &Reader<'_, R>) -> Res<J> {
+    let descriptor = reader
+        .user_metadata()
+        .get(SCHEMA_KEY)
+        .ok_or_else(|| format!("file has no {SCHEMA_KEY:?} metadata"))?;
+    serde_json::from_slice(descriptor)
+        .map_err(|e| format!("{SCHEMA_KEY:?} metadata is not JSON: {e}"))
+}
+
+pub(crate) fn descriptor(payload: &[u8]) -> Res<J> {
+    let reader = Reader::new(payload).map_err(|e| format!("not an Avro container file: {e}"))?;
+    embedded(&reader)
 }

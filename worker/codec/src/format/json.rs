@@ -100,6 +100,19 @@ pub(crate) fn decode(layout: &Layout<'_>, payload: &[u8]) -> Res<Vec<Change>> {
     }
 }
 
+pub(crate) fn descriptor(payload: &[u8]) -> Res<J> {
+    let text = std::str::from_utf8(payload).map_err(|e| format!("payload is not UTF-8: {e}"))?;
+    let line = text
+        .lines()
+        .find(|l| !l.trim().is_empty())
+        .ok_or("payload is empty")?;
+    let header: J = serde_json::from_str(line).map_err(|e| format!("line 1: {e}"))?;
+    header
+        .get("wallaby_schema")
+        .cloned()
+        .ok_or_else(|| "the first line is not a {\"wallaby_schema\": …} header".into())
+}
+
 fn change_from_json(layout: &Layout<'_>, table: &str, j: &J) -> Res<Change> {
     let get = |k: &str| j.get(k).ok_or_else(|| format!("missing field {k:?}"));
     let u64_of = |k: &str| -> Res<u64> {

@@ -132,6 +132,112 @@ pub fn decode(
     result.map_err(|reason| error(format, "decode", schema, reason))
 }
 
+/// The schema a payload describes itself with (see `docs/wire-formats.md`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PayloadSchema {
+    /// Version of the record layout ([`LAYOUT_VERSION`] for payloads of this crate).
+    pub layout_version: u32,
+    /// Qualified table name, `schema.table`.
+    pub table: String,
+    /// `TableSchema.version` the payload was encoded with.
+    pub schema_version: u32,
+    /// Columns in table order.
+    pub columns: Vec<PayloadColumn>,
+}
+
+/// A column as a payload describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PayloadColumn {
+    /// Column name.
+    pub name: String,
+    /// PostgreSQL type name (`int4`, `public.mood`).
+    pub type_name: String,
+    /// Type OID.
+    pub oid: u32,
+    /// Type modifier, -1 when none.
+    pub typmod: i32,
+    /// Part of the key.
+    pub key: bool,
+    /// `typeMappings` target the column was encoded with.
+    pub mapped_type: Option<String>,
+    /// Enum labels in sort order (empty for other types).
+    pub enum_labels: Vec<String>,
+}
+
+/// Reads the schema a payload carries without knowing its table, so consumers can route
+/// payloads and look the full schema up by `(table, schema_version)` before [`decode`].
+pub fn payload_schema(format: WireFormat, payload: &[u8]) -> Result<PayloadSchema, CodecError> {
+    let descriptor = match format {
+        WireFormat::Arrow => arrow::descriptor(payload),
+        WireFormat::Parquet => parquet::descriptor(payload),
+        WireFormat::Avro => avro::descriptor(payload),
+        WireFormat::Proto => proto::descriptor(payload),
+        WireFormat::Json => json::descriptor(payload),
+    };
+    let table = |d: &serde_json::Value| {
+        d.get("table")
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or("(unknown table)")
+            .to_string()
+    };
+    let fail = |table: String, reason: String| CodecError::Format {
+        format: format.as_str(),
+        action: "decode",
+        table,
+        reason,
+    };
+    let descriptor = descriptor.map_err(|reason| fail("(unknown table)".into(), reason))?;
+    parse_descriptor(&descriptor).map_err(|reason| fail(table(&descriptor), reason))
+}
+
+fn parse_descriptor(d: &serde_json::Value) -> Res<PayloadSchema> {
+    use serde_json::Value as J;
+    fn str_field(v: &J, k: &str) -> Res<String> {
+        v.get(k)
+            .and_then(J::as_str)
+            .map(str::to_string)
+            .ok_or_else(|| format!("schema descriptor lacks string {k:?}"))
+    }
+    fn int_field<T: TryFrom<i64>>(v: &J, k: &str) -> Res<T> {
+        v.get(k)
+            .and_then(J::as_i64)
+            .and_then(|i| T::try_from(i).ok())
+            .ok_or_else(|| format!("schema descriptor lacks integer {k:?}"))
+    }
+    let columns = d
+        .get("columns")
+        .and_then(J::as_array)
+        .ok_or("schema descriptor lacks \"columns\"")?
+        .iter()
+        .map(|c| {
+            Ok(PayloadColumn {
+                name: str_field(c, "name")?,
+                type_name: str_field(c, "type")?,
+                oid: int_field(c, "oid")?,
+                typmod: int_field(c, "typmod")?,
+                key: c.get("key").and_then(J::as_bool).unwrap_or(false),
+                mapped_type: c.get("mapped_type").and_then(J::as_str).map(str::to_string),
+                enum_labels: c
+                    .get("enum_labels")
+                    .and_then(J::as_array)
+                    .map(|labels| {
+                        labels
+                            .iter()
+                            .filter_map(|l| l.as_str().map(str::to_string))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            })
+        })
+        .collect::<Res<Vec<_>>>()?;
+    Ok(PayloadSchema {
+        layout_version: int_field(d, "layout_version")?,
+        table: str_field(d, "table")?,
+        schema_version: int_field(d, "schema_version")?,
+        columns,
+    })
+}
+
 fn error(
     format: WireFormat,
     action: &'static str,

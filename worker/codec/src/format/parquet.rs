@@ -39,6 +39,12 @@ pub(crate) fn decode(layout: &Layout<'_>, payload: &[u8]) -> Res<Vec<Change>> {
     Ok(changes)
 }
 
+pub(crate) fn descriptor(payload: &[u8]) -> Res<serde_json::Value> {
+    let builder = ParquetRecordBatchReaderBuilder::try_new(Bytes::copy_from_slice(payload))
+        .map_err(|e| format!("not a Parquet file: {e}"))?;
+    arrow::embedded(builder.schema())
+}
+
 /// Parquet cannot store a group without fields; say which object needs another format.
 fn check_no_empty_struct(layout: &Layout<'_>) -> Res<()> {
     fn empty_composite(w: &Wire) -> bool {

@@ -789,3 +789,10 @@ fn decode_batch(layout: &Layout<'_>, batch: &WireBatch) -> Res<Vec<Change>> {
         })
         .collect()
 }
+
+pub(crate) fn descriptor(payload: &[u8]) -> Res<serde_json::Value> {
+    let batch = WireBatch::decode_length_delimited(payload)
+        .map_err(|e| format!("not a length-delimited WireBatch: {e}"))?;
+    serde_json::from_str(&batch.schema_descriptor)
+        .map_err(|e| format!("schema_descriptor is not JSON: {e}"))
+}
