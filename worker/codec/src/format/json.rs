@@ -328,10 +328,7 @@ fn to_json(w: &Wire, v: &Value) -> Res<J> {
         (Wire::NumericF64, Value::Numeric(s)) => float_json(super::numeric_to_f64(s)?),
         (Wire::Decimal { precision, scale }, Value::Numeric(s)) => {
             match super::numeric_to_decimal(s, *precision, *scale)? {
-                Some(unscaled) => match super::decimal_to_numeric(unscaled, *scale) {
-                    Value::Numeric(text) => J::from(text),
-                    _ => J::Null,
-                },
+                Some(unscaled) => J::from(super::decimal_text(unscaled, *scale)),
                 None => J::Null,
             }
         }

@@ -578,6 +578,48 @@ impl Wire {
         }
     }
 
+    /// Short name for error messages.
+    fn describe(&self) -> &'static str {
+        match self {
+            Wire::Bool => "bool",
+            Wire::Int2 => "int2",
+            Wire::Int4 => "int4",
+            Wire::Int8 => "int8",
+            Wire::Oid => "oid",
+            Wire::Float4 => "float4",
+            Wire::Float8 => "float8",
+            Wire::Numeric => "numeric",
+            Wire::Money => "money",
+            Wire::Str(StrKind::Text) => "text",
+            Wire::Str(StrKind::Json) => "json",
+            Wire::Str(StrKind::Xml) => "xml",
+            Wire::Str(StrKind::Bits) => "bit",
+            Wire::Str(StrKind::Enum) => "enum",
+            Wire::Str(StrKind::Ltree) => "ltree",
+            Wire::Str(StrKind::Unknown) => "unknown-type (text)",
+            Wire::Bin(BinKind::Bytes) => "bytea",
+            Wire::Bin(BinKind::MacAddr) => "macaddr",
+            Wire::Bin(BinKind::Ewkb) => "geometry (EWKB)",
+            Wire::Uuid => "uuid",
+            Wire::Date => "date",
+            Wire::Time => "time",
+            Wire::TimeTz => "timetz",
+            Wire::Timestamp => "timestamp",
+            Wire::TimestampTz => "timestamptz",
+            Wire::Interval => "interval",
+            Wire::Inet => "inet",
+            Wire::Composite(_) => "composite",
+            Wire::Range(_) => "range",
+            Wire::Array(_) => "array",
+            Wire::Hstore => "hstore",
+            Wire::Vector => "vector",
+            Wire::PgText(_) => "string-mapped",
+            Wire::NumericF64 => "float64-mapped numeric",
+            Wire::Decimal { .. } => "decimal-mapped numeric",
+            Wire::JsonDoc => "json-mapped",
+        }
+    }
+
     fn of_column(col: &ColumnSchema) -> Res<Wire> {
         let Some(target) = &col.mapped_type else {
             return Ok(Wire::of_type(&col.ty));
@@ -821,8 +863,9 @@ pub(crate) fn variant_name(v: &Value) -> &'static str {
 
 pub(crate) fn mismatch(wire: &Wire, v: &Value) -> String {
     format!(
-        "a {} value does not fit the column's wire type {wire:?}",
-        variant_name(v)
+        "a {} value does not fit a {} column",
+        variant_name(v),
+        wire.describe()
     )
 }
 
@@ -911,15 +954,20 @@ pub(crate) fn numeric_to_decimal(s: &str, precision: u8, scale: i8) -> Res<Optio
 
 /// `decimal(p,s)` override, decode side: the canonical text with exactly `scale` digits.
 pub(crate) fn decimal_to_numeric(unscaled: i128, scale: i8) -> Value {
+    Value::Numeric(decimal_text(unscaled, scale))
+}
+
+/// An unscaled decimal as text with exactly `scale` fraction digits.
+pub(crate) fn decimal_text(unscaled: i128, scale: i8) -> String {
     let scale = usize::try_from(scale).unwrap_or(0);
     let digits = unscaled.unsigned_abs().to_string();
     let sign = if unscaled < 0 { "-" } else { "" };
     if scale == 0 {
-        return Value::Numeric(format!("{sign}{digits}"));
+        return format!("{sign}{digits}");
     }
     let padded = format!("{digits:0>width$}", width = scale + 1);
     let (int, frac) = padded.split_at(padded.len() - scale);
-    Value::Numeric(format!("{sign}{int}.{frac}"))
+    format!("{sign}{int}.{frac}")
 }
 
 #[cfg(test)]

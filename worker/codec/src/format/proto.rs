@@ -326,10 +326,7 @@ fn to_proto(w: &Wire, v: &Value, kind: &Kind) -> Res<Option<P>> {
         (Wire::NumericF64, Value::Numeric(s)) => P::F64(super::numeric_to_f64(s)?),
         (Wire::Decimal { precision, scale }, Value::Numeric(s)) => {
             match super::numeric_to_decimal(s, *precision, *scale)? {
-                Some(unscaled) => match super::decimal_to_numeric(unscaled, *scale) {
-                    Value::Numeric(text) => P::String(text),
-                    _ => return Ok(None),
-                },
+                Some(unscaled) => P::String(super::decimal_text(unscaled, *scale)),
                 None => return Ok(None),
             }
         }
