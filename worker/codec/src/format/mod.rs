@@ -863,7 +863,7 @@ pub(crate) fn variant_name(v: &Value) -> &'static str {
 
 pub(crate) fn mismatch(wire: &Wire, v: &Value) -> String {
     format!(
-        "a {} value does not fit a {} column",
+        "a {} value cannot be carried as {}",
         variant_name(v),
         wire.describe()
     )
