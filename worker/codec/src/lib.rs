@@ -12,7 +12,10 @@ pub mod schema;
 pub mod text;
 pub mod value;
 
-pub use format::{TypeMapping, WireFormat, check_type_mapping, decode, encode};
+pub use format::{
+    PayloadColumn, PayloadSchema, TypeMapping, WireBatch, WireFormat, check_type_mapping, decode,
+    encode, payload_schema,
+};
 pub use schema::{ColumnSchema, TableSchema, TypeInfo, TypeKind};
 pub use value::{Change, Op, Row, Value};
 

@@ -925,3 +925,233 @@ fn type_mappings_are_checked_against_the_column_type() {
     assert!(wallaby_codec::check_type_mapping("numeric", "decimal(38,10)").is_ok());
     assert!(wallaby_codec::check_type_mapping("int4", "json").is_err());
 }
+
+#[test]
+fn odd_column_names_survive_every_format() {
+    let text = ty("text", 25, TypeKind::Text);
+    let schema = table(vec![
+        column("id", ty_int4(), true),
+        column("my col", text.clone(), false),
+        column("my_col", text.clone(), false),
+        column("_0_my_col", text.clone(), false),
+        column("Ünïcode.dotted", text.clone(), false),
+        column("1st", text.clone(), false),
+        column("op", text, false),
+    ]);
+    let values: Vec<Value> = std::iter::once(Value::Int4(1))
+        .chain((0..6).map(|i| Value::Text(format!("v{i}"))))
+        .collect();
+    let changes = vec![
+        change(Op::Insert, 1, None, Some(row(values.clone()))),
+        change(
+            Op::Update,
+            2,
+            Some(Row {
+                values: values.clone(),
+                absent: vec![4, 1],
+            }),
+            Some(row(values)),
+        ),
+    ];
+    for format in WireFormat::ALL {
+        assert_round_trip(format, &schema, &changes);
+    }
+}
+
+#[test]
+fn a_table_without_columns_survives_every_format_but_parquet() {
+    let schema = table(Vec::new());
+    let changes = vec![
+        change(Op::Insert, 1, None, Some(row(Vec::new()))),
+        change(Op::Truncate, 2, None, None),
+    ];
+    for format in WireFormat::ALL {
+        if format == WireFormat::Parquet {
+            let err = encode(format, &schema, &changes).map(|_| ()).unwrap_err();
+            assert!(err.to_string().contains("no columns"), "{err}");
+        } else {
+            assert_round_trip(format, &schema, &changes);
+        }
+    }
+}
+
+#[test]
+fn mappings_follow_domains_to_their_base_type() {
+    let numeric = ty("numeric", 1700, TypeKind::Numeric);
+    let price = ty("public.price", 16_600, TypeKind::Domain(numeric));
+    let schema = table(vec![
+        column("id", ty_int4(), true),
+        mapped("p", price, "decimal(6,1)"),
+    ]);
+    for format in WireFormat::ALL {
+        let back = decoded_after(
+            format,
+            &schema,
+            vec![Value::Int4(1), Value::Numeric("-2.25".into())],
+        );
+        assert_eq!(
+            back[1],
+            Value::Numeric("-2.3".into()),
+            "{}",
+            format.as_str()
+        );
+    }
+}
+
+fn typed_schema() -> TableSchema {
+    let mut numeric = TypeInfo::clone(&ty("numeric", 1700, TypeKind::Numeric));
+    numeric.typmod = (10 << 16) + 2 + 4;
+    table(vec![
+        column("id", ty_int4(), true),
+        column("price", Arc::new(numeric), false),
+        mapped("doc", ty("jsonb", 3802, TypeKind::Jsonb), "json"),
+        column("at", ty("timestamptz", 1184, TypeKind::TimestampTz), false),
+    ])
+}
+
+#[test]
+fn arrow_and_parquet_payloads_carry_typed_fields_and_postgres_metadata() {
+    use arrow_schema::{DataType, TimeUnit};
+    let schema = typed_schema();
+    let check = |arrow: &arrow_schema::Schema| {
+        assert_eq!(arrow.metadata()["wallaby.table"], "public.items");
+        assert_eq!(arrow.metadata()["wallaby.schema_version"], "3");
+        let DataType::Struct(row) = arrow.field_with_name("after").unwrap().data_type() else {
+            panic!("after is not a struct");
+        };
+        let price = &row[1];
+        assert_eq!(price.metadata()["pg.type"], "numeric");
+        assert_eq!(price.metadata()["pg.oid"], "1700");
+        assert_eq!(price.metadata()["pg.typmod"], "655366");
+        assert_eq!(price.data_type(), &DataType::Utf8);
+        assert_eq!(row[2].metadata()["ARROW:extension:name"], "arrow.json");
+        assert_eq!(
+            row[3].data_type(),
+            &DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()))
+        );
+        assert_eq!(row[0].metadata()["pg.key"], "true");
+    };
+    let payload = encode(WireFormat::Arrow, &schema, &[]).unwrap();
+    let reader =
+        arrow_ipc::reader::StreamReader::try_new(std::io::Cursor::new(payload), None).unwrap();
+    check(&reader.schema());
+    let payload = encode(WireFormat::Parquet, &schema, &[]).unwrap();
+    let builder = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
+        bytes::Bytes::from(payload),
+    )
+    .unwrap();
+    check(builder.schema());
+}
+
+#[test]
+fn avro_proto_and_json_payloads_describe_themselves() {
+    use prost::Message as _;
+    let schema = typed_schema();
+    let changes = vec![change(
+        Op::Insert,
+        1,
+        None,
+        Some(row(vec![
+            Value::Int4(1),
+            Value::Numeric("1.50".into()),
+            Value::Json("{}".into()),
+            Value::TimestampTz(0),
+        ])),
+    )];
+
+    let payload = encode(WireFormat::Avro, &schema, &changes).unwrap();
+    let reader = apache_avro::Reader::new(payload.as_slice()).unwrap();
+    let writer_schema = serde_json::to_string(reader.writer_schema()).unwrap();
+    assert!(
+        writer_schema.contains("timestamp-micros"),
+        "{writer_schema}"
+    );
+    let descriptor: serde_json::Value =
+        serde_json::from_slice(&reader.user_metadata()["wallaby.schema"]).unwrap();
+    assert_eq!(descriptor["columns"][1]["typmod"], 655_366);
+    assert_eq!(descriptor["schema_version"], 3);
+
+    let payload = encode(WireFormat::Proto, &schema, &changes).unwrap();
+    let batch = wallaby_codec::WireBatch::decode_length_delimited(payload.as_slice()).unwrap();
+    assert_eq!(batch.table, "public.items");
+    assert_eq!(batch.schema_version, 3);
+    assert_eq!(batch.changes.len(), 1);
+    let pool = prost_reflect::DescriptorPool::decode(batch.file_descriptor_set.as_slice()).unwrap();
+    let change_desc = pool.get_message_by_name(&batch.change_message).unwrap();
+    let message =
+        prost_reflect::DynamicMessage::decode(change_desc, batch.changes[0].as_slice()).unwrap();
+    let after = message.get_field_by_name("after").unwrap();
+    let after = after.as_message().unwrap();
+    assert_eq!(
+        after.get_field_by_name("price").unwrap().as_str(),
+        Some("1.50")
+    );
+
+    let payload = String::from_utf8(encode(WireFormat::Json, &schema, &changes).unwrap()).unwrap();
+    let mut lines = payload.lines();
+    let header: serde_json::Value = serde_json::from_str(lines.next().unwrap()).unwrap();
+    assert_eq!(
+        header["wallaby_schema"]["columns"][3]["type"],
+        "timestamptz"
+    );
+    let line: serde_json::Value = serde_json::from_str(lines.next().unwrap()).unwrap();
+    assert_eq!(line["after"]["at"], "1970-01-01T00:00:00Z");
+    assert_eq!(line["after"]["price"], "1.50");
+    assert_eq!(line["schema_version"], 3);
+}
+
+#[test]
+fn appended_json_and_proto_payloads_decode_as_one_stream() {
+    let schema = small_schema();
+    let batch = |n: u64| {
+        vec![change(
+            Op::Insert,
+            n,
+            None,
+            Some(row(vec![
+                Value::Int4(i32::try_from(n).unwrap()),
+                Value::Null,
+                Value::Null,
+            ])),
+        )]
+    };
+    for format in [WireFormat::Json, WireFormat::Proto] {
+        let mut stream = encode(format, &schema, &batch(1)).unwrap();
+        stream.extend(encode(format, &schema, &batch(2)).unwrap());
+        let back = decode(format, &schema, &stream).unwrap();
+        let mut want = batch(1);
+        want.extend(batch(2));
+        assert!(same(&back, &want), "{}: {back:?}", format.as_str());
+        let mut newer = schema.clone();
+        newer.version += 1;
+        stream.extend(encode(format, &newer, &batch(3)).unwrap());
+        let err = decode(format, &schema, &stream).map(|_| ()).unwrap_err();
+        assert!(err.to_string().contains("schema version"), "{err}");
+    }
+}
+
+#[test]
+fn payload_schema_reads_table_version_and_columns_of_every_format() {
+    let schema = typed_schema();
+    for format in WireFormat::ALL {
+        let payload = encode(format, &schema, &[]).unwrap();
+        let described = wallaby_codec::payload_schema(format, &payload)
+            .unwrap_or_else(|e| panic!("{}: {e}", format.as_str()));
+        assert_eq!(described.table, "public.items", "{}", format.as_str());
+        assert_eq!(described.schema_version, 3);
+        assert_eq!(
+            described.layout_version,
+            wallaby_codec::format::LAYOUT_VERSION
+        );
+        let names: Vec<&str> = described.columns.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["id", "price", "doc", "at"]);
+        assert_eq!(described.columns[1].typmod, 655_366);
+        assert_eq!(described.columns[1].oid, 1700);
+        assert!(described.columns[0].key);
+        assert_eq!(described.columns[2].mapped_type.as_deref(), Some("json"));
+        let err = wallaby_codec::payload_schema(format, b"not a payload")
+            .map(|_| ())
+            .unwrap_err();
+        assert!(err.to_string().contains(format.as_str()), "{err}");
+    }
+}

@@ -64,8 +64,11 @@ fn change_to_json(layout: &Layout<'_>, table: &str, c: &Change) -> Res<J> {
     }))
 }
 
+/// Decodes one payload, or several appended one after the other (a file written batch after
+/// batch): every `wallaby_schema` line is checked and applies to the lines after it.
 pub(crate) fn decode(layout: &Layout<'_>, payload: &[u8]) -> Res<Vec<Change>> {
     let text = std::str::from_utf8(payload).map_err(|e| format!("payload is not UTF-8: {e}"))?;
+<<<<<<< HEAD
     let mut lines = text
         .lines()
         .enumerate()
@@ -78,13 +81,51 @@ pub(crate) fn decode(layout: &Layout<'_>, payload: &[u8]) -> Res<Vec<Change>> {
         .get("wallaby_schema")
         .ok_or("line 1 is not a {\"wallaby_schema\": …} header")?;
     layout.check_descriptor(descriptor)?;
+=======
+>>>>>>> h/formats
     let table = layout.table();
-    lines
-        .map(|(i, line)| {
-            let j: J = serde_json::from_str(line).map_err(|e| format!("line {}: {e}", i + 1))?;
-            change_from_json(layout, &table, &j).map_err(|e| format!("line {}: {e}", i + 1))
-        })
-        .collect()
+    let mut seen_header = false;
+    let mut changes = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let j: J = serde_json::from_str(line).map_err(|e| format!("line {}: {e}", i + 1))?;
+        if let Some(descriptor) = j.get("wallaby_schema") {
+            layout
+                .check_descriptor(descriptor)
+                .map_err(|e| format!("line {}: {e}", i + 1))?;
+            seen_header = true;
+            continue;
+        }
+        if !seen_header {
+            return Err(format!(
+                "line {}: a change before any {{\"wallaby_schema\": …}} header line",
+                i + 1
+            ));
+        }
+        changes.push(
+            change_from_json(layout, &table, &j).map_err(|e| format!("line {}: {e}", i + 1))?,
+        );
+    }
+    if seen_header {
+        Ok(changes)
+    } else {
+        Err("payload has no {\"wallaby_schema\": …} header line".into())
+    }
+}
+
+pub(crate) fn descriptor(payload: &[u8]) -> Res<J> {
+    let text = std::str::from_utf8(payload).map_err(|e| format!("payload is not UTF-8: {e}"))?;
+    let line = text
+        .lines()
+        .find(|l| !l.trim().is_empty())
+        .ok_or("payload is empty")?;
+    let header: J = serde_json::from_str(line).map_err(|e| format!("line 1: {e}"))?;
+    header
+        .get("wallaby_schema")
+        .cloned()
+        .ok_or_else(|| "the first line is not a {\"wallaby_schema\": …} header".into())
 }
 
 fn change_from_json(layout: &Layout<'_>, table: &str, j: &J) -> Res<Change> {
@@ -302,10 +343,7 @@ fn to_json(w: &Wire, v: &Value) -> Res<J> {
         (Wire::NumericF64, Value::Numeric(s)) => float_json(super::numeric_to_f64(s)?),
         (Wire::Decimal { precision, scale }, Value::Numeric(s)) => {
             match super::numeric_to_decimal(s, *precision, *scale)? {
-                Some(unscaled) => match super::decimal_to_numeric(unscaled, *scale) {
-                    Value::Numeric(text) => J::from(text),
-                    _ => J::Null,
-                },
+                Some(unscaled) => J::from(super::decimal_text(unscaled, *scale)),
                 None => J::Null,
             }
         }
@@ -483,7 +521,7 @@ fn hex_join(b: &[u8], sep: &str) -> String {
 }
 
 fn parse_hex(s: &str) -> Res<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return Err(format!("{s:?} is not hex bytes"));
     }
     (0..s.len())

@@ -22,6 +22,8 @@ mod json;
 mod parquet;
 mod proto;
 
+pub use proto::WireBatch;
+
 use std::sync::Arc;
 
 use crate::CodecError;
@@ -50,11 +52,11 @@ pub enum WireFormat {
 impl WireFormat {
     /// Every format, for tests and option validation.
     pub const ALL: [WireFormat; 5] = [
-        Self::Json,
         Self::Arrow,
         Self::Parquet,
         Self::Avro,
         Self::Proto,
+        Self::Json,
     ];
 
     /// Lower-case name.
@@ -128,6 +130,112 @@ pub fn decode(
         WireFormat::Json => json::decode(&layout, payload),
     };
     result.map_err(|reason| error(format, "decode", schema, reason))
+}
+
+/// The schema a payload describes itself with (see `docs/wire-formats.md`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PayloadSchema {
+    /// Version of the record layout ([`LAYOUT_VERSION`] for payloads of this crate).
+    pub layout_version: u32,
+    /// Qualified table name, `schema.table`.
+    pub table: String,
+    /// `TableSchema.version` the payload was encoded with.
+    pub schema_version: u32,
+    /// Columns in table order.
+    pub columns: Vec<PayloadColumn>,
+}
+
+/// A column as a payload describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PayloadColumn {
+    /// Column name.
+    pub name: String,
+    /// PostgreSQL type name (`int4`, `public.mood`).
+    pub type_name: String,
+    /// Type OID.
+    pub oid: u32,
+    /// Type modifier, -1 when none.
+    pub typmod: i32,
+    /// Part of the key.
+    pub key: bool,
+    /// `typeMappings` target the column was encoded with.
+    pub mapped_type: Option<String>,
+    /// Enum labels in sort order (empty for other types).
+    pub enum_labels: Vec<String>,
+}
+
+/// Reads the schema a payload carries without knowing its table, so consumers can route
+/// payloads and look the full schema up by `(table, schema_version)` before [`decode`].
+pub fn payload_schema(format: WireFormat, payload: &[u8]) -> Result<PayloadSchema, CodecError> {
+    let descriptor = match format {
+        WireFormat::Arrow => arrow::descriptor(payload),
+        WireFormat::Parquet => parquet::descriptor(payload),
+        WireFormat::Avro => avro::descriptor(payload),
+        WireFormat::Proto => proto::descriptor(payload),
+        WireFormat::Json => json::descriptor(payload),
+    };
+    let table = |d: &serde_json::Value| {
+        d.get("table")
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or("(unknown table)")
+            .to_string()
+    };
+    let fail = |table: String, reason: String| CodecError::Format {
+        format: format.as_str(),
+        action: "decode",
+        table,
+        reason,
+    };
+    let descriptor = descriptor.map_err(|reason| fail("(unknown table)".into(), reason))?;
+    parse_descriptor(&descriptor).map_err(|reason| fail(table(&descriptor), reason))
+}
+
+fn parse_descriptor(d: &serde_json::Value) -> Res<PayloadSchema> {
+    use serde_json::Value as J;
+    fn str_field(v: &J, k: &str) -> Res<String> {
+        v.get(k)
+            .and_then(J::as_str)
+            .map(str::to_string)
+            .ok_or_else(|| format!("schema descriptor lacks string {k:?}"))
+    }
+    fn int_field<T: TryFrom<i64>>(v: &J, k: &str) -> Res<T> {
+        v.get(k)
+            .and_then(J::as_i64)
+            .and_then(|i| T::try_from(i).ok())
+            .ok_or_else(|| format!("schema descriptor lacks integer {k:?}"))
+    }
+    let columns = d
+        .get("columns")
+        .and_then(J::as_array)
+        .ok_or("schema descriptor lacks \"columns\"")?
+        .iter()
+        .map(|c| {
+            Ok(PayloadColumn {
+                name: str_field(c, "name")?,
+                type_name: str_field(c, "type")?,
+                oid: int_field(c, "oid")?,
+                typmod: int_field(c, "typmod")?,
+                key: c.get("key").and_then(J::as_bool).unwrap_or(false),
+                mapped_type: c.get("mapped_type").and_then(J::as_str).map(str::to_string),
+                enum_labels: c
+                    .get("enum_labels")
+                    .and_then(J::as_array)
+                    .map(|labels| {
+                        labels
+                            .iter()
+                            .filter_map(|l| l.as_str().map(str::to_string))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            })
+        })
+        .collect::<Res<Vec<_>>>()?;
+    Ok(PayloadSchema {
+        layout_version: int_field(d, "layout_version")?,
+        table: str_field(d, "table")?,
+        schema_version: int_field(d, "schema_version")?,
+        columns,
+    })
 }
 
 fn error(
@@ -229,32 +337,80 @@ impl TypeMapping {
 
 /// Checks a `typeMappings` entry (`postgres type → destination type`) against the wire
 /// formats' vocabulary, so configurations are validated once at the edge. `pg_type` is a
-/// type name as in `pg_type.typname` (`numeric`, `jsonb`, `public.mood`).
+/// type name as in `pg_type.typname` (`numeric`, `jsonb`, `public.mood`). Built-in types are
+/// checked here; user-defined names (domains, extension types) are accepted and checked
+/// again by the encoders against the resolved type (a domain follows its base type).
 pub fn check_type_mapping(pg_type: &str, target: &str) -> Result<(), CodecError> {
     let mapping = TypeMapping::parse(target).map_err(|e| with_pg_type(e, pg_type))?;
-    let base = pg_type.trim().to_ascii_lowercase();
-    let base = base.strip_prefix("pg_catalog.").unwrap_or(&base);
-    let kind = match base {
+    let name = pg_type.trim().to_ascii_lowercase();
+    let name = name.strip_prefix("pg_catalog.").unwrap_or(&name);
+    let kind = match name {
         "numeric" | "decimal" => Some(TypeKind::Numeric),
         "json" => Some(TypeKind::Json),
         "jsonb" => Some(TypeKind::Jsonb),
+        n if n.starts_with('_') || n.ends_with("[]") || BUILTIN_OTHER.contains(&n) => {
+            Some(TypeKind::Unknown)
+        }
         _ => None,
     };
-    let fits = match (&kind, mapping) {
-        (_, TypeMapping::String) => true,
-        (Some(kind), mapping) => mapping.applies_to(kind),
-        (None, _) => false,
-    };
-    if fits {
-        Ok(())
-    } else {
-        Err(CodecError::TypeMapping {
+    match kind {
+        Some(kind) if !mapping.applies_to(&kind) => Err(CodecError::TypeMapping {
             pg_type: pg_type.to_string(),
             target: target.to_string(),
             reason: "float64 and decimal(p,s) apply to numeric, json to json/jsonb; string applies to any type".into(),
-        })
+        }),
+        _ => Ok(()),
     }
 }
+
+/// Built-in (and well-known extension) type names that are neither numeric nor json.
+const BUILTIN_OTHER: &[&str] = &[
+    "bool",
+    "boolean",
+    "int2",
+    "smallint",
+    "int4",
+    "int",
+    "integer",
+    "int8",
+    "bigint",
+    "oid",
+    "float4",
+    "real",
+    "float8",
+    "double precision",
+    "money",
+    "text",
+    "varchar",
+    "character varying",
+    "bpchar",
+    "character",
+    "char",
+    "name",
+    "citext",
+    "bytea",
+    "uuid",
+    "xml",
+    "date",
+    "time",
+    "timetz",
+    "timestamp",
+    "timestamptz",
+    "interval",
+    "inet",
+    "cidr",
+    "macaddr",
+    "macaddr8",
+    "bit",
+    "varbit",
+    "hstore",
+    "ltree",
+    "vector",
+    "geometry",
+    "geography",
+    "point",
+    "tsvector",
+];
 
 fn with_pg_type(e: CodecError, pg_type: &str) -> CodecError {
     match e {
@@ -422,6 +578,48 @@ impl Wire {
         }
     }
 
+    /// Short name for error messages.
+    fn describe(&self) -> &'static str {
+        match self {
+            Wire::Bool => "bool",
+            Wire::Int2 => "int2",
+            Wire::Int4 => "int4",
+            Wire::Int8 => "int8",
+            Wire::Oid => "oid",
+            Wire::Float4 => "float4",
+            Wire::Float8 => "float8",
+            Wire::Numeric => "numeric",
+            Wire::Money => "money",
+            Wire::Str(StrKind::Text) => "text",
+            Wire::Str(StrKind::Json) => "json",
+            Wire::Str(StrKind::Xml) => "xml",
+            Wire::Str(StrKind::Bits) => "bit",
+            Wire::Str(StrKind::Enum) => "enum",
+            Wire::Str(StrKind::Ltree) => "ltree",
+            Wire::Str(StrKind::Unknown) => "unknown-type (text)",
+            Wire::Bin(BinKind::Bytes) => "bytea",
+            Wire::Bin(BinKind::MacAddr) => "macaddr",
+            Wire::Bin(BinKind::Ewkb) => "geometry (EWKB)",
+            Wire::Uuid => "uuid",
+            Wire::Date => "date",
+            Wire::Time => "time",
+            Wire::TimeTz => "timetz",
+            Wire::Timestamp => "timestamp",
+            Wire::TimestampTz => "timestamptz",
+            Wire::Interval => "interval",
+            Wire::Inet => "inet",
+            Wire::Composite(_) => "composite",
+            Wire::Range(_) => "range",
+            Wire::Array(_) => "array",
+            Wire::Hstore => "hstore",
+            Wire::Vector => "vector",
+            Wire::PgText(_) => "string-mapped",
+            Wire::NumericF64 => "float64-mapped numeric",
+            Wire::Decimal { .. } => "decimal-mapped numeric",
+            Wire::JsonDoc => "json-mapped",
+        }
+    }
+
     fn of_column(col: &ColumnSchema) -> Res<Wire> {
         let Some(target) = &col.mapped_type else {
             return Ok(Wire::of_type(&col.ty));
@@ -502,10 +700,6 @@ impl<'a> Layout<'a> {
             "schema_version": self.schema.version,
             "columns": columns,
         })
-    }
-
-    pub(crate) fn descriptor_string(&self) -> String {
-        self.descriptor().to_string()
     }
 
     /// Checks an embedded descriptor against the expected schema.
@@ -669,8 +863,9 @@ pub(crate) fn variant_name(v: &Value) -> &'static str {
 
 pub(crate) fn mismatch(wire: &Wire, v: &Value) -> String {
     format!(
-        "a {} value does not fit the column's wire type {wire:?}",
-        variant_name(v)
+        "a {} value cannot be carried as {}",
+        variant_name(v),
+        wire.describe()
     )
 }
 
@@ -759,15 +954,20 @@ pub(crate) fn numeric_to_decimal(s: &str, precision: u8, scale: i8) -> Res<Optio
 
 /// `decimal(p,s)` override, decode side: the canonical text with exactly `scale` digits.
 pub(crate) fn decimal_to_numeric(unscaled: i128, scale: i8) -> Value {
+    Value::Numeric(decimal_text(unscaled, scale))
+}
+
+/// An unscaled decimal as text with exactly `scale` fraction digits.
+pub(crate) fn decimal_text(unscaled: i128, scale: i8) -> String {
     let scale = usize::try_from(scale).unwrap_or(0);
     let digits = unscaled.unsigned_abs().to_string();
     let sign = if unscaled < 0 { "-" } else { "" };
     if scale == 0 {
-        return Value::Numeric(format!("{sign}{digits}"));
+        return format!("{sign}{digits}");
     }
     let padded = format!("{digits:0>width$}", width = scale + 1);
     let (int, frac) = padded.split_at(padded.len() - scale);
-    Value::Numeric(format!("{sign}{int}.{frac}"))
+    format!("{sign}{int}.{frac}")
 }
 
 #[cfg(test)]
@@ -794,6 +994,9 @@ mod tests {
         assert!(check_type_mapping("numeric", "FLOAT64").is_ok());
         assert!(check_type_mapping("jsonb", "json").is_ok());
         assert!(check_type_mapping("public.geometry", "string").is_ok());
+        // A user-defined name may be a domain over numeric: the encoder checks it.
+        assert!(check_type_mapping("public.price", "float64").is_ok());
+        assert!(check_type_mapping("_numeric", "float64").is_err());
         assert!(check_type_mapping("int4", "float64").is_err());
         assert!(check_type_mapping("text", "json").is_err());
         assert!(check_type_mapping("numeric", "decimal(40,2)").is_err());
