@@ -383,7 +383,12 @@ pub(super) fn parse_array(element: &TypeInfo, text: &str) -> Result<Value, Strin
     Ok(Value::Array { dims, elements })
 }
 
-pub(super) fn render_array(ty: &TypeInfo, dims: &[(i32, i32)], elements: &[Value], out: &mut String) {
+pub(super) fn render_array(
+    ty: &TypeInfo,
+    dims: &[(i32, i32)],
+    elements: &[Value],
+    out: &mut String,
+) {
     let element = match &ty.kind {
         TypeKind::Array(e) => e.as_ref(),
         _ => &UNKNOWN,

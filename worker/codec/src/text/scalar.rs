@@ -90,8 +90,7 @@ pub(super) fn check_numeric(text: &str) -> Result<String, String> {
     let body = text.strip_prefix('-').unwrap_or(text);
     let (int, frac) = body.split_once('.').unwrap_or((body, ""));
     let digits = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
-    if int.is_empty() || !digits(int) || !digits(frac) || (body.contains('.') && frac.is_empty())
-    {
+    if int.is_empty() || !digits(int) || !digits(frac) || (body.contains('.') && frac.is_empty()) {
         return Err("expected a decimal number, NaN, Infinity or -Infinity".into());
     }
     Ok(text.to_owned())
@@ -103,9 +102,7 @@ pub(super) fn parse_money(text: &str) -> Result<i64, String> {
         Some(r) => (true, r),
         None => (false, text),
     };
-    let rest = rest
-        .strip_prefix('$')
-        .ok_or("expected $ (lc_monetary C)")?;
+    let rest = rest.strip_prefix('$').ok_or("expected $ (lc_monetary C)")?;
     let (units, cents) = rest.split_once('.').unwrap_or((rest, "00"));
     if cents.len() != 2 || !cents.bytes().all(|b| b.is_ascii_digit()) {
         return Err("expected two decimals".into());
@@ -133,7 +130,7 @@ pub(super) fn render_money(cents: i64, out: &mut String) {
     let abs = cents.unsigned_abs();
     let units = (abs / 100).to_string();
     for (i, c) in units.chars().enumerate() {
-        if i > 0 && (units.len() - i) % 3 == 0 {
+        if i > 0 && (units.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -149,7 +146,7 @@ pub(super) fn parse_bytea(text: &str) -> Result<Vec<u8>, String> {
 }
 
 pub(super) fn parse_hex(text: &str) -> Result<Vec<u8>, String> {
-    if text.len() % 2 != 0 {
+    if !text.len().is_multiple_of(2) {
         return Err("odd number of hex digits".into());
     }
     text.as_bytes()
@@ -248,7 +245,10 @@ pub(super) fn render_inet(addr: &[u8], prefix: u8, cidr: bool, out: &mut String)
 }
 
 pub(super) fn parse_mac(text: &str, len: usize) -> Result<Vec<u8>, String> {
-    let hex: String = text.chars().filter(|c| !matches!(c, ':' | '-' | '.')).collect();
+    let hex: String = text
+        .chars()
+        .filter(|c| !matches!(c, ':' | '-' | '.'))
+        .collect();
     let bytes = parse_hex(&hex)?;
     if bytes.len() != len {
         return Err(format!("expected {len} bytes"));
