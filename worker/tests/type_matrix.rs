@@ -24,6 +24,9 @@ use wallaby_worker::source::types::TypeResolver;
 
 const DEADLINE: Duration = Duration::from_secs(90);
 
+/// Matrix types that resolve to `TypeKind::Unknown` by design (see docs/types.md).
+const UNMODELLED: &[&str] = &["int4multirange", "point", "tsvector"];
+
 /// One column type and the SQL expressions of its edge values (one row each).
 struct Case {
     ty: &'static str,
@@ -335,6 +338,11 @@ fn cases(vector: bool, postgis: bool) -> Vec<Case> {
         ),
         case("hstore[]", &["ARRAY['a=>1'::hstore, '']"]),
         case("ltree", &["'Top.Science.Astronomy'", "''"]),
+        // Types the codec does not model: their text is kept verbatim.
+        case("int4multirange", &["'{[1,3),[5,7)}'", "'{}'"]),
+        case("point", &["'(1,2.5)'"]),
+        case("tsvector", &["'a fat cat'"]),
+        case("box[]", &["ARRAY['(1,1),(0,0)'::box, '(3,3),(2,2)']"]),
     ];
     if vector {
         c.push(case(
@@ -553,7 +561,7 @@ async fn check(path: Path, resolve_types: bool) -> Vec<String> {
         let relation = &table.rows[0].relation;
         let schema: TableSchema = resolver.table_schema(relation, 1).await.unwrap();
         let v_ty = &schema.columns[1].ty;
-        if resolve_types {
+        if resolve_types && !UNMODELLED.contains(&table.ty) {
             assert!(
                 !matches!(v_ty.kind, TypeKind::Unknown),
                 "{name} ({}) resolved to Unknown: {v_ty:?}",
