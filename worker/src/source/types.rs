@@ -188,6 +188,12 @@ impl TypeResolver {
         }
     }
 
+    /// Drops every cached type, so the next lookups read the catalog again (after a
+    /// relation changed shape, say: an altered composite or enum is then re-read).
+    pub fn clear_cache(&mut self) {
+        self.cache.clear();
+    }
+
     /// The type of `oid` with modifier `typmod`.
     pub async fn resolve(&mut self, oid: u32, typmod: i32) -> Result<Arc<TypeInfo>, SourceError> {
         self.resolve_boxed(oid, typmod).await

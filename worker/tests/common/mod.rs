@@ -105,6 +105,17 @@ impl TestDb {
         connect(&self.dsn).await
     }
 
+    /// A superuser session in this database (CREATE EXTENSION of untrusted extensions).
+    pub async fn superuser_client(&self) -> tokio_postgres::Client {
+        let base = superuser_dsn();
+        let dsn = format!(
+            "{}/{}",
+            base.rsplit_once('/').expect("dsn has a database").0,
+            self.name
+        );
+        connect(&dsn).await
+    }
+
     /// `confirmed_flush_lsn` and `active` of a slot.
     pub async fn slot(&self, slot: &str) -> Option<(String, bool)> {
         self.admin

@@ -75,6 +75,11 @@ pub(super) fn parse_date(text: &str) -> Result<i32, String> {
 
 /// `HH:MM:SS[.ffffff]` to microseconds (24:00:00 included).
 pub(super) fn parse_time(text: &str) -> Result<i64, String> {
+    i64::try_from(parse_hms(text)?).map_err(|_| "time out of range".to_owned())
+}
+
+/// Wide enough for an interval's hours (up to 2562047788) before the sign is applied.
+fn parse_hms(text: &str) -> Result<i128, String> {
     let (hms, frac) = text.split_once('.').unwrap_or((text, ""));
     let mut parts = hms.splitn(3, ':');
     let (Some(h), Some(m), Some(s)) = (parts.next(), parts.next(), parts.next()) else {
@@ -92,9 +97,8 @@ pub(super) fn parse_time(text: &str) -> Result<i64, String> {
         }
         num(frac, "fraction")? * 10_i64.pow(6 - frac.len() as u32)
     };
-    h.checked_mul(3_600 * MICROS_PER_SECOND)
-        .and_then(|v| v.checked_add((m * 60 + s) * MICROS_PER_SECOND + micros))
-        .ok_or_else(|| "time out of range".to_owned())
+    Ok(i128::from(h) * i128::from(3_600 * MICROS_PER_SECOND)
+        + i128::from((m * 60 + s) * MICROS_PER_SECOND + micros))
 }
 
 /// `+HH[:MM[:SS]]` / `-…` to seconds east of UTC.
@@ -297,8 +301,9 @@ pub(super) fn parse_interval(text: &str) -> Result<(i32, i32, i64), String> {
                 Some(b'+') => (false, &token[1..]),
                 _ => (false, token),
             };
-            let m = parse_time(t)?;
-            micros = if negative { -m } else { m };
+            let m = parse_hms(t)?;
+            micros = i64::try_from(if negative { -m } else { m })
+                .map_err(|_| "interval time out of range".to_owned())?;
             continue;
         }
         let n: i64 = token

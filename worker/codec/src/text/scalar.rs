@@ -130,7 +130,7 @@ pub(super) fn render_money(cents: i64, out: &mut String) {
     let abs = cents.unsigned_abs();
     let units = (abs / 100).to_string();
     for (i, c) in units.chars().enumerate() {
-        if i > 0 && (units.len() - i) % 3 == 0 {
+        if i > 0 && (units.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -146,7 +146,7 @@ pub(super) fn parse_bytea(text: &str) -> Result<Vec<u8>, String> {
 }
 
 pub(super) fn parse_hex(text: &str) -> Result<Vec<u8>, String> {
-    if text.len() % 2 != 0 {
+    if !text.len().is_multiple_of(2) {
         return Err("odd number of hex digits".into());
     }
     text.as_bytes()
