@@ -13,6 +13,9 @@ use wallaby_crds::flow::{PostgresSource, SslMode};
 
 use super::SourceError;
 
+/// `application_name` unless the caller names the flow.
+const DEFAULT_APPLICATION_NAME: &str = "wallaby-worker";
+
 /// Where and how to connect. `Debug` and [`PgConnection::describe`] omit the password.
 #[derive(Clone)]
 pub struct PgConnection {
@@ -23,6 +26,9 @@ pub struct PgConnection {
     dbname: String,
     ssl_mode: SslMode,
     ssl_root_cert: Option<PathBuf>,
+    /// Shown in `pg_stat_activity`, so an operator (or a stale-holder warning) can tell
+    /// which flow a backend belongs to.
+    application_name: String,
 }
 
 impl fmt::Debug for PgConnection {
@@ -74,6 +80,7 @@ impl PgConnection {
                 .to_owned(),
             ssl_mode: spec.ssl_mode.or(dsn_ssl_mode).unwrap_or_default(),
             ssl_root_cert: ssl_root_cert.or(dsn_root_cert.map(PathBuf::from)),
+            application_name: DEFAULT_APPLICATION_NAME.into(),
         };
         if let Some(h) = secret.get("host") {
             conn.host = h.clone();
@@ -95,6 +102,12 @@ impl PgConnection {
         Ok(conn)
     }
 
+    /// Sets `application_name` of both connections, e.g. `wallaby-worker/<flow id>`.
+    pub fn with_application_name(mut self, name: impl Into<String>) -> Self {
+        self.application_name = name.into();
+        self
+    }
+
     /// `user@host:port/dbname` — safe for logs and status.
     pub fn describe(&self) -> String {
         format!("{}@{}:{}/{}", self.user, self.host, self.port, self.dbname)
@@ -113,7 +126,7 @@ impl PgConnection {
             .port(self.port)
             .user(&self.user)
             .dbname(&self.dbname)
-            .application_name("wallaby-worker")
+            .application_name(&self.application_name)
             .connect_timeout(std::time::Duration::from_secs(10))
             .ssl_mode(match self.ssl_mode {
                 SslMode::Disable => tokio_postgres::config::SslMode::Disable,
@@ -147,7 +160,7 @@ impl PgConnection {
             kv("user", &self.user),
             kv("dbname", &self.dbname),
             kv("replication", "database"),
-            kv("application_name", "wallaby-worker"),
+            kv("application_name", &self.application_name),
             kv("sslmode", ssl_mode_name(self.ssl_mode)),
         ];
         if let Some(p) = &self.password {

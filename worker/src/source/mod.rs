@@ -11,8 +11,10 @@
 pub mod connection;
 pub mod reader;
 pub mod setup;
+pub mod state;
 
 pub use connection::PgConnection;
+pub use state::SourceState;
 
 /// Errors of the source, each with what the user can do about it.
 #[derive(Debug, thiserror::Error)]
