@@ -510,7 +510,7 @@ async fn create_slot(client: &Client, spec: &PostgresSource) -> Result<SlotState
 async fn terminate_holder(client: &Client, slot: &str, pid: i32) -> Result<(), SourceError> {
     let holder = client
         .query_opt(
-            "SELECT application_name, client_addr::text, usename::text
+            "SELECT application_name, host(client_addr), usename::text
              FROM pg_stat_activity WHERE pid = $1",
             &[&pid],
         )
