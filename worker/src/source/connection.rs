@@ -27,7 +27,8 @@ pub struct PgConnection {
     ssl_mode: SslMode,
     ssl_root_cert: Option<PathBuf>,
     /// Shown in `pg_stat_activity`, so an operator (or a stale-holder warning) can tell
-    /// which flow a backend belongs to.
+    /// which flow a backend belongs to. pg_walstream's native replication connection
+    /// ignores it (its libpq backend honours it), so today only the SQL connection shows it.
     application_name: String,
 }
 
