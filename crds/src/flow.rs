@@ -195,7 +195,7 @@ pub struct PostgresSource {
     pub schemas: Vec<String>,
 
     /// Reconcile the publication with `tables`/`schemas` at start: `off`, `add` (add missing
-    /// tables) or `sync` (also drop extra tables).
+    /// tables and schemas) or `sync` (also drop tables and schemas that are not listed).
     #[serde(default)]
     pub sync_publication: SyncPublication,
 
@@ -264,7 +264,8 @@ pub struct PostgresSource {
     #[schemars(length(min = 1, max = 63))]
     pub ddl_message_prefix: String,
 
-    /// Check `wal_level`, `max_replication_slots` and `max_wal_senders` before starting.
+    /// Check `wal_level`, `max_replication_slots`, `max_wal_senders` (and that one is free)
+    /// and the REPLICATION privilege before starting.
     #[serde(default = "yes")]
     pub validate_replication: bool,
 
@@ -281,6 +282,14 @@ pub struct PostgresSource {
     #[serde(default = "default_state_table")]
     #[schemars(length(min = 1, max = 63))]
     pub state_table: String,
+
+    /// Stable id of this flow in the source-state table (`stateSchema`.`stateTable`). Default
+    /// `<namespace>/<flow name>` (standalone: the Flow's `metadata.namespace`, default
+    /// `default`, and `metadata.name`). Keep it when renaming or moving a Flow that should
+    /// keep its state row.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub flow_id: Option<String>,
 
     /// Authenticate with AWS RDS IAM instead of a password.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -432,9 +441,9 @@ pub enum SyncPublication {
     /// Leave the publication as it is.
     #[default]
     Off,
-    /// Add tables that are missing.
+    /// Add tables and schemas that are missing.
     Add,
-    /// Add missing tables and drop extra ones.
+    /// Add missing tables and schemas and drop the ones not listed.
     Sync,
 }
 

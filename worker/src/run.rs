@@ -27,7 +27,7 @@ use crate::pipeline::{
 use crate::retry::RetryPolicy;
 use crate::source::reader::ReplicationReader;
 use crate::source::types::TypeResolver;
-use crate::source::{PgConnection, setup};
+use crate::source::{PgConnection, SourceState, setup, state};
 use crate::standalone::Resolved;
 use crate::status::StatusReporter;
 
@@ -130,8 +130,10 @@ pub async fn run_with(
         )?),
         None => None,
     };
-    let conn = PgConnection::resolve(pg, resolved.source_secret.as_ref(), ca_path)?;
-    tracing::info!(flow = %flow_name, source = %conn.describe(), slot = %pg.slot, publication = %pg.publication, "starting");
+    let flow_id = state::flow_id(flow);
+    let conn = PgConnection::resolve(pg, resolved.source_secret.as_ref(), ca_path)?
+        .with_application_name(format!("wallaby-worker/{flow_id}"));
+    tracing::info!(flow = %flow_name, flow_id = %flow_id, source = %conn.describe(), slot = %pg.slot, publication = %pg.publication, "starting");
 
     // One SQL connection serves preflight, key and type lookups and status queries.
     let catalog = Arc::new(conn.connect().await?);
@@ -141,6 +143,7 @@ pub async fn run_with(
         .confirmed_flush_lsn
         .parse()
         .map_err(|e| anyhow::anyhow!("slot {}: bad confirmed_flush_lsn: {e}", pg.slot))?;
+    let source_state = Arc::new(SourceState::start(&catalog, pg, &flow_id).await?);
 
     let ack = match flow.spec.ack_policy {
         AckPolicy::All => AckMode::All,
@@ -210,6 +213,7 @@ pub async fn run_with(
         let cancel = cancel.clone();
         let catalog = catalog.clone();
         let reporter = reporter.clone();
+        let source_state = source_state.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(status_interval);
             loop {
@@ -219,6 +223,7 @@ pub async fn run_with(
                 }
                 let snapshot = lock(&progress).clone();
                 reporter.report(&snapshot, Some(&catalog), true, None).await;
+                record_checkpoint(&source_state, &catalog, &snapshot).await;
             }
         })
     };
@@ -261,12 +266,31 @@ pub async fn run_with(
     reporter
         .report(&snapshot, Some(&catalog), false, error.as_deref())
         .await;
+    record_checkpoint(&source_state, &catalog, &snapshot).await;
+    let stopped = if error.is_some() { "failed" } else { "stopped" };
+    if let Err(e) = source_state.record_stopped(&catalog, stopped).await {
+        tracing::warn!(error = %e, "could not record the stop in the source-state table");
+    }
     read_result?;
     if let Err(e) = pipeline_result {
         anyhow::bail!(error.unwrap_or_else(|| e.to_string()));
     }
     tracing::info!(flow = %flow_name, "stopped cleanly");
     Ok(())
+}
+
+/// The state table is for auditing (the slot holds the resume position), so a failed
+/// write is logged and the flow goes on.
+async fn record_checkpoint(
+    state: &SourceState,
+    catalog: &tokio_postgres::Client,
+    progress: &Progress,
+) {
+    if let Some((lsn, _)) = progress.checkpoint
+        && let Err(e) = state.record_checkpoint(catalog, lsn).await
+    {
+        tracing::warn!(error = %e, "could not record the checkpoint in the source-state table");
+    }
 }
 
 fn write_private(path: &std::path::Path, body: &str) -> anyhow::Result<PathBuf> {

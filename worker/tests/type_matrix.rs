@@ -477,7 +477,14 @@ async fn replicate_matrix() -> Matrix {
     let task = {
         let cancel = cancel.clone();
         tokio::spawn(async move {
-            let result = reader.run(tx, &cancel).await;
+            let result = reader
+                .run(
+                    tx,
+                    &cancel,
+                    Arc::new(std::sync::atomic::AtomicU64::new(0)),
+                    Duration::from_secs(1),
+                )
+                .await;
             reader.stop().await;
             result
         })
@@ -659,31 +666,26 @@ async fn replicated_values_render_exactly_as_postgres_prints_them() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "wire formats land with h/formats"]
 async fn wire_roundtrip_arrow() {
     assert_clean(check(Path::Wire(WireFormat::Arrow), true).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "wire formats land with h/formats"]
 async fn wire_roundtrip_parquet() {
     assert_clean(check(Path::Wire(WireFormat::Parquet), true).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "wire formats land with h/formats"]
 async fn wire_roundtrip_avro() {
     assert_clean(check(Path::Wire(WireFormat::Avro), true).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "wire formats land with h/formats"]
 async fn wire_roundtrip_proto() {
     assert_clean(check(Path::Wire(WireFormat::Proto), true).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "wire formats land with h/formats"]
 async fn wire_roundtrip_json() {
     assert_clean(check(Path::Wire(WireFormat::Json), true).await);
 }

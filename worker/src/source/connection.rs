@@ -19,6 +19,9 @@ use super::SourceError;
 pub const SESSION_OPTIONS: &str = "-c DateStyle=ISO -c TimeZone=UTC -c IntervalStyle=postgres \
      -c extra_float_digits=1 -c bytea_output=hex -c lc_monetary=C";
 
+/// `application_name` unless the caller names the flow.
+const DEFAULT_APPLICATION_NAME: &str = "wallaby-worker";
+
 /// Where and how to connect. `Debug` and [`PgConnection::describe`] omit the password.
 #[derive(Clone)]
 pub struct PgConnection {
@@ -29,6 +32,10 @@ pub struct PgConnection {
     dbname: String,
     ssl_mode: SslMode,
     ssl_root_cert: Option<PathBuf>,
+    /// Shown in `pg_stat_activity`, so an operator (or a stale-holder warning) can tell
+    /// which flow a backend belongs to. pg_walstream's native replication connection
+    /// ignores it (its libpq backend honours it), so today only the SQL connection shows it.
+    application_name: String,
 }
 
 impl fmt::Debug for PgConnection {
@@ -80,6 +87,7 @@ impl PgConnection {
                 .to_owned(),
             ssl_mode: spec.ssl_mode.or(dsn_ssl_mode).unwrap_or_default(),
             ssl_root_cert: ssl_root_cert.or(dsn_root_cert.map(PathBuf::from)),
+            application_name: DEFAULT_APPLICATION_NAME.into(),
         };
         if let Some(h) = secret.get("host") {
             conn.host = h.clone();
@@ -99,6 +107,12 @@ impl PgConnection {
             conn.dbname = d.clone();
         }
         Ok(conn)
+    }
+
+    /// Sets `application_name` of both connections, e.g. `wallaby-worker/<flow id>`.
+    pub fn with_application_name(mut self, name: impl Into<String>) -> Self {
+        self.application_name = name.into();
+        self
     }
 
     /// `user@host:port/dbname` — safe for logs and status.
@@ -185,7 +199,7 @@ impl PgConnection {
             .port(self.port)
             .user(&self.user)
             .dbname(&self.dbname)
-            .application_name("wallaby-worker")
+            .application_name(&self.application_name)
             .connect_timeout(std::time::Duration::from_secs(10))
             .ssl_mode(match self.ssl_mode {
                 SslMode::Disable => tokio_postgres::config::SslMode::Disable,
@@ -219,7 +233,7 @@ impl PgConnection {
             kv("user", &self.user),
             kv("dbname", &self.dbname),
             kv("replication", "database"),
-            kv("application_name", "wallaby-worker"),
+            kv("application_name", &self.application_name),
             kv("sslmode", ssl_mode_name(self.ssl_mode)),
             // Honoured by libpq transports; pg_walstream's native one drops it, which is
             // why `check_output_settings` exists.

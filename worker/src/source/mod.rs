@@ -13,7 +13,10 @@ pub mod reader;
 pub mod setup;
 pub mod types;
 
+pub mod state;
+
 pub use connection::PgConnection;
+pub use state::SourceState;
 
 /// Errors of the source, each with what the user can do about it.
 #[derive(Debug, thiserror::Error)]

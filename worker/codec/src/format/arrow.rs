@@ -1,13 +1,3 @@
-<<<<<<< HEAD
-//! temporary
-use super::{Layout, Res};
-use crate::value::Change;
-pub(crate) fn encode(_l: &Layout<'_>, _c: &[Change]) -> Res<Vec<u8>> {
-    Err("x".into())
-}
-pub(crate) fn decode(_l: &Layout<'_>, _p: &[u8]) -> Res<Vec<Change>> {
-    Err("x".into())
-=======
 //! Arrow: the typed, columnar form of the shared layout. Builds one `RecordBatch` per payload
 //! (column by column, never row by row) and reads it back; Parquet reuses both directions.
 //! The payload itself is an Arrow IPC stream: schema message + one record batch.
@@ -978,5 +968,4 @@ pub(crate) fn from_batch(layout: &Layout<'_>, batch: &RecordBatch) -> Res<Vec<Ch
             })
         })
         .collect()
->>>>>>> h/formats
 }

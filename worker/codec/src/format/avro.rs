@@ -1,13 +1,3 @@
-<<<<<<< HEAD
-//! temporary
-use super::{Layout, Res};
-use crate::value::Change;
-pub(crate) fn encode(_l: &Layout<'_>, _c: &[Change]) -> Res<Vec<u8>> {
-    Err("x".into())
-}
-pub(crate) fn decode(_l: &Layout<'_>, _p: &[u8]) -> Res<Vec<Change>> {
-    Err("x".into())
-=======
 //! Avro: an object container file whose writer schema is derived from the table (records for
 //! structures, `["null", T]` unions for every nullable value, logical types where they are
 //! exact). The file metadata `wallaby.schema` carries the schema descriptor.
@@ -772,5 +762,4 @@ fn embedded<R: std::io::Read>(reader: &Reader<'_, R>) -> Res<J> {
 pub(crate) fn descriptor(payload: &[u8]) -> Res<J> {
     let reader = Reader::new(payload).map_err(|e| format!("not an Avro container file: {e}"))?;
     embedded(&reader)
->>>>>>> h/formats
 }

@@ -68,21 +68,6 @@ fn change_to_json(layout: &Layout<'_>, table: &str, c: &Change) -> Res<J> {
 /// batch): every `wallaby_schema` line is checked and applies to the lines after it.
 pub(crate) fn decode(layout: &Layout<'_>, payload: &[u8]) -> Res<Vec<Change>> {
     let text = std::str::from_utf8(payload).map_err(|e| format!("payload is not UTF-8: {e}"))?;
-<<<<<<< HEAD
-    let mut lines = text
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty());
-    let (_, header) = lines
-        .next()
-        .ok_or("payload is empty; expected a {\"wallaby_schema\": …} header line")?;
-    let header: J = serde_json::from_str(header).map_err(|e| format!("line 1: {e}"))?;
-    let descriptor = header
-        .get("wallaby_schema")
-        .ok_or("line 1 is not a {\"wallaby_schema\": …} header")?;
-    layout.check_descriptor(descriptor)?;
-=======
->>>>>>> h/formats
     let table = layout.table();
     let mut seen_header = false;
     let mut changes = Vec::new();

@@ -11,13 +11,6 @@ use parquet::file::properties::WriterProperties;
 
 use super::{Layout, Res, Wire, arrow};
 use crate::value::Change;
-<<<<<<< HEAD
-pub(crate) fn encode(_l: &Layout<'_>, _c: &[Change]) -> Res<Vec<u8>> {
-    Err("x".into())
-}
-pub(crate) fn decode(_l: &Layout<'_>, _p: &[u8]) -> Res<Vec<Change>> {
-    Err("x".into())
-=======
 
 pub(crate) fn encode(layout: &Layout<'_>, changes: &[Change]) -> Res<Vec<u8>> {
     check_no_empty_struct(layout)?;
@@ -78,5 +71,4 @@ fn check_no_empty_struct(layout: &Layout<'_>) -> Res<()> {
         }
     }
     Ok(())
->>>>>>> h/formats
 }
