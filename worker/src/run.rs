@@ -9,7 +9,9 @@ use tokio::sync::mpsc;
 
 use crate::destination::file::FileDestination;
 use crate::pipeline::{Pipeline, Progress, lock};
-use crate::source::reader::ReplicationReader;
+use crate::source::reader::{ReaderOptions, ReplicationReader};
+use crate::source::spill::SpillDir;
+use crate::source::toast::ToastStage;
 use crate::source::{PgConnection, setup};
 use crate::standalone::Resolved;
 use crate::status::StatusReporter;
@@ -24,6 +26,9 @@ pub struct RunOptions {
     pub status_file: PathBuf,
     /// Directory for private files (the CA bundle).
     pub state_dir: PathBuf,
+    /// Where streamed (in-progress) transactions are spilled until they commit; `None`:
+    /// `<system temp>/wallaby-spill/<slot>`.
+    pub spill_dir: Option<PathBuf>,
 }
 
 /// Runs until `cancel` fires (clean stop, `Ok`) or an error stops the flow.
@@ -60,12 +65,24 @@ pub async fn run(
         destinations.push((name.clone(), dest));
     }
 
+    // Spill files of an earlier run are useless (the slot did not move past their
+    // transactions; the server sends them again), so the directory starts empty.
+    let spill_dir = options
+        .spill_dir
+        .clone()
+        .unwrap_or_else(|| std::env::temp_dir().join("wallaby-spill").join(&pg.slot));
+    let spill = SpillDir::prepare(&spill_dir)?;
+    let toast = ToastStage::new(pg.toast_fetch, pg.toast_cache_size, catalog.clone());
     let mut reader = ReplicationReader::start(
         &conn,
         &pg.slot,
         &pg.publication,
-        status_interval,
         catalog.clone(),
+        ReaderOptions {
+            status_interval,
+            spill,
+            toast,
+        },
     )
     .await?;
     let progress = Arc::new(Mutex::new(Progress::default()));
