@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use pg_walstream::{
     CancellationToken, ColumnData, LogicalReplicationMessage, LogicalReplicationParser,
@@ -34,8 +34,8 @@ const PROTOCOL_STREAMING: u32 = 2;
 /// Protocol version 1 for older servers: whole transactions only, decoded (and spilled)
 /// by the server.
 const PROTOCOL_WHOLE: u32 = 1;
-/// Replayed events between two looks at the cancellation token.
-const CANCEL_CHECK_EVERY: u64 = 1024;
+/// Replayed events between two looks at the cancellation token and the status clock.
+const CHECK_EVERY: u64 = 1024;
 
 /// A streamed top-level transaction being received.
 #[derive(Debug)]
@@ -61,6 +61,7 @@ pub struct ReplicationReader {
     /// Top-level xid of the chunk being received (between StreamStart and StreamStop).
     in_stream: Option<u32>,
     toast: ToastStage,
+    status_interval: Duration,
 }
 
 impl std::fmt::Debug for ReplicationReader {
@@ -145,6 +146,7 @@ impl ReplicationReader {
             streamed: HashMap::new(),
             in_stream: None,
             toast: options.toast,
+            status_interval: options.status_interval,
         })
     }
 
@@ -294,15 +296,32 @@ impl ReplicationReader {
                     );
                     let mut replay = txn.file.replay()?;
                     let mut sent: u64 = 0;
+                    let mut last_status = Instant::now();
                     while let Some(event) = replay.next_event()? {
                         if !self.send(out, event).await? {
                             return Ok(false);
                         }
                         sent += 1;
-                        if sent.is_multiple_of(CANCEL_CHECK_EVERY) && cancel.is_cancelled() {
+                        if !sent.is_multiple_of(CHECK_EVERY) {
+                            continue;
+                        }
+                        if cancel.is_cancelled() {
                             // The transaction is incomplete downstream and never confirmed:
                             // the server sends it again after the restart.
                             return Ok(false);
+                        }
+                        // Nothing is read from the server while replaying at the
+                        // destinations' pace; without a status update it would end the
+                        // connection after wal_sender_timeout.
+                        if last_status.elapsed() >= self.status_interval {
+                            self.stream
+                                .send_feedback()
+                                .await
+                                .map_err(|e| SourceError::Stream {
+                                    slot: self.slot.clone(),
+                                    message: redact(&e.to_string()),
+                                })?;
+                            last_status = Instant::now();
                         }
                     }
                 } else {
