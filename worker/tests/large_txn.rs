@@ -180,7 +180,7 @@ async fn a_million_row_transaction_is_delivered_whole_with_bounded_memory() {
     let bound_kib = record_bytes / 4 / 1024;
     eprintln!(
         "1M-row transaction: committed after {committed:?}, durable downstream after {delivered:?}; \
-         worker peak RSS {} MiB (bound {} MiB = 25% of {} MiB of records); spill file {} MiB \
+         worker peak RSS {} MiB (bound {} MiB = 25% of {} MiB of records); spill file {} MiB; \
          streamed transactions {streamed}",
         peak_rss_kib / 1024,
         bound_kib / 1024,
@@ -338,5 +338,47 @@ async fn a_small_transaction_committed_during_a_streamed_one_is_delivered_first(
     assert_eq!(all[message]["content"], "inside");
     assert_eq!(all[message]["xid"], all.last().unwrap()["xid"]);
     assert_eq!(all[message]["lsn"], all.last().unwrap()["lsn"]);
+    db.drop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_mid_stream_loses_nothing_and_the_next_run_starts_a_fresh_spill() {
+    let (db, dir, worker) = setup("crash", 1000).await;
+    let spill = dir.path().join("spill");
+    let big = db.client().await;
+    big.batch_execute("BEGIN; INSERT INTO t SELECT g, 0 FROM generate_series(1, 10000) g")
+        .await
+        .unwrap();
+    wait_spilled(&spill, 9_000 * 30).await;
+    worker.kill9();
+    assert_eq!(
+        spill_files(&spill).0,
+        1,
+        "the crash leaves the spill file behind"
+    );
+    wait_for("the slot to be released", DEADLINE, async || {
+        db.slot(&db.name).await.filter(|(_, active)| !active)
+    })
+    .await;
+
+    // The server streams the open transaction again from its first change; the new run
+    // dropped the leftover file at start and spills it afresh.
+    let manifest = dir.path().join("flow.yaml");
+    let worker = Worker::spawn_with_env(&manifest, dir.path(), &[("WALLABY_SPILL_DIR", &spill)]);
+    wait_slot_active(&db, &db.name).await;
+    big.batch_execute("INSERT INTO t SELECT g, 1 FROM generate_series(10001, 20000) g")
+        .await
+        .unwrap();
+    let before = commit(&big).await;
+    wait_confirmed(&db, before, DEADLINE).await;
+    let (code, log) = worker.terminate();
+    assert_eq!(code, Some(0), "{log}");
+    assert_eq!(spill_files(&spill), (0, 0));
+    let got = ids(&records(dir.path()));
+    assert_eq!(
+        got,
+        (1..=20_000).collect::<Vec<i64>>(),
+        "every row once, in order"
+    );
     db.drop_all().await;
 }
