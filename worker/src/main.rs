@@ -41,8 +41,9 @@ enum Command {
         /// Where to write the status JSON (default: .wallaby/<flow>/status.json).
         #[arg(long, value_name = "PATH")]
         status_file: Option<PathBuf>,
-        /// Where transactions streamed before their commit are spilled (mode 0700, emptied
-        /// at start; default: <system temp>/wallaby-spill/<slot>).
+        /// Where transactions streamed before their commit are spilled (created with mode
+        /// 0700, spill files of earlier runs deleted at start; default:
+        /// <system temp>/wallaby-spill/<slot>).
         #[arg(long, value_name = "DIR", env = "WALLABY_SPILL_DIR")]
         spill_dir: Option<PathBuf>,
     },

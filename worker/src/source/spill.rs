@@ -87,17 +87,31 @@ pub struct SpillDir {
 }
 
 impl SpillDir {
-    /// Creates the directory (mode 0700, it holds row data) and deletes spill files left by
-    /// an earlier run: their transactions never committed downstream, the slot did not move
-    /// past them, and the server sends them again from the start.
+    /// Creates the directory if needed (mode 0700: it holds row data) and deletes spill
+    /// files (`xid-*.spill`, nothing else) left by an earlier run: their transactions
+    /// never committed downstream, the slot did not move past them, and the server sends
+    /// them again from the start.
     pub fn prepare(path: &Path) -> Result<Self, SpillError> {
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(path)
-            .map_err(io_error("creating directory", path))?;
-        fs::set_permissions(path, fs::Permissions::from_mode(0o700))
-            .map_err(io_error("restricting permissions of directory", path))?;
+        if path.is_dir() {
+            // A directory given by the user (say /var/tmp) keeps its mode; the files in it
+            // are 0600 regardless.
+            let mode = fs::metadata(path)
+                .map_err(io_error("reading metadata of directory", path))?
+                .permissions()
+                .mode();
+            if mode & 0o077 != 0 {
+                tracing::info!(path = %path.display(), mode = format!("{:o}", mode & 0o777), "the spill directory is open to other users; spill files themselves are created with mode 0600");
+            }
+        } else {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(path)
+                .map_err(io_error("creating directory", path))?;
+            // The mode given to DirBuilder is filtered by the umask.
+            fs::set_permissions(path, fs::Permissions::from_mode(0o700))
+                .map_err(io_error("restricting permissions of directory", path))?;
+        }
         let entries = fs::read_dir(path).map_err(io_error("reading directory", path))?;
         for entry in entries {
             let entry = entry.map_err(io_error("reading directory", path))?;
@@ -605,13 +619,16 @@ mod tests {
     }
 
     #[test]
-    fn prepare_removes_stale_spill_files_only() {
+    fn prepare_removes_stale_spill_files_only_and_keeps_an_existing_directory_mode() {
         let tmp = tempfile::tempdir().unwrap();
         let spill = tmp.path().join("s");
         fs::create_dir_all(&spill).unwrap();
         fs::write(spill.join("xid-9.spill"), b"old").unwrap();
         fs::write(spill.join("notes.txt"), b"keep").unwrap();
+        fs::set_permissions(&spill, fs::Permissions::from_mode(0o755)).unwrap();
         SpillDir::prepare(&spill).unwrap();
+        let mode = fs::metadata(&spill).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o755, "an existing directory keeps its mode");
         assert!(!spill.join("xid-9.spill").exists());
         assert!(spill.join("notes.txt").exists());
     }
