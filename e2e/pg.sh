@@ -282,6 +282,9 @@ log_min_messages = warning
 wal_sender_timeout = 60s
 max_wal_size = 2GB
 password_encryption = 'scram-sha-256'
+# Stream transactions above 64kB before they commit (pgoutput v2), so every
+# test and demo exercises the worker's spill path.
+logical_decoding_work_mem = 64kB
 EOF
     chmod 600 "$conf"
     give_to_pg "$conf"

@@ -41,6 +41,11 @@ enum Command {
         /// Where to write the status JSON (default: .wallaby/<flow>/status.json).
         #[arg(long, value_name = "PATH")]
         status_file: Option<PathBuf>,
+        /// Where transactions streamed before their commit are spilled (created with mode
+        /// 0700, spill files of earlier runs deleted at start; default:
+        /// <system temp>/wallaby-spill/<slot>).
+        #[arg(long, value_name = "DIR", env = "WALLABY_SPILL_DIR")]
+        spill_dir: Option<PathBuf>,
     },
     /// Check a manifest file without connecting to anything.
     Validate {
@@ -70,7 +75,8 @@ fn main() -> ExitCode {
             file,
             flow,
             status_file,
-        } => run_command(file, flow, status_file),
+            spill_dir,
+        } => run_command(file, flow, status_file, spill_dir),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -85,6 +91,7 @@ fn run_command(
     file: PathBuf,
     flow: Option<String>,
     status_file: Option<PathBuf>,
+    spill_dir: Option<PathBuf>,
 ) -> anyhow::Result<()> {
     let resolved = standalone::load(&file, flow.as_deref())?;
     let name = resolved.flow.metadata.name.clone().unwrap_or_default();
@@ -92,6 +99,7 @@ fn run_command(
     let options = RunOptions {
         status_file: status_file.unwrap_or_else(|| state_dir.join("status.json")),
         state_dir,
+        spill_dir,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

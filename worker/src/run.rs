@@ -25,7 +25,9 @@ use crate::pipeline::{
     DestinationSlot, Pipeline, PipelineConfig, PipelineError, PipelineHandles, Progress, lock,
 };
 use crate::retry::RetryPolicy;
-use crate::source::reader::ReplicationReader;
+use crate::source::reader::{ReaderOptions, ReplicationReader};
+use crate::source::spill::SpillDir;
+use crate::source::toast::ToastStage;
 use crate::source::types::TypeResolver;
 use crate::source::{PgConnection, SourceState, setup, state};
 use crate::standalone::Resolved;
@@ -41,6 +43,9 @@ pub struct RunOptions {
     pub status_file: PathBuf,
     /// Directory for private files (the CA bundle).
     pub state_dir: PathBuf,
+    /// Where streamed (in-progress) transactions are spilled until they commit; `None`:
+    /// `<system temp>/wallaby-spill/<slot>`.
+    pub spill_dir: Option<PathBuf>,
 }
 
 /// The codec format of a spec format.
@@ -172,12 +177,24 @@ pub async fn run_with(
     };
     let names: Vec<String> = destinations.iter().map(|d| d.name.clone()).collect();
 
+    // Spill files of an earlier run are useless (the slot did not move past their
+    // transactions; the server sends them again), so the directory starts empty.
+    let spill_dir = options
+        .spill_dir
+        .clone()
+        .unwrap_or_else(|| std::env::temp_dir().join("wallaby-spill").join(&pg.slot));
+    let spill = SpillDir::prepare(&spill_dir)?;
+    let toast = ToastStage::new(pg.toast_fetch, pg.toast_cache_size, catalog.clone());
     let mut reader = ReplicationReader::start(
         &conn,
         &pg.slot,
         &pg.publication,
-        status_interval,
         catalog.clone(),
+        ReaderOptions {
+            status_interval,
+            spill,
+            toast,
+        },
     )
     .await?;
     let confirmed = Arc::new(AtomicU64::new(start.0));

@@ -254,6 +254,7 @@ fn start(
     let options = RunOptions {
         status_file: status.clone(),
         state_dir: dir.join("state"),
+        spill_dir: Some(dir.join("spill")),
     };
     let task = tokio::spawn(run_with(resolved, slots, options, cancel.clone()));
     Running {

@@ -469,7 +469,7 @@ async fn replicate_matrix() -> Matrix {
     let conn = PgConnection::resolve(&spec, None, None).unwrap();
     let catalog = Arc::new(conn.connect().await.unwrap());
     let mut reader =
-        ReplicationReader::start(&conn, &slot, "p", Duration::from_secs(1), catalog.clone())
+        ReplicationReader::start(&conn, &slot, "p", catalog.clone(), reader_options(&catalog))
             .await
             .unwrap();
     let (tx, mut rx) = mpsc::channel(1024);
@@ -767,9 +767,15 @@ async fn unreadable_server_output_settings_are_refused_at_start() {
         .await
         .unwrap();
     assert_eq!(row.get::<_, String>(0), "hex");
-    let err = ReplicationReader::start(&conn, &db.name, "p", Duration::from_secs(1), catalog)
-        .await
-        .expect_err("escape bytea output must be refused");
+    let err = ReplicationReader::start(
+        &conn,
+        &db.name,
+        "p",
+        catalog.clone(),
+        reader_options(&catalog),
+    )
+    .await
+    .expect_err("escape bytea output must be refused");
     let text = err.to_string();
     assert!(
         text.contains("bytea_output is \"escape\"")
@@ -778,4 +784,24 @@ async fn unreadable_server_output_settings_are_refused_at_start() {
         "{text}"
     );
     db.drop_all().await;
+}
+
+fn reader_options(
+    catalog: &Arc<tokio_postgres::Client>,
+) -> wallaby_worker::source::reader::ReaderOptions {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "wallaby-matrix-spill-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
+    wallaby_worker::source::reader::ReaderOptions {
+        status_interval: Duration::from_secs(1),
+        spill: wallaby_worker::source::spill::SpillDir::prepare(&dir).unwrap(),
+        toast: wallaby_worker::source::toast::ToastStage::new(
+            wallaby_crds::flow::ToastFetch::Off,
+            0,
+            catalog.clone(),
+        ),
+    }
 }

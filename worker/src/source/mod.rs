@@ -3,7 +3,10 @@
 //!
 //! ```text
 //!  PostgreSQL walsender ──pgoutput──▶ ReplicationReader (pg_walstream transport + parser)
-//!        ▲                                   │ SourceEvent (Begin / Row / Commit / Message)
+//!        ▲                                   │ streamed chunks ──▶ spill file per xid
+//!        │                                   │ (replayed at StreamCommit, dropped at abort)
+//!        │                                   │ toastFetch stage on every row
+//!        │                                   │ SourceEvent (Begin / Row / Commit / Message)
 //!        │ standby status (flush LSN)        ▼
 //!        └──────────── SharedLsnFeedback ◀── pipeline (acks only what destinations fsynced)
 //! ```
@@ -14,6 +17,9 @@ pub mod setup;
 pub mod types;
 
 pub mod state;
+
+pub mod spill;
+pub mod toast;
 
 pub use connection::PgConnection;
 pub use state::SourceState;
@@ -47,6 +53,9 @@ pub enum SourceError {
     /// The replication stream failed.
     #[error("replication stream of slot {slot:?} failed: {message}")]
     Stream { slot: String, message: String },
+    /// A streamed transaction could not be spilled or read back.
+    #[error(transparent)]
+    Spill(#[from] spill::SpillError),
 }
 
 impl SourceError {

@@ -2,11 +2,19 @@
 //! standby status updates included) and parses pgoutput; this module turns the parsed
 //! messages into [`SourceEvent`]s, resolving each table's primary key on the SQL
 //! connection so records are keyed by it even under `REPLICA IDENTITY FULL`.
+//!
+//! With protocol version 2 a transaction that outgrows the server's
+//! `logical_decoding_work_mem` arrives in chunks (StreamStart … StreamStop) before it
+//! commits, interleaved with other transactions. Chunks go to a spill file per top-level
+//! transaction ([`super::spill`]); at StreamCommit the file is replayed as Begin → Row… →
+//! Commit, so the pipeline still sees whole transactions in commit order and the worker
+//! holds a bounded amount of any transaction in memory. Every row passes the `toastFetch`
+//! stage ([`super::toast`]) right before it is sent (at replay time for streamed ones).
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use pg_walstream::{
     CancellationToken, ColumnData, LogicalReplicationMessage, LogicalReplicationParser,
@@ -16,12 +24,29 @@ use pg_walstream::{
 use tokio::sync::mpsc;
 use tokio_postgres::Client;
 
+use super::spill::{SpillDir, SpillFile};
+use super::toast::ToastStage;
 use super::{PgConnection, SourceError};
 use crate::change::{Cell, Column, Op, Relation, RowChange, SourceEvent};
 use crate::lsn::Lsn;
 
-/// pgoutput protocol version 1: whole transactions in commit order.
-const PROTOCOL_VERSION: u32 = 1;
+/// pgoutput protocol version 2 (PostgreSQL 14+): streaming of in-progress transactions.
+const PROTOCOL_STREAMING: u32 = 2;
+/// Protocol version 1 for older servers: whole transactions only, decoded (and spilled)
+/// by the server.
+const PROTOCOL_WHOLE: u32 = 1;
+/// Replayed events between two looks at the cancellation token and the status clock.
+const CHECK_EVERY: u64 = 1024;
+
+/// A streamed top-level transaction being received.
+#[derive(Debug)]
+struct StreamedTxn {
+    file: SpillFile,
+    /// Relation messages sent inside this transaction's chunks. pgoutput describes a
+    /// table once per streamed transaction, and such a description (possibly of a schema
+    /// this transaction changed) must not replace the one other transactions use.
+    relations: HashMap<u32, Arc<Relation>>,
+}
 
 /// What the reader forwarded, to decide when the stream is idle.
 #[derive(Debug, Default)]
@@ -70,17 +95,40 @@ impl Drop for AbortOnDrop {
 pub struct ReplicationReader {
     stream: LogicalReplicationStream,
     parser: LogicalReplicationParser,
+    protocol_version: u32,
     relations: HashMap<u32, Arc<Relation>>,
     catalog: Arc<Client>,
     slot: String,
+    spill: SpillDir,
+    /// Streamed transactions not yet committed or aborted, by top-level xid.
+    streamed: HashMap<u32, StreamedTxn>,
+    /// Top-level xid of the chunk being received (between StreamStart and StreamStop).
+    in_stream: Option<u32>,
+    toast: ToastStage,
+    status_interval: Duration,
+    idle: IdleTracker,
 }
 
 impl std::fmt::Debug for ReplicationReader {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ReplicationReader")
             .field("slot", &self.slot)
+            .field("protocol_version", &self.protocol_version)
+            .field("spill_dir", &self.spill.path())
+            .field("streamed", &self.streamed.len())
             .finish_non_exhaustive()
     }
+}
+
+/// How the reader handles what does not fit in a plain stream of small transactions.
+#[derive(Debug)]
+pub struct ReaderOptions {
+    /// Interval of standby status updates.
+    pub status_interval: Duration,
+    /// Spill directory, prepared (created, emptied) by the caller.
+    pub spill: SpillDir,
+    /// The `toastFetch` stage.
+    pub toast: ToastStage,
 }
 
 impl ReplicationReader {
@@ -90,15 +138,29 @@ impl ReplicationReader {
         conn: &PgConnection,
         slot: &str,
         publication: &str,
-        status_interval: Duration,
         catalog: Arc<Client>,
+        options: ReaderOptions,
     ) -> Result<Self, SourceError> {
+        let server_version: i32 = catalog
+            .query_one("SELECT current_setting('server_version_num')::int4", &[])
+            .await
+            .map_err(SourceError::query("reading the server version"))?
+            .get(0);
+        let (protocol_version, streaming) = if server_version >= 140_000 {
+            (PROTOCOL_STREAMING, StreamingMode::On)
+        } else {
+            tracing::info!(
+                server_version,
+                "PostgreSQL before 14 cannot stream in-progress transactions; large transactions arrive whole at commit"
+            );
+            (PROTOCOL_WHOLE, StreamingMode::Off)
+        };
         let config = ReplicationStreamConfig::new(
             slot.to_owned(),
             publication.to_owned(),
-            PROTOCOL_VERSION,
-            StreamingMode::Off,
-            status_interval,
+            protocol_version,
+            streaming,
+            options.status_interval,
             Duration::from_secs(30),
             Duration::from_secs(30),
             // Retries happen one level up (the worker restarts the stream from the slot).
@@ -122,10 +184,17 @@ impl ReplicationReader {
         stream.start(None).await.map_err(stream_err)?;
         Ok(Self {
             stream,
-            parser: LogicalReplicationParser::with_protocol_version(PROTOCOL_VERSION),
+            parser: LogicalReplicationParser::with_protocol_version(protocol_version),
+            protocol_version,
             relations: HashMap::new(),
             catalog,
             slot: slot.to_owned(),
+            spill: options.spill,
+            streamed: HashMap::new(),
+            in_stream: None,
+            toast: options.toast,
+            status_interval: options.status_interval,
+            idle: IdleTracker::default(),
         })
     }
 
@@ -175,7 +244,6 @@ impl ReplicationReader {
             })
         });
         let _abort = AbortOnDrop(ticker);
-        let mut idle = IdleTracker::default();
         loop {
             let token = wake
                 .lock()
@@ -188,7 +256,7 @@ impl ReplicationReader {
                     *wake
                         .lock()
                         .unwrap_or_else(std::sync::PoisonError::into_inner) = cancel.child_token();
-                    self.on_tick(&idle, confirmed.load(Ordering::Acquire)).await;
+                    self.on_tick(confirmed.load(Ordering::Acquire)).await;
                     continue;
                 }
                 Err(e) => {
@@ -198,6 +266,16 @@ impl ReplicationReader {
                     });
                 }
             };
+            // Inside a chunk every change starts with the xid of the (sub)transaction that
+            // made it; the parser skips it, but a rolled-back savepoint is known only by it.
+            let subxid = match (self.in_stream, raw.data.first()) {
+                (Some(_), Some(b'I' | b'U' | b'D' | b'T' | b'M')) => raw
+                    .data
+                    .get(1..5)
+                    .and_then(|b| <[u8; 4]>::try_from(b).ok())
+                    .map(u32::from_be_bytes),
+                _ => None,
+            };
             let parsed =
                 self.parser
                     .parse_wal_message_bytes(raw.data)
@@ -205,23 +283,23 @@ impl ReplicationReader {
                         slot: self.slot.clone(),
                         message: e.to_string(),
                     })?;
-            for event in self
-                .decode(parsed.message, Lsn(raw.wal_start.value()))
+            let lsn = Lsn(raw.wal_start.value());
+            if !self
+                .handle(parsed.message, subxid, lsn, &out, cancel)
                 .await?
             {
-                idle.forwarded(&event);
-                if out.send(event).await.is_err() {
-                    return Ok(());
-                }
+                return Ok(());
             }
         }
     }
 
     /// A wake-up: report the confirmed position now rather than at the next reply-requested
     /// keepalive, and when nothing forwarded is pending, confirm the server's position.
-    async fn on_tick(&mut self, idle: &IdleTracker, confirmed: u64) {
+    async fn on_tick(&mut self, confirmed: u64) {
         let feedback = self.stream.shared_lsn_feedback.clone();
-        if idle.is_idle(confirmed) {
+        // A streamed transaction still open (spilled, not committed) is pending too.
+        let streaming = self.in_stream.is_some() || !self.streamed.is_empty();
+        if !streaming && self.idle.is_idle(confirmed) {
             // Safe: every transaction forwarded so far is durable, no transaction is open,
             // and anything committing at or below the server's last keepalive `wal_end`
             // was already on the wire before it (the walsender's FIFO), hence forwarded.
@@ -234,15 +312,266 @@ impl ReplicationReader {
         }
     }
 
-    /// Sends a final standby status update with the confirmed position and closes.
+    /// Sends a final standby status update with the confirmed position and closes. Spill
+    /// files of transactions still in progress go with the reader.
     pub async fn stop(mut self) {
         if let Err(e) = self.stream.stop().await {
             tracing::warn!(error = %e, "closing the replication stream");
         }
     }
 
-    async fn decode(
+    /// Handles one message; `false` when the pipeline hung up or `cancel` fired mid-replay.
+    async fn handle(
         &mut self,
+        message: LogicalReplicationMessage,
+        subxid: Option<u32>,
+        lsn: Lsn,
+        out: &mpsc::Sender<SourceEvent>,
+        cancel: &CancellationToken,
+    ) -> Result<bool, SourceError> {
+        match message {
+            LogicalReplicationMessage::StreamStart { xid, first_segment } => {
+                self.in_stream = Some(xid);
+                if first_segment {
+                    let file = self.spill.create(xid)?;
+                    tracing::debug!(xid, path = %file.path().display(), "streamed transaction: spilling");
+                    let txn = StreamedTxn {
+                        file,
+                        relations: HashMap::new(),
+                    };
+                    if self.streamed.insert(xid, txn).is_some() {
+                        tracing::warn!(
+                            xid,
+                            "streamed transaction started twice; starting its spill file over"
+                        );
+                    }
+                } else if !self.streamed.contains_key(&xid) {
+                    return Err(self.protocol(format!(
+                        "a chunk of streamed transaction {xid} arrived without its first chunk"
+                    )));
+                }
+                Ok(true)
+            }
+            LogicalReplicationMessage::StreamStop => {
+                if let Some(txn) = self
+                    .in_stream
+                    .take()
+                    .and_then(|x| self.streamed.get_mut(&x))
+                {
+                    txn.file.end_chunk()?;
+                }
+                Ok(true)
+            }
+            LogicalReplicationMessage::StreamAbort {
+                xid,
+                subtransaction_xid,
+                ..
+            } => {
+                if subtransaction_xid == xid {
+                    if let Some(txn) = self.streamed.remove(&xid) {
+                        tracing::debug!(
+                            xid,
+                            entries = txn.file.entries(),
+                            bytes = txn.file.bytes(),
+                            "streamed transaction aborted: dropping its spill file"
+                        );
+                    }
+                } else if let Some(txn) = self.streamed.get_mut(&xid) {
+                    tracing::debug!(
+                        xid,
+                        subxid = subtransaction_xid,
+                        "subtransaction of a streamed transaction rolled back"
+                    );
+                    txn.file.abort_subtransaction(subtransaction_xid);
+                }
+                Ok(true)
+            }
+            LogicalReplicationMessage::StreamCommit {
+                xid,
+                commit_lsn,
+                end_lsn,
+                timestamp,
+                ..
+            } => {
+                let commit_time = postgres_timestamp_to_chrono(timestamp);
+                let begin = SourceEvent::Begin {
+                    xid,
+                    commit_lsn: Lsn(commit_lsn),
+                    commit_time,
+                };
+                if !self.send(out, begin).await? {
+                    return Ok(false);
+                }
+                if let Some(txn) = self.streamed.remove(&xid) {
+                    let (entries, bytes) = (txn.file.entries(), txn.file.bytes());
+                    tracing::debug!(
+                        xid,
+                        entries,
+                        bytes,
+                        "streamed transaction committed: replaying its spill file"
+                    );
+                    let mut replay = txn.file.replay()?;
+                    let mut sent: u64 = 0;
+                    let mut last_status = Instant::now();
+                    while let Some(event) = replay.next_event()? {
+                        if !self.send(out, event).await? {
+                            return Ok(false);
+                        }
+                        sent += 1;
+                        if !sent.is_multiple_of(CHECK_EVERY) {
+                            continue;
+                        }
+                        if cancel.is_cancelled() {
+                            // The transaction is incomplete downstream and never confirmed:
+                            // the server sends it again after the restart.
+                            return Ok(false);
+                        }
+                        // Nothing is read from the server while replaying at the
+                        // destinations' pace; without a status update it would end the
+                        // connection after wal_sender_timeout.
+                        if last_status.elapsed() >= self.status_interval {
+                            self.stream
+                                .send_feedback()
+                                .await
+                                .map_err(|e| SourceError::Stream {
+                                    slot: self.slot.clone(),
+                                    message: redact(&e.to_string()),
+                                })?;
+                            last_status = Instant::now();
+                        }
+                    }
+                } else {
+                    tracing::debug!(
+                        xid,
+                        "streamed transaction committed with no change for this publication"
+                    );
+                }
+                let commit = SourceEvent::Commit {
+                    commit_lsn: Lsn(commit_lsn),
+                    end_lsn: Lsn(end_lsn),
+                    commit_time,
+                };
+                self.send(out, commit).await
+            }
+            LogicalReplicationMessage::Relation {
+                relation_id,
+                namespace,
+                relation_name,
+                columns,
+                ..
+            } => {
+                let relation = self
+                    .describe(relation_id, &namespace, &relation_name, &columns)
+                    .await?;
+                match self.in_stream.and_then(|x| self.streamed.get_mut(&x)) {
+                    Some(txn) => txn.relations.insert(relation_id, relation),
+                    None => self.relations.insert(relation_id, relation),
+                };
+                Ok(true)
+            }
+            other => {
+                let events = self.decode(other, lsn)?;
+                match self.in_stream {
+                    Some(top) => {
+                        let subxid = subxid.unwrap_or(top);
+                        for event in events {
+                            // A non-transactional message is not part of the transaction.
+                            if let SourceEvent::Message {
+                                transactional: false,
+                                ..
+                            } = event
+                            {
+                                if !self.send(out, event).await? {
+                                    return Ok(false);
+                                }
+                                continue;
+                            }
+                            let txn = self.streamed.get_mut(&top).ok_or_else(|| {
+                                SourceError::Stream {
+                                    slot: self.slot.clone(),
+                                    message: format!(
+                                        "change of streamed transaction {top} outside its chunks"
+                                    ),
+                                }
+                            })?;
+                            txn.file.append(subxid, &event)?;
+                        }
+                    }
+                    None => {
+                        for event in events {
+                            if !self.send(out, event).await? {
+                                return Ok(false);
+                            }
+                        }
+                    }
+                }
+                Ok(true)
+            }
+        }
+    }
+
+    /// Sends one event, rows through the `toastFetch` stage; `false` if the pipeline is gone.
+    async fn send(
+        &mut self,
+        out: &mpsc::Sender<SourceEvent>,
+        mut event: SourceEvent,
+    ) -> Result<bool, SourceError> {
+        if let SourceEvent::Row(change) = &mut event {
+            self.toast.apply(change).await?;
+        }
+        self.idle.forwarded(&event);
+        Ok(out.send(event).await.is_ok())
+    }
+
+    fn protocol(&self, message: String) -> SourceError {
+        SourceError::Stream {
+            slot: self.slot.clone(),
+            message,
+        }
+    }
+
+    async fn describe(
+        &self,
+        relation_id: u32,
+        namespace: &str,
+        relation_name: &str,
+        columns: &[pg_walstream::ColumnInfo],
+    ) -> Result<Arc<Relation>, SourceError> {
+        let key_flags: Vec<usize> = columns
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.is_key())
+            .map(|(i, _)| i)
+            .collect();
+        let columns: Vec<Column> = columns
+            .iter()
+            .map(|c| Column {
+                name: c.name.to_string(),
+                type_oid: c.type_id,
+                type_modifier: c.type_modifier,
+            })
+            .collect();
+        let pk = self.primary_key(relation_id).await?;
+        let key = if pk.is_empty() {
+            key_flags.clone()
+        } else {
+            pk.iter()
+                .filter_map(|name| columns.iter().position(|c| &c.name == name))
+                .collect()
+        };
+        Ok(Arc::new(Relation {
+            id: relation_id,
+            schema: namespace.to_owned(),
+            table: relation_name.to_owned(),
+            columns,
+            key,
+            identity: key_flags,
+        }))
+    }
+
+    /// Begin, Commit, row changes and messages; everything else yields nothing.
+    fn decode(
+        &self,
         message: LogicalReplicationMessage,
         lsn: Lsn,
     ) -> Result<Vec<SourceEvent>, SourceError> {
@@ -266,46 +595,6 @@ impl ReplicationReader {
                 end_lsn: Lsn(end_lsn),
                 commit_time: postgres_timestamp_to_chrono(timestamp),
             },
-            LogicalReplicationMessage::Relation {
-                relation_id,
-                namespace,
-                relation_name,
-                columns,
-                ..
-            } => {
-                let key_flags: Vec<usize> = columns
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, c)| c.is_key())
-                    .map(|(i, _)| i)
-                    .collect();
-                let columns: Vec<Column> = columns
-                    .iter()
-                    .map(|c| Column {
-                        name: c.name.to_string(),
-                        type_oid: c.type_id,
-                        type_modifier: c.type_modifier,
-                    })
-                    .collect();
-                let pk = self.primary_key(relation_id).await?;
-                let key = if pk.is_empty() {
-                    key_flags.clone()
-                } else {
-                    pk.iter()
-                        .filter_map(|name| columns.iter().position(|c| &c.name == name))
-                        .collect()
-                };
-                let relation = Relation {
-                    id: relation_id,
-                    schema: namespace.to_string(),
-                    table: relation_name.to_string(),
-                    columns,
-                    key,
-                    identity: key_flags,
-                };
-                self.relations.insert(relation_id, Arc::new(relation));
-                return Ok(Vec::new());
-            }
             LogicalReplicationMessage::Insert { relation_id, tuple } => {
                 let relation = self.relation(relation_id)?;
                 SourceEvent::Row(RowChange {
@@ -374,20 +663,25 @@ impl ReplicationReader {
                 prefix,
                 content,
             },
-            // Type and Origin carry nothing the records need; streaming and two-phase
-            // messages are not requested (protocol version 1).
+            // Type and Origin carry nothing the records need; two-phase messages are not
+            // requested.
             _ => return Ok(Vec::new()),
         };
         Ok(vec![event])
     }
 
+    /// The relation as described to the transaction being decoded: inside a chunk, the
+    /// description sent in that streamed transaction, else the last one outside streams.
     fn relation(&self, id: u32) -> Result<Arc<Relation>, SourceError> {
-        self.relations
-            .get(&id)
+        self.in_stream
+            .and_then(|x| self.streamed.get(&x))
+            .and_then(|t| t.relations.get(&id))
+            .or_else(|| self.relations.get(&id))
             .cloned()
-            .ok_or_else(|| SourceError::Stream {
-                slot: self.slot.clone(),
-                message: format!("change for relation {id} arrived before its Relation message"),
+            .ok_or_else(|| {
+                self.protocol(format!(
+                    "change for relation {id} arrived before its Relation message"
+                ))
             })
     }
 

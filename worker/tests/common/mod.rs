@@ -89,10 +89,21 @@ impl TestDb {
                 .batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
                 .await;
         }
+        // A low logical_decoding_work_mem makes the server stream every transaction above
+        // 64kB before it commits (pgoutput protocol v2), so the tests exercise the worker's
+        // spill path with small transactions too. It is a per-session setting that
+        // walsenders of a database read at connection start; pg_walstream's connection
+        // ignores libpq `options`, hence the database-level default.
         admin
             .batch_execute(&format!("CREATE DATABASE {name} OWNER wallaby"))
             .await
             .expect("create database");
+        admin
+            .batch_execute(&format!(
+                "ALTER DATABASE {name} SET logical_decoding_work_mem = '64kB'"
+            ))
+            .await
+            .expect("set logical_decoding_work_mem");
         let base = superuser_dsn().replace("postgres:postgres@", "wallaby:wallaby@");
         let dsn = format!(
             "{}/{name}",
@@ -116,11 +127,12 @@ impl TestDb {
         connect(&dsn).await
     }
 
-    /// `confirmed_flush_lsn` and `active` of a slot.
+    /// `confirmed_flush_lsn` and `active` of a slot (`None` until it exists and is
+    /// consistent: a slot being created has no confirmed position yet).
     pub async fn slot(&self, slot: &str) -> Option<(String, bool)> {
         self.admin
             .query_opt(
-                "SELECT confirmed_flush_lsn::text, active FROM pg_replication_slots WHERE slot_name = $1",
+                "SELECT confirmed_flush_lsn::text, active FROM pg_replication_slots WHERE slot_name = $1 AND confirmed_flush_lsn IS NOT NULL",
                 &[&slot],
             )
             .await
@@ -200,6 +212,11 @@ pub struct Worker {
 
 impl Worker {
     pub fn spawn(manifest: &Path, dir: &Path) -> Self {
+        Self::spawn_with_env(manifest, dir, &[])
+    }
+
+    /// Spawns with extra environment variables (e.g. `WALLABY_SPILL_DIR`).
+    pub fn spawn_with_env(manifest: &Path, dir: &Path, env: &[(&str, &Path)]) -> Self {
         static N: AtomicUsize = AtomicUsize::new(0);
         let log = dir.join(format!("worker-{}.log", N.fetch_add(1, Ordering::Relaxed)));
         let child = Command::new(env!("CARGO_BIN_EXE_wallaby-worker"))
@@ -208,11 +225,23 @@ impl Worker {
             .arg("--status-file")
             .arg(dir.join("status.json"))
             .env("WALLABY_LOG", "info,wallaby_worker=debug")
+            .envs(env.iter().map(|(k, v)| (*k, *v)))
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("log file"))
             .spawn()
             .expect("spawn worker");
         Self { child, log }
+    }
+
+    /// Peak resident set size (VmHWM) of the running worker, in KiB.
+    pub fn peak_rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .expect("read /proc/<pid>/status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmHWM in /proc/<pid>/status")
     }
 
     pub fn log_text(&self) -> String {
@@ -265,6 +294,19 @@ pub fn records(dir: &Path) -> Vec<Value> {
         }
     }
     all
+}
+
+/// Spill files (`xid-*.spill`) in a spill directory and their total size.
+pub fn spill_files(spill: &Path) -> (usize, u64) {
+    std::fs::read_dir(spill)
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".spill"))
+                .fold((0, 0), |(n, bytes), e| {
+                    (n + 1, bytes + e.metadata().map(|m| m.len()).unwrap_or(0))
+                })
+        })
+        .unwrap_or((0, 0))
 }
 
 /// Polls `check` until it returns `Some` or the deadline passes.
