@@ -4,8 +4,10 @@
 pub mod change;
 pub mod destination;
 pub mod lsn;
+pub mod metrics;
 pub mod pipeline;
 pub mod run;
 pub mod source;
 pub mod standalone;
 pub mod status;
+pub mod telemetry;

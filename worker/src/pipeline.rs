@@ -16,6 +16,7 @@ use wallaby_crds::flow::Counters;
 use crate::change::{Op, SourceEvent, TxnMeta, message_record};
 use crate::destination::file::FileDestination;
 use crate::lsn::Lsn;
+use crate::metrics::Metrics;
 
 /// Shared view of the pipeline for status reports.
 #[derive(Debug, Default, Clone)]
@@ -52,6 +53,7 @@ pub struct Pipeline {
     batch_timeout: Duration,
     feedback: Arc<SharedLsnFeedback>,
     progress: Arc<Mutex<Progress>>,
+    metrics: Metrics,
 }
 
 /// State of the batch being assembled.
@@ -62,6 +64,9 @@ struct Batch {
     started: Option<Instant>,
     /// End LSN and commit time of the last transaction committed in this batch.
     last_commit: Option<(Lsn, DateTime<Utc>)>,
+    // --- observability: encoded bytes and per-destination write time of this batch ---
+    bytes: u64,
+    write_time: Vec<Duration>,
 }
 
 impl Pipeline {
@@ -72,6 +77,7 @@ impl Pipeline {
         batch_timeout: Duration,
         feedback: Arc<SharedLsnFeedback>,
         progress: Arc<Mutex<Progress>>,
+        metrics: Metrics,
     ) -> Self {
         Self {
             destinations,
@@ -79,6 +85,7 @@ impl Pipeline {
             batch_timeout,
             feedback,
             progress,
+            metrics,
         }
     }
 
@@ -122,7 +129,10 @@ impl Pipeline {
                     })?;
                     let record = serde_json::to_vec(&change.to_record(meta))
                         .map_err(|e| PipelineError::Protocol(e.to_string()))?;
-                    self.write(meta.commit_lsn, &record)?;
+                    self.write(meta.commit_lsn, &record, &mut batch)?;
+                    // --- observability ---
+                    let table = format!("{}.{}", change.relation.schema, change.relation.table);
+                    self.metrics.rows(&table, change.op.as_str(), 1);
                     let mut p = lock(&self.progress);
                     match change.op {
                         Op::Insert => p.counters.inserts += 1,
@@ -146,7 +156,11 @@ impl Pipeline {
                     let meta = if transactional { txn.as_ref() } else { None };
                     let record =
                         message_record(meta, lsn, transactional, &prefix, &content).to_string();
-                    self.write(meta.map(|m| m.commit_lsn).unwrap_or(lsn), record.as_bytes())?;
+                    self.write(
+                        meta.map(|m| m.commit_lsn).unwrap_or(lsn),
+                        record.as_bytes(),
+                        &mut batch,
+                    )?;
                     batch.started.get_or_insert_with(Instant::now);
                 }
                 SourceEvent::Commit {
@@ -166,32 +180,90 @@ impl Pipeline {
         }
     }
 
-    fn write(&mut self, lsn: Lsn, record: &[u8]) -> Result<(), PipelineError> {
-        for (name, dest) in &mut self.destinations {
-            dest.write(lsn, record)
-                .map_err(|source| PipelineError::Destination {
+    fn write(&mut self, lsn: Lsn, record: &[u8], batch: &mut Batch) -> Result<(), PipelineError> {
+        batch
+            .write_time
+            .resize(self.destinations.len(), Duration::ZERO);
+        for ((name, dest), write_time) in self.destinations.iter_mut().zip(&mut batch.write_time) {
+            let started = std::time::Instant::now();
+            let result = dest.write(lsn, record);
+            *write_time += started.elapsed();
+            if let Err(source) = result {
+                // --- observability ---
+                self.metrics.destination_write(name, 0, *write_time, false);
+                self.metrics.error("destination", "write");
+                return Err(PipelineError::Destination {
                     destination: name.clone(),
                     source,
-                })?;
+                });
+            }
         }
+        batch.bytes += record.len() as u64 + 1;
         Ok(())
     }
 
     /// Makes every destination durable, then confirms the last committed transaction.
     fn flush(&mut self, batch: &mut Batch) -> Result<(), PipelineError> {
-        for (name, dest) in &mut self.destinations {
-            tokio::task::block_in_place(|| {
+        // --- observability: a `batch` span over making the batch durable (nothing to
+        // observe when nothing arrived since the last flush) ---
+        let observed = batch.started.is_some();
+        let span = if observed {
+            tracing::info_span!(
+                "batch",
+                rows = batch.rows,
+                bytes = batch.bytes,
+                transactions = batch.txns,
+                lsn = tracing::field::Empty,
+            )
+        } else {
+            tracing::Span::none()
+        };
+        if let Some((end_lsn, _)) = batch.last_commit {
+            span.record("lsn", tracing::field::display(end_lsn));
+        }
+        let _batch_span = span.enter();
+        for (i, (name, dest)) in self.destinations.iter_mut().enumerate() {
+            // --- observability: one child span per destination ---
+            let _dest_span = if observed {
+                tracing::info_span!("destination.write", destination = %name, bytes = batch.bytes)
+            } else {
+                tracing::Span::none()
+            }
+            .entered();
+            let started = std::time::Instant::now();
+            let result = tokio::task::block_in_place(|| {
                 dest.rotate_if_due()?;
                 dest.sync()
-            })
-            .map_err(|source| PipelineError::Destination {
+            });
+            // --- observability ---
+            let flush_time = started.elapsed();
+            let write_time = batch.write_time.get(i).copied().unwrap_or_default();
+            if observed || result.is_err() {
+                self.metrics
+                    .destination_write(name, batch.bytes, write_time, result.is_ok());
+                self.metrics.destination_flush(name, flush_time);
+            }
+            if result.is_err() {
+                self.metrics.error("destination", "sync");
+            }
+            result.map_err(|source| PipelineError::Destination {
                 destination: name.clone(),
                 source,
             })?;
         }
+        // --- observability ---
+        if observed {
+            self.metrics.batch(batch.rows, batch.bytes);
+        }
         if let Some((end_lsn, commit_time)) = batch.last_commit.take() {
             // Only now, with every destination fsynced, may the slot move past this batch.
             self.feedback.update_applied_lsn(end_lsn.0);
+            // --- observability ---
+            self.metrics.transactions(batch.txns);
+            self.metrics.set_confirmed_lsn(end_lsn.0);
+            for (name, _) in &self.destinations {
+                self.metrics.set_destination_lsn(name, end_lsn.0);
+            }
             let mut p = lock(&self.progress);
             p.checkpoint = Some((end_lsn, commit_time));
             p.counters.transactions += batch.txns;

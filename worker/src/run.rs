@@ -8,6 +8,7 @@ use pg_walstream::CancellationToken;
 use tokio::sync::mpsc;
 
 use crate::destination::file::FileDestination;
+use crate::metrics::Metrics;
 use crate::pipeline::{Pipeline, Progress, lock};
 use crate::source::reader::ReplicationReader;
 use crate::source::{PgConnection, setup};
@@ -26,11 +27,13 @@ pub struct RunOptions {
     pub state_dir: PathBuf,
 }
 
-/// Runs until `cancel` fires (clean stop, `Ok`) or an error stops the flow.
+/// Runs until `cancel` fires (clean stop, `Ok`) or an error stops the flow, recording into
+/// `metrics`.
 pub async fn run(
     resolved: Resolved,
     options: RunOptions,
     cancel: CancellationToken,
+    metrics: Metrics,
 ) -> anyhow::Result<()> {
     let flow = &resolved.flow;
     let flow_name = flow.metadata.name.clone().unwrap_or_default();
@@ -52,6 +55,10 @@ pub async fn run(
     let catalog = Arc::new(conn.connect().await?);
     let slot = setup::prepare(&catalog, pg).await?;
     tracing::info!(slot = %pg.slot, resume_from = %slot.confirmed_flush_lsn, created = slot.created, "slot ready");
+    // --- observability: the gauge starts at the position the stream resumes from ---
+    if let Ok(lsn) = slot.confirmed_flush_lsn.parse::<crate::lsn::Lsn>() {
+        metrics.set_confirmed_lsn(lsn.0);
+    }
 
     let mut destinations = Vec::new();
     for (name, spec) in &resolved.destinations {
@@ -75,6 +82,7 @@ pub async fn run(
         batch_timeout,
         reader.feedback(),
         progress.clone(),
+        metrics.clone(),
     );
     let reporter = Arc::new(StatusReporter::new(
         options.status_file.clone(),
@@ -104,6 +112,7 @@ pub async fn run(
         let cancel = cancel.clone();
         let catalog = catalog.clone();
         let reporter = reporter.clone();
+        let metrics = metrics.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(status_interval);
             loop {
@@ -112,7 +121,9 @@ pub async fn run(
                     _ = cancel.cancelled() => return,
                 }
                 let snapshot = lock(&progress).clone();
-                reporter.report(&snapshot, Some(&catalog), true, None).await;
+                let status = reporter.report(&snapshot, Some(&catalog), true, None).await;
+                // --- observability: lag and retained WAL as the status computed them ---
+                metrics.observe_status(&status);
             }
         })
     };
@@ -126,6 +137,13 @@ pub async fn run(
     cancel.cancel();
     let _ = status_task.await;
 
+    // --- observability: destination errors were counted where they happened ---
+    if read_result.is_err() {
+        metrics.error("source", "replication");
+    }
+    if let Err(crate::pipeline::PipelineError::Protocol(_)) = &pipeline_result {
+        metrics.error("pipeline", "protocol");
+    }
     let error = match (&read_result, &pipeline_result) {
         (Err(e), _) => Some(e.to_string()),
         (_, Err(e)) => Some(e.to_string()),
