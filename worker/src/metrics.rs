@@ -225,7 +225,7 @@ impl Metrics {
         );
         registry.register_with_unit(
             "destination_write",
-            "Time to write one batch to a destination",
+            "Time spent writing one batch's records to a destination, before it is made durable (see wallaby_destination_flush_seconds)",
             Unit::Seconds,
             f.write_seconds.clone(),
         );

@@ -306,7 +306,8 @@ mod tests {
 
     #[test]
     fn standard_variables_turn_tracing_on_and_off() {
-        let cases: &[(&[(&str, &str)], Option<OtlpTarget>)] = &[
+        type Vars<'a> = &'a [(&'a str, &'a str)];
+        let cases: &[(Vars, Option<OtlpTarget>)] = &[
             (&[], None),
             (&[("OTEL_SERVICE_NAME", "w")], None),
             (

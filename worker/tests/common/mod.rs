@@ -105,11 +105,12 @@ impl TestDb {
         connect(&self.dsn).await
     }
 
-    /// `confirmed_flush_lsn` and `active` of a slot.
+    /// `confirmed_flush_lsn` and `active` of a slot (`None` also while the slot is still
+    /// being created: its position is NULL until it reaches a consistent point).
     pub async fn slot(&self, slot: &str) -> Option<(String, bool)> {
         self.admin
             .query_opt(
-                "SELECT confirmed_flush_lsn::text, active FROM pg_replication_slots WHERE slot_name = $1",
+                "SELECT confirmed_flush_lsn::text, active FROM pg_replication_slots WHERE slot_name = $1 AND confirmed_flush_lsn IS NOT NULL",
                 &[&slot],
             )
             .await
