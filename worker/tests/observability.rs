@@ -357,7 +357,7 @@ async fn start_collector() -> (SocketAddr, Received) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn batch_spans_with_destination_children_reach_the_collector() {
+async fn batch_spans_with_destination_children_reach_the_collector_by_the_flush_at_exit() {
     let (collector, received) = start_collector().await;
     let db = TestDb::create("traces").await;
     let sql = db.client().await;
@@ -376,7 +376,8 @@ async fn batch_spans_with_destination_children_reach_the_collector() {
             ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
             ("OTEL_SERVICE_NAME", &service),
             ("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=test"),
-            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+            // No periodic export: the spans can only arrive through the flush at exit.
+            ("OTEL_BSP_SCHEDULE_DELAY", "600000"),
         ],
     );
     wait_slot_active(&db, &worker).await;
@@ -384,6 +385,14 @@ async fn batch_spans_with_destination_children_reach_the_collector() {
     sql.batch_execute("INSERT INTO t SELECT generate_series(1, 7)")
         .await
         .unwrap();
+    wait_for("7 records on disk", DEADLINE, async || {
+        (records(dir.path()).len() >= 7).then_some(())
+    })
+    .await;
+    assert!(received.0.lock().unwrap().is_empty());
+    let (code, log) = worker.terminate();
+    assert_eq!(code, Some(0), "{log}");
+    assert!(log.contains("exporting traces over OTLP/gRPC"), "{log}");
 
     let (resource, batch, child) = wait_for(
         "a batch span with a destination.write child",
@@ -428,10 +437,6 @@ async fn batch_spans_with_destination_children_reach_the_collector() {
             && child.span.end_time_unix_nano <= batch.span.end_time_unix_nano,
         "the destination write happens within its batch"
     );
-
-    let (code, log) = worker.terminate();
-    assert_eq!(code, Some(0), "{log}");
-    assert!(log.contains("exporting traces over OTLP/gRPC"), "{log}");
     db.drop_all().await;
 }
 
