@@ -66,6 +66,9 @@ pub struct ChangeBatch {
     pub checkpoint_time: Option<DateTime<Utc>>,
     /// Rows per (qualified table, op) for metrics and counters.
     pub op_counts: Vec<(String, Op, u64)>,
+    /// The `batch` span: open from dispatch until the last destination is done with the
+    /// batch; each destination's write is a child span.
+    pub span: tracing::Span,
     /// Memory-budget reservation, released when the last destination drops the batch.
     _permit: Option<OwnedSemaphorePermit>,
 }
@@ -195,6 +198,7 @@ impl Batcher {
                 checkpoint: None,
                 checkpoint_time: None,
                 op_counts: Vec::new(),
+                span: tracing::Span::none(),
                 _permit: None,
             };
             *seq += 1;
@@ -372,6 +376,7 @@ impl Batcher {
             checkpoint: None,
             checkpoint_time: None,
             op_counts: Vec::new(),
+            span: tracing::Span::none(),
             _permit: None,
         })
     }

@@ -3,10 +3,12 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 use pg_walstream::CancellationToken;
+use wallaby_worker::metrics::{self, DEFAULT_METRICS_ADDR, Metrics, MetricsAddr};
 use wallaby_worker::run::{RunOptions, run};
 use wallaby_worker::standalone;
+use wallaby_worker::telemetry::{self, LogFormat};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -20,12 +22,6 @@ struct Cli {
     log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -46,6 +42,10 @@ enum Command {
         /// <system temp>/wallaby-spill/<slot>).
         #[arg(long, value_name = "DIR", env = "WALLABY_SPILL_DIR")]
         spill_dir: Option<PathBuf>,
+        /// Prometheus endpoint (`/metrics`, `/healthz`): IP:PORT, port 0 for any free port,
+        /// or `off`.
+        #[arg(long, value_name = "ADDR", env = "WALLABY_METRICS_ADDR", default_value = DEFAULT_METRICS_ADDR)]
+        metrics_addr: MetricsAddr,
     },
     /// Check a manifest file without connecting to anything.
     Validate {
@@ -60,7 +60,27 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(cli.log_format);
+    // Built before logging: the OTLP exporter's gRPC connection lives on this runtime.
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let telemetry = {
+        let _entered = runtime.enter();
+        match telemetry::init(cli.log_format, telemetry::log_filter_from_env()) {
+            Ok(guard) => guard,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    };
     let result = match cli.command {
         Command::Validate { file, flow } => standalone::load(&file, flow.as_deref())
             .map(|r| {
@@ -76,8 +96,11 @@ fn main() -> ExitCode {
             flow,
             status_file,
             spill_dir,
-        } => run_command(file, flow, status_file, spill_dir),
+            metrics_addr,
+        } => run_command(&runtime, file, flow, status_file, spill_dir, metrics_addr),
     };
+    // Export the last spans while the runtime still runs.
+    telemetry.shutdown();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -88,10 +111,12 @@ fn main() -> ExitCode {
 }
 
 fn run_command(
+    runtime: &tokio::runtime::Runtime,
     file: PathBuf,
     flow: Option<String>,
     status_file: Option<PathBuf>,
     spill_dir: Option<PathBuf>,
+    metrics_addr: MetricsAddr,
 ) -> anyhow::Result<()> {
     let resolved = standalone::load(&file, flow.as_deref())?;
     let name = resolved.flow.metadata.name.clone().unwrap_or_default();
@@ -101,13 +126,28 @@ fn run_command(
         state_dir,
         spill_dir,
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
     runtime.block_on(async {
         let cancel = CancellationToken::new();
         spawn_signal_handler(cancel.clone())?;
-        run(resolved, options, cancel).await
+        let metrics = Metrics::new();
+        // The endpoint outlives the flow's own shutdown so the last scrape sees final values.
+        let stop_metrics = CancellationToken::new();
+        let server = match metrics_addr {
+            MetricsAddr::Off => None,
+            MetricsAddr::Listen(addr) => {
+                Some(metrics::serve(addr, metrics.clone(), stop_metrics.clone()).await?)
+            }
+        };
+        let result = run(resolved, options, cancel, metrics).await;
+        stop_metrics.cancel();
+        if let Some((_, task)) = server {
+            match task.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "metrics endpoint"),
+                Err(e) => tracing::warn!(error = %e, "metrics endpoint task"),
+            }
+        }
+        result
     })
 }
 
@@ -131,19 +171,4 @@ fn chain(e: &anyhow::Error) -> String {
         .map(ToString::to_string)
         .collect::<Vec<_>>()
         .join(": ")
-}
-
-fn init_tracing(format: LogFormat) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("WALLABY_LOG")
-        .unwrap_or_else(|_| EnvFilter::new("info,pg_walstream=error,tokio_postgres=warn"));
-    use std::io::IsTerminal;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
 }

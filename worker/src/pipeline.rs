@@ -29,6 +29,7 @@ use crate::batch::{BatchError, Batcher, ChangeBatch, LogicalMessage, SchemaSourc
 use crate::change::{Op, SourceEvent};
 use crate::destination::{Destination, DestinationError, WriteAck};
 use crate::lsn::Lsn;
+use crate::metrics::Metrics;
 use crate::retry::{RetryDecision, RetryPolicy};
 
 /// Batches queued per destination before the pipeline waits (under `ackPolicy: all`).
@@ -179,6 +180,7 @@ pub struct Pipeline {
     handles: PipelineHandles,
     start: Lsn,
     schemas: Box<dyn SchemaSource>,
+    metrics: Metrics,
 }
 
 impl std::fmt::Debug for dyn SchemaSource {
@@ -195,6 +197,7 @@ impl Pipeline {
         handles: PipelineHandles,
         start: Lsn,
         schemas: Box<dyn SchemaSource>,
+        metrics: Metrics,
     ) -> Self {
         {
             let mut p = lock(&handles.progress);
@@ -214,6 +217,7 @@ impl Pipeline {
             handles,
             start,
             schemas,
+            metrics,
         }
     }
 
@@ -226,6 +230,7 @@ impl Pipeline {
             handles,
             start,
             mut schemas,
+            metrics,
         } = self;
         let names: Vec<String> = destinations.iter().map(|d| d.name.clone()).collect();
         let mut tracker = AckTracker::new(config.ack, destinations.len(), start);
@@ -244,7 +249,14 @@ impl Pipeline {
                 AckMode::Primary(p) if p == index => None,
                 _ => Some(parallelism.clone()),
             };
-            runners.spawn(run_destination(index, slot, rx, ack_tx.clone(), limit));
+            runners.spawn(run_destination(
+                index,
+                slot,
+                rx,
+                ack_tx.clone(),
+                limit,
+                metrics.clone(),
+            ));
         }
         drop(ack_tx);
 
@@ -256,6 +268,7 @@ impl Pipeline {
             names: &names,
             handles: &handles,
             secondary_limit: config.secondary_buffer_bytes,
+            metrics: &metrics,
         };
 
         // Phase 1: read, batch and dispatch until the source hangs up.
@@ -314,7 +327,9 @@ impl Pipeline {
                             opened = None;
                             state.dispatch(batch).await?;
                         }
-                        lock(&handles.progress).pending_bytes = batcher.pending_bytes();
+                        let pending = batcher.pending_bytes();
+                        lock(&handles.progress).pending_bytes = pending;
+                        metrics.set_pending_bytes(pending);
                     }
                 },
             }
@@ -343,12 +358,25 @@ struct Flow<'a> {
     names: &'a [String],
     handles: &'a PipelineHandles,
     secondary_limit: u64,
+    metrics: &'a Metrics,
 }
 
 impl Flow<'_> {
-    async fn dispatch(&mut self, batch: ChangeBatch) -> Result<(), PipelineError> {
+    async fn dispatch(&mut self, mut batch: ChangeBatch) -> Result<(), PipelineError> {
         let bytes = batch.bytes;
         let seq = batch.seq;
+        batch.span = tracing::info_span!(
+            "batch",
+            seq,
+            rows = batch.rows,
+            bytes,
+            transactions = batch.transactions,
+            lsn = batch.checkpoint.map(|l| l.to_string()).unwrap_or_default(),
+        );
+        self.metrics.batch(batch.rows, bytes);
+        for (table, op, n) in &batch.op_counts {
+            self.metrics.rows(table, op.as_str(), *n);
+        }
         let batch = Arc::new(batch);
         for (index, lane) in self.lanes.iter_mut().enumerate() {
             let Some(tx) = &lane.tx else { continue };
@@ -401,6 +429,8 @@ impl Flow<'_> {
                 counts,
             } => {
                 let advanced = self.tracker.durable(dest, lsn);
+                self.metrics
+                    .set_destination_lsn(&self.names[dest], self.tracker.destination(dest).0);
                 let mut p = lock(&self.handles.progress);
                 if let Some(d) = p.destinations.get_mut(dest) {
                     d.lsn = Some(self.tracker.destination(dest));
@@ -412,6 +442,7 @@ impl Flow<'_> {
                 if self.tracker.is_required(dest) && is_first_required(self.tracker, dest) {
                     p.counters.rows += rows;
                     p.counters.transactions += transactions;
+                    self.metrics.transactions(transactions);
                     p.counters.batches += 1;
                     for (_, op, n) in counts {
                         match op {
@@ -427,6 +458,7 @@ impl Flow<'_> {
                     self.handles.feedback.update_flushed_lsn(confirmed.0);
                     self.handles.feedback.update_applied_lsn(confirmed.0);
                     self.handles.confirmed.store(confirmed.0, Ordering::Release);
+                    self.metrics.set_confirmed_lsn(confirmed.0);
                     let time = time.unwrap_or_else(Utc::now);
                     p.checkpoint = Some((confirmed, time));
                     if p.oldest_pending.is_some_and(|t| t <= time) {
@@ -498,15 +530,18 @@ async fn run_destination(
     mut rx: mpsc::Receiver<Arc<ChangeBatch>>,
     acks: mpsc::UnboundedSender<AckEvent>,
     parallelism: Option<Arc<Semaphore>>,
+    metrics: Metrics,
 ) {
     // Transaction end (and its stats) accepted but not yet flushed.
     let mut unflushed: Option<Pending> = None;
     while let Some(batch) = rx.recv().await {
         let span = tracing::info_span!(
+            parent: &batch.span,
             "destination.write",
             destination = %slot.name,
             batch = batch.seq,
             rows = batch.rows,
+            bytes = batch.bytes,
         );
         let written = async {
             // The semaphore is never closed; if it were, write without the limit.
@@ -514,7 +549,7 @@ async fn run_destination(
                 Some(p) => p.acquire().await.ok(),
                 None => None,
             };
-            attempt(index, &mut slot, &acks, Attempt::Write(&batch)).await
+            attempt(index, &mut slot, &acks, Attempt::Write(&batch), &metrics).await
         }
         .instrument(span)
         .await;
@@ -543,8 +578,8 @@ async fn run_destination(
             continue;
         }
         if ack == WriteAck::Accepted {
-            let span = tracing::info_span!("destination.flush", destination = %slot.name);
-            let flushed = attempt(index, &mut slot, &acks, Attempt::Flush)
+            let span = tracing::info_span!(parent: &batch.span, "destination.flush", destination = %slot.name);
+            let flushed = attempt(index, &mut slot, &acks, Attempt::Flush, &metrics)
                 .instrument(span)
                 .await;
             if flushed.is_err() {
@@ -589,20 +624,35 @@ async fn attempt(
     slot: &mut DestinationSlot,
     acks: &mpsc::UnboundedSender<AckEvent>,
     what: Attempt<'_>,
+    metrics: &Metrics,
 ) -> Result<Option<WriteAck>, ()> {
     let mut attempt = 0u32;
     loop {
         attempt += 1;
+        let started = std::time::Instant::now();
         let result = match what {
-            Attempt::Write(batch) => slot.sink.write(batch).await.map(Some),
-            Attempt::Flush => slot.sink.flush().await.map(|()| None),
+            Attempt::Write(batch) => {
+                let r = slot.sink.write(batch).await.map(Some);
+                metrics.destination_write(&slot.name, batch.bytes, started.elapsed(), r.is_ok());
+                r
+            }
+            Attempt::Flush => {
+                let r = slot.sink.flush().await.map(|()| None);
+                metrics.destination_flush(&slot.name, started.elapsed());
+                r
+            }
         };
         let error = match result {
             Ok(v) => return Ok(v),
             Err(e) => e,
         };
+        metrics.error("destination", error.class.as_str());
         match slot.retry.decide(attempt, &error) {
             RetryDecision::RetryAfter(wait) => {
+                metrics.retry(
+                    &slot.name,
+                    error.class == crate::destination::ErrorClass::Transient,
+                );
                 let _ = acks.send(AckEvent::Failed {
                     dest: index,
                     attempt,

@@ -21,6 +21,7 @@ use crate::change::Relation;
 use crate::destination::TypeOverrides;
 use crate::destination::file::FileDestination;
 use crate::lsn::Lsn;
+use crate::metrics::Metrics;
 use crate::pipeline::{
     DestinationSlot, Pipeline, PipelineConfig, PipelineError, PipelineHandles, Progress, lock,
 };
@@ -88,14 +89,16 @@ pub fn open_destinations(
     Ok(slots)
 }
 
-/// Runs until `cancel` fires (clean stop, `Ok`) or an error stops the flow.
+/// Runs until `cancel` fires (clean stop, `Ok`) or an error stops the flow, recording into
+/// `metrics`.
 pub async fn run(
     resolved: Resolved,
     options: RunOptions,
     cancel: CancellationToken,
+    metrics: Metrics,
 ) -> anyhow::Result<()> {
     let destinations = open_destinations(&resolved.flow, &resolved.destinations)?;
-    run_with(resolved, destinations, options, cancel).await
+    run_with(resolved, destinations, options, cancel, metrics).await
 }
 
 /// Adapts the catalog type resolver to the batcher.
@@ -121,6 +124,7 @@ pub async fn run_with(
     destinations: Vec<DestinationSlot>,
     options: RunOptions,
     cancel: CancellationToken,
+    metrics: Metrics,
 ) -> anyhow::Result<()> {
     let flow = &resolved.flow;
     let flow_name = flow.metadata.name.clone().unwrap_or_default();
@@ -149,6 +153,7 @@ pub async fn run_with(
         .parse()
         .map_err(|e| anyhow::anyhow!("slot {}: bad confirmed_flush_lsn: {e}", pg.slot))?;
     let source_state = Arc::new(SourceState::start(&catalog, pg, &flow_id).await?);
+    metrics.set_confirmed_lsn(start.0);
 
     let ack = match flow.spec.ack_policy {
         AckPolicy::All => AckMode::All,
@@ -205,7 +210,14 @@ pub async fn run_with(
     };
     let progress = handles.progress.clone();
     let schemas = CatalogSchemas(TypeResolver::new(catalog.clone(), pg.resolve_types));
-    let pipeline = Pipeline::new(config, destinations, handles, start, Box::new(schemas));
+    let pipeline = Pipeline::new(
+        config,
+        destinations,
+        handles,
+        start,
+        Box::new(schemas),
+        metrics.clone(),
+    );
     let reporter = Arc::new(StatusReporter::new(
         options.status_file.clone(),
         pg.slot.clone(),
@@ -231,6 +243,7 @@ pub async fn run_with(
         let catalog = catalog.clone();
         let reporter = reporter.clone();
         let source_state = source_state.clone();
+        let metrics = metrics.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(status_interval);
             loop {
@@ -239,7 +252,8 @@ pub async fn run_with(
                     _ = cancel.cancelled() => return,
                 }
                 let snapshot = lock(&progress).clone();
-                reporter.report(&snapshot, Some(&catalog), true, None).await;
+                let status = reporter.report(&snapshot, Some(&catalog), true, None).await;
+                metrics.observe_status(&status);
                 record_checkpoint(&source_state, &catalog, &snapshot).await;
             }
         })
@@ -254,6 +268,15 @@ pub async fn run_with(
     cancel.cancel();
     let _ = status_task.await;
 
+    if read_result.is_err() {
+        metrics.error("source", "replication");
+    }
+    match &pipeline_result {
+        Err(PipelineError::Protocol(_)) => metrics.error("pipeline", "protocol"),
+        Err(PipelineError::Batch(_)) => metrics.error("pipeline", "decode"),
+        Err(PipelineError::GaveUp { .. }) => metrics.error("destination", "gave_up"),
+        Ok(()) => {}
+    }
     let mut error = match (&read_result, &pipeline_result) {
         (Err(e), _) => Some(e.to_string()),
         (_, Err(e)) => Some(e.to_string()),

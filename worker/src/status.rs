@@ -43,14 +43,15 @@ impl StatusReporter {
         }
     }
 
-    /// Builds the status from pipeline progress and the slot, writes it, logs a summary.
+    /// Builds the status from pipeline progress and the slot, writes it, logs a summary,
+    /// and returns it (metrics take lag and retained WAL from it).
     pub async fn report(
         &self,
         progress: &Progress,
         catalog: Option<&Client>,
         running: bool,
         error: Option<&str>,
-    ) {
+    ) -> FlowStatus {
         let view = match catalog {
             Some(c) => self.slot_view(c).await.unwrap_or_else(|e| {
                 tracing::warn!(error = %e, "reading slot status");
@@ -79,6 +80,7 @@ impl StatusReporter {
                 .unwrap_or(0),
             "status"
         );
+        status
     }
 
     async fn slot_view(&self, catalog: &Client) -> Result<SlotView, tokio_postgres::Error> {

@@ -256,7 +256,13 @@ fn start(
         state_dir: dir.join("state"),
         spill_dir: Some(dir.join("spill")),
     };
-    let task = tokio::spawn(run_with(resolved, slots, options, cancel.clone()));
+    let task = tokio::spawn(run_with(
+        resolved,
+        slots,
+        options,
+        cancel.clone(),
+        wallaby_worker::metrics::Metrics::new(),
+    ));
     Running {
         cancel,
         task,

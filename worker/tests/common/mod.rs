@@ -225,6 +225,8 @@ impl Worker {
             .arg("--status-file")
             .arg(dir.join("status.json"))
             .env("WALLABY_LOG", "info,wallaby_worker=debug")
+            // Tests run workers side by side: any free port, not the shared default.
+            .env("WALLABY_METRICS_ADDR", "127.0.0.1:0")
             .envs(env.iter().map(|(k, v)| (*k, *v)))
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("log file"))
