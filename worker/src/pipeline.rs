@@ -34,6 +34,8 @@ use crate::retry::{RetryDecision, RetryPolicy};
 
 /// Batches queued per destination before the pipeline waits (under `ackPolicy: all`).
 const QUEUE_BATCHES: usize = 8;
+/// How long a stop waits for destinations to make what was read durable.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 
 /// Health of one destination as the status reports it.
 #[derive(Debug, Clone, Default)]
@@ -168,6 +170,8 @@ enum AckEvent {
 
 struct Lane {
     tx: Option<mpsc::Sender<Arc<ChangeBatch>>>,
+    /// Stops the runner of a detached destination (it may be stuck in a write).
+    abort: Option<tokio::task::AbortHandle>,
     /// Bytes sent but not yet written (secondaries only are bounded by this).
     queued_bytes: u64,
 }
@@ -242,6 +246,7 @@ impl Pipeline {
             let (tx, rx) = mpsc::channel(QUEUE_BATCHES);
             lanes.push(Lane {
                 tx: Some(tx),
+                abort: None,
                 queued_bytes: 0,
             });
             // Under `ackPolicy: primary` the primary never queues behind a secondary.
@@ -249,14 +254,14 @@ impl Pipeline {
                 AckMode::Primary(p) if p == index => None,
                 _ => Some(parallelism.clone()),
             };
-            runners.spawn(run_destination(
+            lanes[index].abort = Some(runners.spawn(run_destination(
                 index,
                 slot,
                 rx,
                 ack_tx.clone(),
                 limit,
                 metrics.clone(),
-            ));
+            )));
         }
         drop(ack_tx);
 
@@ -343,8 +348,25 @@ impl Pipeline {
         for lane in state.lanes.iter_mut() {
             lane.tx = None;
         }
-        while let Some(ack) = ack_rx.recv().await {
-            state.on_ack(ack)?;
+        // A destination hung in a write must not hang the stop: after the grace period its
+        // runner is dropped; what it had not made durable was never confirmed, so it is
+        // delivered again after the restart.
+        let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
+            while let Some(ack) = ack_rx.recv().await {
+                state.on_ack(ack)?;
+            }
+            Ok::<(), PipelineError>(())
+        })
+        .await;
+        match drained {
+            Ok(result) => result?,
+            Err(_) => {
+                tracing::warn!(
+                    grace = ?SHUTDOWN_GRACE,
+                    "destinations did not finish within the grace period; stopping without them"
+                );
+                runners.abort_all();
+            }
         }
         while runners.join_next().await.is_some() {}
         Ok(())
@@ -399,6 +421,9 @@ impl Flow<'_> {
                 lane.queued_bytes += bytes;
             } else {
                 lane.tx = None;
+                if let Some(abort) = lane.abort.take() {
+                    abort.abort();
+                }
                 let reason = format!(
                     "fell behind the primary by more than its buffer ({limit} bytes) at batch {seq}; it stopped receiving changes after LSN {} and must be re-synced (backfill) or the flow restarted",
                     self.tracker.destination(index)
