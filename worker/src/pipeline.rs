@@ -465,7 +465,13 @@ impl Flow<'_> {
                 // Counters follow the destinations that drive the slot, so they count
                 // what was made durable there once.
                 if self.tracker.is_required(dest) && is_first_required(self.tracker, dest) {
-                    p.counters.rows += rows;
+                    // A truncate is counted apart, not as a row.
+                    let _ = rows;
+                    p.counters.rows += counts
+                        .iter()
+                        .filter(|(_, op, _)| *op != Op::Truncate)
+                        .map(|(_, _, n)| n)
+                        .sum::<u64>();
                     p.counters.transactions += transactions;
                     self.metrics.transactions(transactions);
                     p.counters.batches += 1;
