@@ -84,18 +84,8 @@ impl ChangeBatch {
 #[derive(Debug, thiserror::Error)]
 pub enum BatchError {
     /// A value's text did not parse as its column's type.
-    #[error("table {table}, column {column} ({type_name}): {source}")]
-    Decode {
-        /// Qualified table.
-        table: String,
-        /// Column.
-        column: String,
-        /// PostgreSQL type.
-        type_name: String,
-        /// Why.
-        #[source]
-        source: wallaby_codec::CodecError,
-    },
+    #[error("{0}")]
+    Decode(Box<DecodeError>),
     /// The column types of a table could not be resolved.
     #[error("resolving the column types of {table}: {message}")]
     Schema {
@@ -107,6 +97,21 @@ pub enum BatchError {
     /// The source broke its own protocol.
     #[error("{0}")]
     Protocol(String),
+}
+
+/// A value that did not decode, with where it was.
+#[derive(Debug, thiserror::Error)]
+#[error("table {table}, column {column} ({type_name}): {source}")]
+pub struct DecodeError {
+    /// Qualified table.
+    pub table: String,
+    /// Column.
+    pub column: String,
+    /// PostgreSQL type.
+    pub type_name: String,
+    /// Why.
+    #[source]
+    pub source: wallaby_codec::CodecError,
 }
 
 /// Turns a pgoutput relation into a typed table schema (type resolution through
@@ -427,23 +432,25 @@ fn decode_row(
                 Value::Null
             }
             Cell::Text(text) => {
-                let text = std::str::from_utf8(text).map_err(|e| BatchError::Decode {
-                    table: schema.qualified_name(),
-                    column: column.name.clone(),
-                    type_name: column.ty.name.clone(),
-                    source: wallaby_codec::CodecError::Text {
+                let text = std::str::from_utf8(text).map_err(|e| {
+                    BatchError::Decode(Box::new(DecodeError {
+                        table: schema.qualified_name(),
+                        column: column.name.clone(),
                         type_name: column.ty.name.clone(),
-                        text: String::from_utf8_lossy(&text[..text.len().min(200)]).into(),
-                        reason: format!("not UTF-8: {e}"),
-                    },
+                        source: wallaby_codec::CodecError::Text {
+                            type_name: column.ty.name.clone(),
+                            text: String::from_utf8_lossy(&text[..text.len().min(200)]).into(),
+                            reason: format!("not UTF-8: {e}"),
+                        },
+                    }))
                 })?;
                 wallaby_codec::text::decode(&column.ty, text).map_err(|source| {
-                    BatchError::Decode {
+                    BatchError::Decode(Box::new(DecodeError {
                         table: schema.qualified_name(),
                         column: column.name.clone(),
                         type_name: column.ty.name.clone(),
                         source,
-                    }
+                    }))
                 })?
             }
         };
