@@ -94,6 +94,11 @@ pub enum PipelineError {
     /// The source broke its own protocol.
     #[error("{0}")]
     Protocol(String),
+    /// Destinations did not make the last changes durable before the stop deadline.
+    #[error(
+        "destinations did not finish within {0:?} of the stop; changes after the slot's confirmed position are delivered again after the restart"
+    )]
+    Stuck(Duration),
 }
 
 /// Settings of the stage, validated at the edge.
@@ -151,6 +156,7 @@ enum AckEvent {
         lsn: Lsn,
         time: Option<DateTime<Utc>>,
         rows: u64,
+        bytes: u64,
         transactions: u64,
         counts: Vec<(String, Op, u64)>,
     },
@@ -450,6 +456,7 @@ impl Flow<'_> {
                 lsn,
                 time,
                 rows,
+                bytes,
                 transactions,
                 counts,
             } => {
@@ -473,6 +480,7 @@ impl Flow<'_> {
                         .map(|(_, _, n)| n)
                         .sum::<u64>();
                     p.counters.transactions += transactions;
+                    p.counters.bytes += bytes;
                     self.metrics.transactions(transactions);
                     p.counters.batches += 1;
                     for (_, op, n) in counts {
@@ -574,14 +582,14 @@ async fn run_destination(
             rows = batch.rows,
             bytes = batch.bytes,
         );
-        let written = async {
-            // The semaphore is never closed; if it were, write without the limit.
-            let _permit = match &parallelism {
-                Some(p) => p.acquire().await.ok(),
-                None => None,
-            };
-            attempt(index, &mut slot, &acks, Attempt::Write(&batch), &metrics).await
-        }
+        let written = attempt(
+            index,
+            &mut slot,
+            &acks,
+            Attempt::Write(&batch),
+            &metrics,
+            parallelism.as_deref(),
+        )
         .instrument(span)
         .await;
         let ack = match written {
@@ -595,6 +603,7 @@ async fn run_destination(
         });
         let pending = unflushed.get_or_insert_with(Pending::default);
         pending.rows += batch.rows;
+        pending.bytes += batch.bytes;
         pending.transactions += batch.transactions;
         for (t, op, n) in &batch.op_counts {
             pending.counts.push((t.clone(), *op, *n));
@@ -610,9 +619,16 @@ async fn run_destination(
         }
         if ack == WriteAck::Accepted {
             let span = tracing::info_span!(parent: &batch.span, "destination.flush", destination = %slot.name);
-            let flushed = attempt(index, &mut slot, &acks, Attempt::Flush, &metrics)
-                .instrument(span)
-                .await;
+            let flushed = attempt(
+                index,
+                &mut slot,
+                &acks,
+                Attempt::Flush,
+                &metrics,
+                parallelism.as_deref(),
+            )
+            .instrument(span)
+            .await;
             if flushed.is_err() {
                 return;
             }
@@ -625,6 +641,7 @@ async fn run_destination(
                 lsn,
                 time: p.time,
                 rows: p.rows,
+                bytes: p.bytes,
                 transactions: p.transactions,
                 counts: p.counts,
             });
@@ -637,6 +654,7 @@ struct Pending {
     lsn: Option<Lsn>,
     time: Option<DateTime<Utc>>,
     rows: u64,
+    bytes: u64,
     transactions: u64,
     counts: Vec<(String, Op, u64)>,
 }
@@ -656,10 +674,18 @@ async fn attempt(
     acks: &mpsc::UnboundedSender<AckEvent>,
     what: Attempt<'_>,
     metrics: &Metrics,
+    parallelism: Option<&Semaphore>,
 ) -> Result<Option<WriteAck>, ()> {
     let mut attempt = 0u32;
     loop {
         attempt += 1;
+        // The permit covers one attempt: a destination backing off between retries does
+        // not hold up the others. The semaphore is never closed; if it were, go on
+        // without the limit.
+        let permit = match parallelism {
+            Some(p) => p.acquire().await.ok(),
+            None => None,
+        };
         let started = std::time::Instant::now();
         let result = match what {
             Attempt::Write(batch) => {
@@ -673,6 +699,7 @@ async fn attempt(
                 r
             }
         };
+        drop(permit);
         let error = match result {
             Ok(v) => return Ok(v),
             Err(e) => e,

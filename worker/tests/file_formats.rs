@@ -159,7 +159,10 @@ async fn every_format_decodes_back_to_the_source_rows() {
         .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
         .collect();
     assert!(text.contains("\"amount\":12.5"), "{text}");
-    assert!(text.contains("float64"), "the header records the mapping: {text}");
+    assert!(
+        text.contains("float64"),
+        "the header records the mapping: {text}"
+    );
     let (code, log) = worker.terminate();
     assert_eq!(code, Some(0), "{log}");
     db.drop_all().await;
