@@ -215,10 +215,24 @@ impl Batcher {
     /// still hold earlier batches (this is the back-pressure that bounds memory).
     async fn charge(&mut self, bytes: u64) {
         let total = (self.budget_bytes / PERMIT_UNIT).clamp(1, Semaphore::MAX_PERMITS as u64);
-        let want = bytes.div_ceil(PERMIT_UNIT).clamp(1, total) as u32;
+        // Permits are whole KiB of the batch's running total, so small rows are charged
+        // what they cost, not a KiB each.
+        let (before, held) = match &self.current {
+            Some(b) => (
+                b.bytes,
+                b._permit.as_ref().map_or(0, |p| p.num_permits() as u64),
+            ),
+            None => (0, 0),
+        };
+        let needed = (before + bytes).div_ceil(PERMIT_UNIT).min(total);
+        let want = needed.saturating_sub(held) as u32;
         // The semaphore is never closed, so acquisition only fails if it were; then the
         // batch proceeds uncharged rather than stalling the flow.
-        let permit = self.budget.clone().acquire_many_owned(want).await.ok();
+        let permit = if want > 0 {
+            self.budget.clone().acquire_many_owned(want).await.ok()
+        } else {
+            None
+        };
         let batch = self.batch();
         batch.bytes += bytes;
         match (&mut batch._permit, permit) {

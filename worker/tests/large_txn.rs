@@ -61,7 +61,13 @@ async fn streamed_txns(db: &TestDb) -> i64 {
         .unwrap_or(0)
 }
 
-async fn setup(prefix: &str, batch_size: u32) -> (TestDb, tempfile::TempDir, Worker) {
+/// A table `t` and a worker with `batchSize: batch_size` (and `memoryBudgetBytes` when
+/// given), attached to its slot, with a spill directory it has cleaned at start.
+async fn setup(
+    prefix: &str,
+    batch_size: u32,
+    memory_budget_bytes: Option<u64>,
+) -> (TestDb, tempfile::TempDir, Worker) {
     let db = TestDb::create(prefix).await;
     db.client()
         .await
@@ -74,7 +80,12 @@ async fn setup(prefix: &str, batch_size: u32) -> (TestDb, tempfile::TempDir, Wor
         &db.dsn,
         &db.name,
         &["t"],
-        &format!("      batchSize: {batch_size}"),
+        &match memory_budget_bytes {
+            Some(budget) => {
+                format!("      batchSize: {batch_size}\n      memoryBudgetBytes: {budget}")
+            }
+            None => format!("      batchSize: {batch_size}"),
+        },
     );
     let spill = dir.path().join("spill");
     // A leftover of a crashed run: useless (the server re-sends), so it must go at start.
@@ -91,12 +102,28 @@ async fn setup(prefix: &str, batch_size: u32) -> (TestDb, tempfile::TempDir, Wor
     (db, dir, worker)
 }
 
+/// Primary keys of the rows of `t`, in delivery (file) order: with one table each batch is
+/// one payload, so file order is the order the worker delivered them in.
 fn ids(records: &[Value]) -> Vec<i64> {
     records
         .iter()
-        .filter(|r| r["table"] == "t")
-        .map(|r| r["key"]["id"].as_i64().unwrap())
+        .filter(|r| r["table"] == "public.t")
+        .map(|r| {
+            let row = if r["op"] == "delete" {
+                &r["before"]
+            } else {
+                &r["after"]
+            };
+            row["id"].as_i64().unwrap_or_else(|| panic!("no id in {r}"))
+        })
         .collect()
+}
+
+/// A change's own WAL position, or its transaction's commit position (`field`).
+fn lsn_of(r: &Value, field: &str) -> u64 {
+    r[field]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{field} is not a number in {r}"))
 }
 
 /// Waits until a spill file of at least `bytes` exists: the open transaction was streamed.
@@ -115,8 +142,19 @@ async fn wait_spilled(spill: &Path, bytes: u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_million_row_transaction_is_delivered_whole_with_bounded_memory() {
     const ROWS: usize = 1_000_000;
-    let (db, dir, worker) = setup("million", 10_000).await;
+    // The pipeline holds at most `memoryBudgetBytes` of decoded changes (the batch being
+    // assembled and batches not yet written); 32 MiB is the smallest budget that fits two
+    // batches of the default `batchMaxBytes` (8 MiB), so the peak is set by configuration.
+    const BUDGET: u64 = 32 << 20;
+    // What the worker holds outside the budget while a transaction streams through: the
+    // bounded event channel from the reader, the spill file's read buffer, one batch encoded
+    // as JSON lines (≈ 2 MiB for 10,000 rows), the file writer's 1 MiB buffer, allocator
+    // slack.
+    const OUTSIDE_BUDGET: u64 = 16 << 20;
+    let (db, dir, worker) = setup("million", 10_000, Some(BUDGET)).await;
     let spill = dir.path().join("spill");
+    // The attached, idle worker: code, runtime, connection buffers.
+    let idle_rss_kib = worker.peak_rss_kib();
 
     let started = Instant::now();
     let insert = db.client().await;
@@ -155,7 +193,7 @@ async fn a_million_row_transaction_is_delivered_whole_with_bounded_memory() {
     assert_eq!(got.iter().max(), Some(&(ROWS as i64)));
     assert!(
         all.iter()
-            .all(|r| r["lsn"] == all[0]["lsn"] && r["xid"] == all[0]["xid"]),
+            .all(|r| r["commit_lsn"] == all[0]["commit_lsn"] && r["xid"] == all[0]["xid"]),
         "one transaction"
     );
     assert!(streamed >= 1, "the server streamed the transaction");
@@ -169,34 +207,46 @@ async fn a_million_row_transaction_is_delivered_whole_with_bounded_memory() {
         "spill file removed after commit"
     );
 
-    // What holding the transaction would cost: its records as JSON (the smallest form the
-    // worker ever has of them; decoded rows in memory take more). A quarter of that is
-    // far above a streaming worker's need (buffers, the bounded event channel) and far
-    // below any implementation that keeps the transaction.
+    // What holding the transaction would cost: its records as JSON (a compact form of
+    // them; decoded rows in memory take more).
     let record_bytes: u64 = std::fs::read_dir(dir.path().join("out"))
         .unwrap()
         .map(|e| e.unwrap().metadata().unwrap().len())
         .sum();
-    let bound_kib = record_bytes / 4 / 1024;
+    // The worker may grow above its idle size by the budget plus what lives outside it;
+    // that bound must itself be far below holding the transaction (a quarter of its
+    // records), or this test could not tell a streaming worker from one that keeps it.
+    let growth_bound_kib = (BUDGET + OUTSIDE_BUDGET) / 1024;
+    let bound_kib = idle_rss_kib + growth_bound_kib;
     eprintln!(
         "1M-row transaction: committed after {committed:?}, durable downstream after {delivered:?}; \
-         worker peak RSS {} MiB (bound {} MiB = 25% of {} MiB of records); spill file {} MiB; \
+         worker peak RSS {} MiB (idle {} MiB; bound {} MiB = idle + memoryBudgetBytes {} MiB \
+         + {} MiB outside the budget; the records are {} MiB as JSON); spill file {} MiB; \
          streamed transactions {streamed}",
         peak_rss_kib / 1024,
+        idle_rss_kib / 1024,
         bound_kib / 1024,
-        record_bytes / 1024 / 1024,
-        spilled / 1024 / 1024,
+        BUDGET >> 20,
+        OUTSIDE_BUDGET >> 20,
+        record_bytes >> 20,
+        spilled >> 20,
+    );
+    assert!(
+        growth_bound_kib < record_bytes / 4 / 1024,
+        "the memory bound ({growth_bound_kib} KiB above idle) is not far below the \
+         transaction's {record_bytes} bytes of records"
     );
     assert!(
         peak_rss_kib < bound_kib,
-        "peak RSS {peak_rss_kib} KiB is not below {bound_kib} KiB"
+        "peak RSS {peak_rss_kib} KiB is not below {bound_kib} KiB \
+         (idle {idle_rss_kib} KiB + budget + outside-budget allowance)"
     );
     db.drop_all().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_aborted_streamed_transaction_is_never_delivered() {
-    let (db, dir, worker) = setup("abort", 1000).await;
+    let (db, dir, worker) = setup("abort", 1000, None).await;
     let spill = dir.path().join("spill");
     let big = db.client().await;
     big.batch_execute("BEGIN; INSERT INTO t SELECT g, 0 FROM generate_series(1, 20000) g")
@@ -227,7 +277,7 @@ async fn an_aborted_streamed_transaction_is_never_delivered() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rolled_back_savepoints_of_a_streamed_transaction_are_left_out() {
-    let (db, dir, worker) = setup("savepoint", 1000).await;
+    let (db, dir, worker) = setup("savepoint", 1000, None).await;
     let spill = dir.path().join("spill");
     let big = db.client().await;
     big.batch_execute(
@@ -280,7 +330,7 @@ async fn rolled_back_savepoints_of_a_streamed_transaction_are_left_out() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_small_transaction_committed_during_a_streamed_one_is_delivered_first() {
-    let (db, dir, worker) = setup("interleave", 1000).await;
+    let (db, dir, worker) = setup("interleave", 1000, None).await;
     let spill = dir.path().join("spill");
     let big = db.client().await;
     big.batch_execute(
@@ -307,6 +357,11 @@ async fn a_small_transaction_committed_during_a_streamed_one_is_delivered_first(
         vec![900001],
         "nothing of the open one yet"
     );
+    assert_eq!(
+        messages(dir.path()),
+        Vec::<Value>::new(),
+        "not even its message"
+    );
 
     big.batch_execute("INSERT INTO t SELECT g, 1 FROM generate_series(10001, 20000) g;")
         .await
@@ -326,24 +381,48 @@ async fn a_small_transaction_committed_during_a_streamed_one_is_delivered_first(
         (1..=20_000).collect::<Vec<i64>>(),
         "rows in order"
     );
-    let lsn = |r: &Value| parse_lsn(r["lsn"].as_str().unwrap());
-    assert!(lsn(&all[0]) < lsn(all.last().unwrap()));
-    // The transactional message travels inside its (streamed) transaction, in place.
-    let message = all.iter().position(|r| r["op"] == "message").unwrap();
+    let big_commit = lsn_of(all.last().unwrap(), "commit_lsn");
+    assert!(lsn_of(&all[0], "commit_lsn") < big_commit);
+    assert!(
+        all[1..]
+            .iter()
+            .all(|r| lsn_of(r, "commit_lsn") == big_commit && r["xid"] == all[1]["xid"]),
+        "the 20,000 rows are one transaction"
+    );
+    assert!(
+        all[1..]
+            .windows(2)
+            .all(|w| lsn_of(&w[0], "lsn") < lsn_of(&w[1], "lsn")),
+        "each row keeps its own, increasing WAL position"
+    );
+    // The transactional message travels inside its (streamed) transaction, in place: the
+    // file destination writes messages on their own lines, so its place is its LSN.
+    let messages = messages(dir.path());
+    assert_eq!(messages.len(), 1, "{messages:?}");
+    let message = &messages[0];
+    assert_eq!(message["prefix"], "big");
+    assert_eq!(message["content"], "inside");
+    assert_eq!(message["transactional"], true);
     assert_eq!(
-        message, 10_001,
+        parse_lsn(message["commit_lsn"].as_str().unwrap()),
+        big_commit,
+        "the message belongs to the big transaction"
+    );
+    let message_lsn = parse_lsn(message["lsn"].as_str().unwrap());
+    let rows_before = all[1..]
+        .iter()
+        .take_while(|r| lsn_of(r, "lsn") < message_lsn)
+        .count();
+    assert_eq!(
+        rows_before, 10_000,
         "after the first 10,000 rows of the big transaction"
     );
-    assert_eq!(all[message]["prefix"], "big");
-    assert_eq!(all[message]["content"], "inside");
-    assert_eq!(all[message]["xid"], all.last().unwrap()["xid"]);
-    assert_eq!(all[message]["lsn"], all.last().unwrap()["lsn"]);
     db.drop_all().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_mid_stream_loses_nothing_and_the_next_run_starts_a_fresh_spill() {
-    let (db, dir, worker) = setup("crash", 1000).await;
+    let (db, dir, worker) = setup("crash", 1000, None).await;
     let spill = dir.path().join("spill");
     let big = db.client().await;
     big.batch_execute("BEGIN; INSERT INTO t SELECT g, 0 FROM generate_series(1, 10000) g")

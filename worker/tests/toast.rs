@@ -87,11 +87,14 @@ impl Case {
     }
 }
 
+/// The update of row `id` (an update always carries `after`, and with it the key).
 fn update_of(updates: &[Value], id: i64) -> &Value {
-    updates
+    let r = updates
         .iter()
-        .find(|r| r["key"]["id"] == id)
-        .unwrap_or_else(|| panic!("no update of row {id} in {updates:?}"))
+        .find(|r| r["after"]["id"] == id)
+        .unwrap_or_else(|| panic!("no update of row {id} in {updates:?}"));
+    assert_eq!(r["table"], "public.docs", "{r}");
+    r
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -102,10 +105,11 @@ async fn off_flags_the_unchanged_column_and_carries_no_value() {
     case.sql("UPDATE docs SET title = 'b' WHERE id = 1").await;
     let (db, updates) = case.updates(2).await;
     let r = update_of(&updates, 1);
-    assert_eq!(r["unchanged_toast"], json!(["big"]));
+    assert_eq!(r["after_absent"], json!(["big"]));
+    // An absent column is null in the record; the list says it was not sent.
     assert_eq!(
         r["after"],
-        json!({"id": 1, "title": "b"}),
+        json!({"id": 1, "title": "b", "big": null}),
         "no value for big"
     );
     db.drop_all().await;
@@ -123,12 +127,12 @@ async fn source_reselects_the_unchanged_column_and_a_deleted_row_stays_flagged()
     assert!(want.len() > 8192);
     let (db, updates) = case.updates(3).await;
     let r = update_of(&updates, 100);
-    assert_eq!(r["unchanged_toast"], json!([]));
+    assert_eq!(r["after_absent"], json!([]));
     assert_eq!(r["after"]["title"], "b");
     assert_eq!(r["after"]["big"], json!(want));
     let gone = update_of(&updates, 101);
-    assert_eq!(gone["unchanged_toast"], json!(["big"]));
-    assert!(gone["after"].get("big").is_none());
+    assert_eq!(gone["after_absent"], json!(["big"]));
+    assert_eq!(gone["after"]["big"], Value::Null, "{gone}");
     db.drop_all().await;
 }
 
@@ -139,7 +143,7 @@ async fn full_reselects_the_row() {
     let want = case.big(100).await;
     let (db, updates) = case.updates(1).await;
     let r = update_of(&updates, 100);
-    assert_eq!(r["unchanged_toast"], json!([]));
+    assert_eq!(r["after_absent"], json!([]));
     assert_eq!(r["after"], json!({"id": 100, "title": "b", "big": want}));
     db.drop_all().await;
 }
@@ -155,15 +159,15 @@ async fn cache_fills_what_the_worker_saw_inserted_and_flags_the_rest() {
     case.sql("UPDATE docs SET title = 'b' WHERE id = 100").await;
     let want = case.big(1).await;
     let (db, updates) = case.updates(4).await;
-    let filled: Vec<&Value> = updates.iter().filter(|r| r["key"]["id"] == 1).collect();
+    let filled: Vec<&Value> = updates.iter().filter(|r| r["after"]["id"] == 1).collect();
     assert_eq!(filled.len(), 2);
     for r in filled {
-        assert_eq!(r["unchanged_toast"], json!([]), "{r}");
+        assert_eq!(r["after_absent"], json!([]), "{r}");
         assert_eq!(r["after"]["big"], json!(want));
     }
     let miss = update_of(&updates, 100);
-    assert_eq!(miss["unchanged_toast"], json!(["big"]));
-    assert!(miss["after"].get("big").is_none());
+    assert_eq!(miss["after_absent"], json!(["big"]));
+    assert_eq!(miss["after"]["big"], Value::Null, "{miss}");
     db.drop_all().await;
 }
 
@@ -179,7 +183,7 @@ async fn source_fills_rows_of_a_streamed_transaction_at_replay() {
     let want = case.big(100).await;
     let (db, updates) = case.updates(3002).await;
     let r = update_of(&updates, 100);
-    assert_eq!(r["unchanged_toast"], json!([]));
+    assert_eq!(r["after_absent"], json!([]));
     assert_eq!(r["after"]["big"], json!(want));
     let admin = connect(superuser_dsn()).await;
     let streamed: i64 = admin

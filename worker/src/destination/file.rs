@@ -31,6 +31,9 @@ pub struct FileDestination {
     dir_dirty: bool,
     /// Files opened by this process.
     sequence: u32,
+    /// Millisecond stamp of the last file name: names increase strictly, so sorting them
+    /// gives write order even when several files open within one millisecond.
+    last_millis: u128,
 }
 
 #[derive(Debug)]
@@ -70,6 +73,7 @@ impl FileDestination {
             staged: Vec::new(),
             dir_dirty: false,
             sequence: 0,
+            last_millis: 0,
         })
     }
 
@@ -82,9 +86,9 @@ impl FileDestination {
         }
         if self.current.is_none() {
             let seq = self.next_sequence();
+            let millis = self.next_millis();
             let path = self.dir.join(format!(
-                "changes-{:013}-{first_lsn:016X}-{seq:06}.jsonl",
-                now_millis(),
+                "changes-{millis:013}-{first_lsn:016X}-{seq:06}.jsonl"
             ));
             let file = OpenOptions::new()
                 .create_new(true)
@@ -106,6 +110,11 @@ impl FileDestination {
             f.bytes += lines.len() as u64;
         }
         Ok(())
+    }
+
+    fn next_millis(&mut self) -> u128 {
+        self.last_millis = now_millis().max(self.last_millis + 1);
+        self.last_millis
     }
 
     fn next_sequence(&mut self) -> u32 {
@@ -133,13 +142,12 @@ impl FileDestination {
                     .map_err(|e| DestinationError::from_io("file destination", &e))?;
                 continue;
             }
+            let (millis, seq) = (self.next_millis(), self.next_sequence());
             let name = format!(
-                "{}.{}.v{}-{:013}-{first_lsn:016X}-{:06}.{}",
+                "{}.{}.v{}-{millis:013}-{first_lsn:016X}-{seq:06}.{}",
                 schema.schema,
                 schema.table,
                 schema.version,
-                now_millis(),
-                self.next_sequence(),
                 self.format.extension()
             );
             let path = self.dir.join(&name);

@@ -298,6 +298,37 @@ pub fn records(dir: &Path) -> Vec<Value> {
     all
 }
 
+/// Every logical-message line (`{"kind": "message", …}`) in the output directory, in file
+/// then line order. The file destination writes them as their own lines, after the change
+/// payloads of their batch, so their place among changes is told by `lsn`, not file order.
+pub fn messages(dir: &Path) -> Vec<Value> {
+    output_lines(dir)
+        .into_iter()
+        .filter(|v| v["kind"] == "message")
+        .collect()
+}
+
+/// Every complete JSON line of the output directory (headers, changes, messages), in file
+/// then line order.
+pub fn output_lines(dir: &Path) -> Vec<Value> {
+    let out = dir.join("out");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&out)
+        .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
+        .unwrap_or_default();
+    files.retain(|p| p.extension().is_some_and(|e| e == "jsonl"));
+    files.sort();
+    let mut all = Vec::new();
+    for f in files {
+        for line in std::fs::read_to_string(&f).unwrap_or_default().lines() {
+            // A line being written right now may be incomplete; the caller polls again.
+            if let Ok(v) = serde_json::from_str::<Value>(line) {
+                all.push(v);
+            }
+        }
+    }
+    all
+}
+
 /// Spill files (`xid-*.spill`) in a spill directory and their total size.
 pub fn spill_files(spill: &Path) -> (usize, u64) {
     std::fs::read_dir(spill)
