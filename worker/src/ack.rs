@@ -140,7 +140,11 @@ mod tests {
     fn a_spooled_secondary_gates_the_slot_until_it_is_detached() {
         let mut t = AckTracker::new(AckMode::Primary(0), 2, Lsn(10));
         assert_eq!(t.spooled(1, Lsn(30)), None, "the primary is still at 10");
-        assert_eq!(t.durable(0, Lsn(50)), Some(Lsn(30)), "held at the spool's end");
+        assert_eq!(
+            t.durable(0, Lsn(50)),
+            Some(Lsn(30)),
+            "held at the spool's end"
+        );
         assert_eq!(t.spooled(1, Lsn(40)), Some(Lsn(40)));
         assert_eq!(t.ungate(1), Some(Lsn(50)), "detached: the primary alone");
         assert_eq!(t.destination(1), Lsn(10), "its own position is unchanged");
