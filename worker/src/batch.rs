@@ -111,9 +111,10 @@ pub enum BatchError {
         column: String,
         /// PostgreSQL type.
         type_name: String,
-        /// Why.
+        /// Why (boxed: it is large and errors travel through every `Result` of the
+        /// pipeline).
         #[source]
-        source: wallaby_codec::CodecError,
+        source: Box<wallaby_codec::CodecError>,
     },
     /// The column types of a table could not be resolved.
     #[error("resolving the column types of {table}: {message}")]
@@ -450,18 +451,18 @@ fn decode_row(
                     table: schema.qualified_name(),
                     column: column.name.clone(),
                     type_name: column.ty.name.clone(),
-                    source: wallaby_codec::CodecError::Text {
+                    source: Box::new(wallaby_codec::CodecError::Text {
                         type_name: column.ty.name.clone(),
                         text: String::from_utf8_lossy(&text[..text.len().min(200)]).into(),
                         reason: format!("not UTF-8: {e}"),
-                    },
+                    }),
                 })?;
                 wallaby_codec::text::decode(&column.ty, text).map_err(|source| {
                     BatchError::Decode {
                         table: schema.qualified_name(),
                         column: column.name.clone(),
                         type_name: column.ty.name.clone(),
-                        source,
+                        source: Box::new(source),
                     }
                 })?
             }
