@@ -115,7 +115,8 @@ echo "committed; waiting for $expected records in $OUT_DIR"
 count_lines() {
     local files=("$OUT_DIR"/*.jsonl)
     [[ -e ${files[0]} ]] || { echo 0; return; }
-    cat -- "${files[@]}" | wc -l
+    # Each payload starts with a schema header line; count the changes and messages.
+    cat -- "${files[@]}" | grep -vc '"wallaby_schema"' || true
 }
 deadline=$((SECONDS + DEADLINE_SECONDS))
 while (($(count_lines) < expected)); do
@@ -134,7 +135,7 @@ while IFS= read -r line; do
     else
         printf '%s\n' "$line"
     fi
-done < <(cat -- "$OUT_DIR"/*.jsonl)
+done < <(cat -- "$OUT_DIR"/*.jsonl | grep -v '"wallaby_schema"')
 
 # ---------------------------------------------------------------------------- 6 ---
 step "stop: SIGTERM (flush, fsync, confirm, exit)"
@@ -151,7 +152,10 @@ echo
 
 step "slot $SLOT"
 confirmed=$(psql_q "SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = '$SLOT'")
-last_lsn=$(cat -- "$OUT_DIR"/*.jsonl | grep -o '"lsn":"[^"]*"' | tail -n 1 | cut -d'"' -f4)
+# commit_lsn is a number in the records (bytes since 0/0); the highest one is the last
+# delivered commit.
+last_lsn=$(cat -- "$OUT_DIR"/*.jsonl | grep -o '"commit_lsn":[0-9]*' | cut -d: -f2 | sort -n | tail -n 1)
+last_lsn=$(psql_q "SELECT '0/0'::pg_lsn + $last_lsn")
 echo "confirmed_flush_lsn: $confirmed (commit LSN of the last record: $last_lsn)"
 [[ $(psql_q "SELECT pg_lsn '$confirmed' > pg_lsn '$last_lsn'") == t ]] ||
     die "the slot's confirmed_flush_lsn $confirmed is not past the last delivered commit $last_lsn"

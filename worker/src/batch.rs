@@ -103,19 +103,8 @@ impl ChangeBatch {
 #[derive(Debug, thiserror::Error)]
 pub enum BatchError {
     /// A value's text did not parse as its column's type.
-    #[error("table {table}, column {column} ({type_name}): {source}")]
-    Decode {
-        /// Qualified table.
-        table: String,
-        /// Column.
-        column: String,
-        /// PostgreSQL type.
-        type_name: String,
-        /// Why (boxed: it is large and errors travel through every `Result` of the
-        /// pipeline).
-        #[source]
-        source: Box<wallaby_codec::CodecError>,
-    },
+    #[error("{0}")]
+    Decode(Box<DecodeError>),
     /// The column types of a table could not be resolved.
     #[error("resolving the column types of {table}: {message}")]
     Schema {
@@ -127,6 +116,21 @@ pub enum BatchError {
     /// The source broke its own protocol.
     #[error("{0}")]
     Protocol(String),
+}
+
+/// A value that did not decode, with where it was.
+#[derive(Debug, thiserror::Error)]
+#[error("table {table}, column {column} ({type_name}): {source}")]
+pub struct DecodeError {
+    /// Qualified table.
+    pub table: String,
+    /// Column.
+    pub column: String,
+    /// PostgreSQL type.
+    pub type_name: String,
+    /// Why.
+    #[source]
+    pub source: wallaby_codec::CodecError,
 }
 
 /// Turns a pgoutput relation into a typed table schema (type resolution through
@@ -447,27 +451,207 @@ fn decode_row(
                 Value::Null
             }
             Cell::Text(text) => {
-                let text = std::str::from_utf8(text).map_err(|e| BatchError::Decode {
-                    table: schema.qualified_name(),
-                    column: column.name.clone(),
-                    type_name: column.ty.name.clone(),
-                    source: Box::new(wallaby_codec::CodecError::Text {
-                        type_name: column.ty.name.clone(),
-                        text: String::from_utf8_lossy(&text[..text.len().min(200)]).into(),
-                        reason: format!("not UTF-8: {e}"),
-                    }),
-                })?;
-                wallaby_codec::text::decode(&column.ty, text).map_err(|source| {
-                    BatchError::Decode {
+                let text = std::str::from_utf8(text).map_err(|e| {
+                    BatchError::Decode(Box::new(DecodeError {
                         table: schema.qualified_name(),
                         column: column.name.clone(),
                         type_name: column.ty.name.clone(),
-                        source: Box::new(source),
-                    }
+                        source: wallaby_codec::CodecError::Text {
+                            type_name: column.ty.name.clone(),
+                            text: String::from_utf8_lossy(&text[..text.len().min(200)]).into(),
+                            reason: format!("not UTF-8: {e}"),
+                        },
+                    }))
+                })?;
+                wallaby_codec::text::decode(&column.ty, text).map_err(|source| {
+                    BatchError::Decode(Box::new(DecodeError {
+                        table: schema.qualified_name(),
+                        column: column.name.clone(),
+                        type_name: column.ty.name.clone(),
+                        source,
+                    }))
                 })?
             }
         };
         row.values.push(value);
     }
     Ok(row)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use chrono::Utc;
+
+    use super::*;
+    use crate::change::Column;
+
+    /// Resolves every column as `text` (type resolution itself is tested against the
+    /// real server in tests/type_matrix.rs).
+    struct TextSchemas;
+
+    #[async_trait]
+    impl SchemaSource for TextSchemas {
+        async fn table_schema(
+            &mut self,
+            relation: &Relation,
+            version: u32,
+        ) -> Result<TableSchema, String> {
+            Ok(TableSchema {
+                schema: relation.schema.clone(),
+                table: relation.table.clone(),
+                columns: relation
+                    .columns
+                    .iter()
+                    .map(|c| wallaby_codec::ColumnSchema {
+                        name: c.name.clone(),
+                        ty: Arc::new(wallaby_codec::TypeInfo {
+                            oid: 25,
+                            name: "text".into(),
+                            typmod: -1,
+                            kind: wallaby_codec::TypeKind::Text,
+                        }),
+                        key: false,
+                        mapped_type: None,
+                    })
+                    .collect(),
+                version,
+            })
+        }
+    }
+
+    fn relation(columns: &[&str]) -> Arc<Relation> {
+        Arc::new(Relation {
+            id: 7,
+            schema: "public".into(),
+            table: "t".into(),
+            columns: columns
+                .iter()
+                .map(|n| Column {
+                    name: (*n).into(),
+                    type_oid: 25,
+                    type_modifier: -1,
+                })
+                .collect(),
+            key: vec![0],
+            identity: vec![0],
+        })
+    }
+
+    fn insert(rel: &Arc<Relation>, value: &str) -> RowChange {
+        RowChange {
+            relation: rel.clone(),
+            op: Op::Insert,
+            before: None,
+            before_is_identity: false,
+            after: Some(
+                rel.columns
+                    .iter()
+                    .map(|_| Cell::Text(bytes::Bytes::copy_from_slice(value.as_bytes())))
+                    .collect(),
+            ),
+            lsn: Lsn(1),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_batch_cut_inside_a_transaction_confirms_only_completed_ones() {
+        let mut b = Batcher::new(1 << 20);
+        let rel = relation(&["a"]);
+        let now = Utc::now();
+        b.begin(1, Lsn(100), now);
+        b.row(&insert(&rel, "x"), Lsn(90), &mut TextSchemas)
+            .await
+            .unwrap();
+        b.commit(Lsn(110), now);
+        b.begin(2, Lsn(200), now);
+        b.row(&insert(&rel, "y"), Lsn(190), &mut TextSchemas)
+            .await
+            .unwrap();
+        let first = b.take().unwrap();
+        assert_eq!((first.rows, first.transactions), (2, 1));
+        assert_eq!(
+            first.checkpoint,
+            Some(Lsn(110)),
+            "only the committed transaction"
+        );
+        assert!(b.in_transaction());
+        b.row(&insert(&rel, "z"), Lsn(195), &mut TextSchemas)
+            .await
+            .unwrap();
+        let middle = b.take().unwrap();
+        assert_eq!(
+            middle.checkpoint, None,
+            "part of a transaction confirms nothing"
+        );
+        b.commit(Lsn(210), now);
+        assert_eq!(b.take().unwrap().checkpoint, Some(Lsn(210)));
+        assert_eq!(
+            (first.seq, middle.seq),
+            (1, 2),
+            "batches are numbered in order"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_memory_budget_holds_reading_until_destinations_release_batches() {
+        // 64 KiB budget, rows of ~20 KiB: the fourth row must wait for the first batch.
+        let mut b = Batcher::new(64 << 10);
+        let rel = relation(&["a"]);
+        let big = "x".repeat(20 << 10);
+        b.begin(1, Lsn(100), Utc::now());
+        for _ in 0..3 {
+            b.row(&insert(&rel, &big), Lsn(1), &mut TextSchemas)
+                .await
+                .unwrap();
+        }
+        let held = b.take().unwrap();
+        assert!(b.pending_bytes() >= 60 << 10, "{}", b.pending_bytes());
+        let blocked = tokio::time::timeout(
+            Duration::from_millis(200),
+            b.row(&insert(&rel, &big), Lsn(1), &mut TextSchemas),
+        )
+        .await;
+        assert!(blocked.is_err(), "the budget is spent: reading waits");
+        drop(held);
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            b.row(&insert(&rel, &big), Lsn(1), &mut TextSchemas),
+        )
+        .await
+        .expect("released budget lets reading go on")
+        .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_changed_relation_gets_a_new_schema_version_and_decodes_typed_values() {
+        let mut b = Batcher::new(1 << 20);
+        b.begin(1, Lsn(100), Utc::now());
+        b.row(&insert(&relation(&["a"]), "1"), Lsn(1), &mut TextSchemas)
+            .await
+            .unwrap();
+        // Same shape, new Arc (PostgreSQL re-sent the Relation): same version.
+        b.row(&insert(&relation(&["a"]), "2"), Lsn(2), &mut TextSchemas)
+            .await
+            .unwrap();
+        b.row(
+            &insert(&relation(&["a", "b"]), "3"),
+            Lsn(3),
+            &mut TextSchemas,
+        )
+        .await
+        .unwrap();
+        let batch = b.take().unwrap();
+        let versions: Vec<(u32, usize)> = batch
+            .tables
+            .iter()
+            .map(|t| (t.schema.version, t.changes.len()))
+            .collect();
+        assert_eq!(versions, vec![(1, 2), (2, 1)]);
+        assert_eq!(
+            batch.tables[1].changes[0].after.as_ref().unwrap().values,
+            vec![Value::Text("3".into()), Value::Text("3".into())]
+        );
+    }
 }

@@ -42,6 +42,8 @@ use crate::spool::{SEGMENT_BYTES, SecondarySpool, SpoolError, SpoolReader};
 
 /// Batches queued per destination before the pipeline waits (under `ackPolicy: all`).
 const QUEUE_BATCHES: usize = 8;
+/// How long a stop waits for required destinations to make what was read durable.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 /// How long a stopping flow lets secondaries finish the batch they are writing; what they
 /// have not made durable stays in their spool for the next run.
 const SECONDARY_STOP_GRACE: Duration = Duration::from_secs(5);
@@ -192,6 +194,8 @@ struct Lane {
     tx: Option<mpsc::Sender<Arc<ChangeBatch>>>,
     /// Spool of a secondary (`ackPolicy: primary`); `None` once detached.
     spool: Option<SecondarySpool>,
+    /// Stops the runner of a detached destination (it may be stuck in a write).
+    abort: Option<tokio::task::AbortHandle>,
 }
 
 /// Where a runner takes its batches from.
@@ -311,11 +315,7 @@ impl Pipeline {
                 if unread > 0 {
                     tracing::info!(destination = %slot.name, unread_bytes = unread, from = %own, to = %spool.end_lsn(), "secondary catches up from its spool");
                 }
-                lanes.push(Lane {
-                    tx: None,
-                    spool: Some(spool),
-                });
-                secondaries.spawn(run_destination(
+                let abort = secondaries.spawn(run_destination(
                     index,
                     slot,
                     Feed::Spool(reader),
@@ -323,26 +323,32 @@ impl Pipeline {
                     Some(parallelism.clone()),
                     metrics.clone(),
                 ));
+                lanes.push(Lane {
+                    tx: None,
+                    spool: Some(spool),
+                    abort: Some(abort),
+                });
                 continue;
             }
             let (tx, rx) = mpsc::channel(QUEUE_BATCHES);
             lanes.push(Lane {
                 tx: Some(tx),
                 spool: None,
+                abort: None,
             });
             // Under `ackPolicy: primary` the primary never queues behind a secondary.
             let limit = match config.ack {
                 AckMode::Primary(_) => None,
                 AckMode::All => Some(parallelism.clone()),
             };
-            runners.spawn(run_destination(
+            lanes[index].abort = Some(runners.spawn(run_destination(
                 index,
                 slot,
                 Feed::Queue(rx),
                 ack_tx.clone(),
                 limit,
                 metrics.clone(),
-            ));
+            )));
         }
         drop(ack_tx);
 
@@ -430,6 +436,10 @@ impl Pipeline {
         for lane in state.lanes.iter_mut() {
             lane.tx = None;
         }
+        // A required destination hung in a write must not hang the stop: after the grace
+        // period its runner is dropped; what it had not made durable was never confirmed,
+        // so it is delivered again after the restart.
+        let deadline = Instant::now() + SHUTDOWN_GRACE;
         loop {
             tokio::select! {
                 ack = ack_rx.recv() => match ack {
@@ -437,6 +447,14 @@ impl Pipeline {
                     None => break,
                 },
                 joined = runners.join_next() => if joined.is_none() { break },
+                _ = tokio::time::sleep_until(deadline) => {
+                    tracing::warn!(
+                        grace = ?SHUTDOWN_GRACE,
+                        "destinations did not finish within the grace period; stopping without them"
+                    );
+                    runners.abort_all();
+                    break;
+                }
             }
         }
         while let Ok(ack) = ack_rx.try_recv() {
@@ -571,6 +589,9 @@ impl Flow<'_> {
     /// it no longer gates the slot.
     fn detach(&mut self, index: usize, spool: Option<SecondarySpool>, reason: String) {
         let name = &self.names[index];
+        if let Some(abort) = self.lanes.get_mut(index).and_then(|l| l.abort.take()) {
+            abort.abort();
+        }
         if let Some(spool) = spool.or_else(|| self.lanes.get_mut(index)?.spool.take())
             && let Err(e) = spool.remove()
         {
@@ -633,7 +654,13 @@ impl Flow<'_> {
                 // Counters follow the destinations that drive the slot, so they count
                 // what was made durable there once.
                 if self.tracker.is_required(dest) && is_first_required(self.tracker, dest) {
-                    p.counters.rows += rows;
+                    // A truncate is counted apart, not as a row.
+                    let _ = rows;
+                    p.counters.rows += counts
+                        .iter()
+                        .filter(|(_, op, _)| *op != Op::Truncate)
+                        .map(|(_, _, n)| n)
+                        .sum::<u64>();
                     p.counters.transactions += transactions;
                     self.metrics.transactions(transactions);
                     p.counters.batches += 1;

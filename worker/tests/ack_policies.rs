@@ -368,14 +368,16 @@ async fn all_waits_for_every_destination_and_retries_transient_failures() {
         "slot reaches the last durable commit",
         Duration::from_secs(20),
         async || {
-            // At or past it: once everything forwarded is durable and the stream is idle,
-            // the reader confirms the server's position (no transaction lies between).
-            let slot = confirmed(&db).await;
+            let slot = a.sample(&db).await;
+            b.sample(&db).await;
             (slot >= a.durable_lsn().min(b.durable_lsn())).then_some(())
         },
     )
     .await;
     assert_eq!(a.seen.lock().unwrap().failures, 3);
+    let floor = start_lsn(&db).await;
+    a.assert_never_passed_durable(floor);
+    b.assert_never_passed_durable(floor);
     run.stop().await.unwrap();
     db.drop_all().await;
 }

@@ -45,7 +45,7 @@ fn lit(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
 
-fn cases(vector: bool, postgis: bool) -> Vec<Case> {
+fn cases() -> Vec<Case> {
     let digits_1000 = "9".repeat(1000);
     let frac_1000 = format!("-{}.{}", "1234567890".repeat(50), "0987654321".repeat(50));
     let all_bytes = "(SELECT string_agg(set_byte('\\x00'::bytea, 0, i), ''::bytea ORDER BY i) FROM generate_series(0, 255) i)";
@@ -344,24 +344,21 @@ fn cases(vector: bool, postgis: bool) -> Vec<Case> {
         case("tsvector", &["'a fat cat'"]),
         case("box[]", &["ARRAY['(1,1),(0,0)'::box, '(3,3),(2,2)']"]),
     ];
-    if vector {
-        c.push(case(
-            "vector",
-            &["'[1,2.5,3]'", "'[-0.1,1e+06,3.4028235e+38]'"],
-        ));
-    }
-    if postgis {
-        c.push(case(
-            "geometry",
-            &[
-                "'SRID=4326;POINT(1 2)'",
-                "'LINESTRING(0 0,1 1,2 0.5)'",
-                "'POLYGON EMPTY'",
-            ],
-        ));
-        c.push(case("geography", &["'SRID=4326;POINT(1 2)'"]));
-        c.push(case("geometry[]", &["ARRAY['POINT(1 2)'::geometry]"]));
-    }
+    // Extension types: required, see `require_extension`.
+    c.push(case(
+        "vector",
+        &["'[1,2.5,3]'", "'[-0.1,1e+06,3.4028235e+38]'"],
+    ));
+    c.push(case(
+        "geometry",
+        &[
+            "'SRID=4326;POINT(1 2)'",
+            "'LINESTRING(0 0,1 1,2 0.5)'",
+            "'POLYGON EMPTY'",
+        ],
+    ));
+    c.push(case("geography", &["'SRID=4326;POINT(1 2)'"]));
+    c.push(case("geometry[]", &["ARRAY['POINT(1 2)'::geometry]"]));
     c
 }
 
@@ -379,14 +376,24 @@ struct Matrix {
     resolver_client: Arc<tokio_postgres::Client>,
 }
 
-async fn available(su: &tokio_postgres::Client, ext: &str) -> bool {
-    su.query_opt(
-        "SELECT 1 FROM pg_available_extensions WHERE name = $1",
-        &[&ext],
-    )
-    .await
-    .unwrap()
-    .is_some()
+/// Creates `ext` in the test database. The extension types are part of the matrix, so a
+/// missing extension fails the test (naming the fix) rather than skipping its columns.
+async fn require_extension(su: &tokio_postgres::Client, ext: &str, package: &str) {
+    let available = su
+        .query_opt(
+            "SELECT 1 FROM pg_available_extensions WHERE name = $1",
+            &[&ext],
+        )
+        .await
+        .unwrap()
+        .is_some();
+    assert!(
+        available,
+        "{package} is not installed: run e2e/setup.sh (extension {ext:?} is missing from pg_available_extensions)"
+    );
+    su.batch_execute(&format!("CREATE EXTENSION {ext}"))
+        .await
+        .unwrap_or_else(|e| panic!("CREATE EXTENSION {ext} failed: {e}"));
 }
 
 /// Creates the matrix tables, inserts every edge value, and reads the rows back through
@@ -397,18 +404,8 @@ async fn replicate_matrix() -> Matrix {
     su.batch_execute("CREATE EXTENSION hstore; CREATE EXTENSION citext; CREATE EXTENSION ltree;")
         .await
         .unwrap();
-    let vector = available(&su, "vector").await;
-    let postgis = available(&su, "postgis").await;
-    if vector {
-        su.batch_execute("CREATE EXTENSION vector").await.unwrap();
-    } else {
-        eprintln!("NOTE: pgvector is not installed here; the vector column is skipped");
-    }
-    if postgis {
-        su.batch_execute("CREATE EXTENSION postgis").await.unwrap();
-    } else {
-        eprintln!("NOTE: PostGIS is not installed here; geometry/geography are skipped");
-    }
+    require_extension(&su, "vector", "pgvector").await;
+    require_extension(&su, "postgis", "PostGIS").await;
     let app = db.client().await;
     app.batch_execute(
         "CREATE TYPE mood AS ENUM ('sad', 'ok', 'très \"happy\"');
@@ -418,7 +415,7 @@ async fn replicate_matrix() -> Matrix {
     .await
     .unwrap();
 
-    let cases = cases(vector, postgis);
+    let cases = cases();
     let mut ddl = String::new();
     let mut names = Vec::new();
     for (i, c) in cases.iter().enumerate() {

@@ -651,7 +651,7 @@ mod tests {
         let mut replay = file.replay().unwrap();
         // Corrupt the second entry's cell tag.
         let mut raw = fs::read(&replay.path.0).unwrap();
-        let tag_at = first_len as usize + 4 + 4 + 1 + 4 + 1 + 1 + 2;
+        let tag_at = first_len as usize + 4 + 4 + 1 + 4 + 8 + 1 + 1 + 2;
         raw[tag_at] = 9;
         fs::write(&replay.path.0, raw).unwrap();
         assert!(replay.next_event().unwrap().is_some());
