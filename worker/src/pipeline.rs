@@ -7,8 +7,9 @@
 //!                                                                                   ▼
 //!              slot feedback ◀── AckTracker (all: min of durable; primary: primary's)
 //!
-//! ackPolicy primary, secondary:  dispatch ─append+fsync─▶ SecondarySpool ─▶ runner(dest i)
-//!                                   └─ spooled(i, checkpoint) ─▶ AckTracker (gates the slot)
+//! ackPolicy primary, secondary:  dispatch ─▶ spooler(i) ─append+fsync─▶ SecondarySpool
+//!                                               │                         ▼
+//!                       AckTracker ◀─ Spooled(i, checkpoint): gates   runner(dest i)
 //! ```
 //!
 //! Each destination has its own runner task and queue, so a slow destination delays only
@@ -38,7 +39,7 @@ use crate::destination::{Destination, DestinationError, WriteAck};
 use crate::lsn::Lsn;
 use crate::metrics::Metrics;
 use crate::retry::{RetryDecision, RetryPolicy};
-use crate::spool::{SEGMENT_BYTES, SecondarySpool, SpoolError, SpoolReader};
+use crate::spool::{SEGMENT_BYTES, SecondarySpool, SpoolError, SpoolHandle, SpoolReader};
 
 /// Batches queued per destination before the pipeline waits (under `ackPolicy: all`).
 const QUEUE_BATCHES: usize = 8;
@@ -185,15 +186,20 @@ enum AckEvent {
         attempts: u32,
         error: DestinationError,
     },
-    /// A secondary's spool cannot be read any more.
+    /// A secondary's spool holds everything up to `lsn` (fsynced).
+    Spooled { dest: usize, lsn: Lsn },
+    /// A secondary's unread spool passed its buffer at batch `seq`; the spooler deleted
+    /// the spool and stopped.
+    Overflow { dest: usize, seq: u64 },
+    /// A secondary's spool cannot be written or read any more.
     SpoolFailed { dest: usize, error: SpoolError },
 }
 
 struct Lane {
-    /// Queue of a required destination.
+    /// Queue of a required destination's runner, or of a secondary's spooler.
     tx: Option<mpsc::Sender<Arc<ChangeBatch>>>,
-    /// Spool of a secondary (`ackPolicy: primary`); `None` once detached.
-    spool: Option<SecondarySpool>,
+    /// Spool of a secondary (`ackPolicy: primary`).
+    spool: Option<SpoolHandle>,
     /// Stops the runner of a detached destination (it may be stuck in a write).
     abort: Option<tokio::task::AbortHandle>,
 }
@@ -323,11 +329,21 @@ impl Pipeline {
                     Some(parallelism.clone()),
                     metrics.clone(),
                 ));
+                // The spooler appends apart from dispatch, so an fsync never delays the
+                // primary; it is drained at stop like a required runner.
+                let (tx, rx) = mpsc::channel(QUEUE_BATCHES);
                 lanes.push(Lane {
-                    tx: None,
-                    spool: Some(spool),
+                    tx: Some(tx),
+                    spool: Some(spool.handle()),
                     abort: Some(abort),
                 });
+                runners.spawn(run_spooler(
+                    index,
+                    spool,
+                    rx,
+                    ack_tx.clone(),
+                    config.secondary_buffer_bytes,
+                ));
                 continue;
             }
             let (tx, rx) = mpsc::channel(QUEUE_BATCHES);
@@ -520,66 +536,16 @@ impl Flow<'_> {
         if let Some(cp) = batch.checkpoint {
             self.checkpoints.push_back((cp, batch.checkpoint_time));
         }
-        let checkpoint = batch.checkpoint;
         let batch = Arc::new(batch);
-        for index in 0..self.lanes.len() {
-            let lane = &mut self.lanes[index];
-            if let Some(tx) = &lane.tx {
-                // Required destinations apply back-pressure: wait for queue room.
-                if tx.send(batch.clone()).await.is_err() {
-                    // The runner ended; its GaveUp event explains why and is handled when
-                    // it is received.
-                    lane.tx = None;
-                }
-                continue;
-            }
-            // A secondary must not slow the primary: the batch goes to its durable spool,
-            // which it reads at its own pace; past its buffer it is detached.
-            let Some(mut spool) = lane.spool.take() else {
-                continue;
-            };
-            let appending = batch.clone();
-            let appended = tokio::task::spawn_blocking(move || {
-                let r = spool.append(&appending);
-                (spool, r)
-            })
-            .await;
-            let (spool, result) = match appended {
-                Ok(done) => done,
-                Err(e) => {
-                    // The spool went with the panicked task; the secondary cannot be kept.
-                    let reason = format!(
-                        "its spool failed while appending batch {seq}: {e}; it stopped at LSN {} and must be re-synced (backfill)",
-                        self.tracker.destination(index)
-                    );
-                    self.detach(index, None, reason);
-                    continue;
-                }
-            };
-            match result {
-                Err(e) => {
-                    let reason = format!(
-                        "its spool failed at batch {seq}: {e}; it stopped at LSN {}, its spool was deleted, and it must be re-synced (backfill)",
-                        self.tracker.destination(index)
-                    );
-                    self.detach(index, Some(spool), reason);
-                }
-                Ok(_) if spool.unread_bytes() > self.secondary_limit => {
-                    let limit = self.secondary_limit;
-                    let reason = format!(
-                        "fell behind the primary by more than its buffer ({limit} bytes of unread spool) at batch {seq}; it stopped receiving changes after LSN {}, its spool was deleted, and it must be re-synced (backfill) from there",
-                        self.tracker.destination(index)
-                    );
-                    self.detach(index, Some(spool), reason);
-                }
-                Ok(_) => {
-                    self.lanes[index].spool = Some(spool);
-                    if let Some(cp) = checkpoint
-                        && let Some(confirmed) = self.tracker.spooled(index, cp)
-                    {
-                        self.confirm(confirmed);
-                    }
-                }
+        for lane in self.lanes.iter_mut() {
+            // Required destinations and secondaries' spoolers apply back-pressure: wait for
+            // queue room (a spooler waits only for the local disk, never for its secondary).
+            if let Some(tx) = &lane.tx
+                && tx.send(batch.clone()).await.is_err()
+            {
+                // The runner or spooler ended; its event explains why and is handled when
+                // it is received.
+                lane.tx = None;
             }
         }
         Ok(())
@@ -587,14 +553,20 @@ impl Flow<'_> {
 
     /// Detaches secondary `index`: it stops receiving batches, its spool is deleted and
     /// it no longer gates the slot.
-    fn detach(&mut self, index: usize, spool: Option<SecondarySpool>, reason: String) {
+    fn detach(&mut self, index: usize, reason: String) {
         let name = &self.names[index];
-        if let Some(abort) = self.lanes.get_mut(index).and_then(|l| l.abort.take()) {
+        let Some(lane) = self.lanes.get_mut(index) else {
+            return;
+        };
+        let Some(spool) = lane.spool.take() else {
+            // Already detached.
+            return;
+        };
+        lane.tx = None;
+        if let Some(abort) = lane.abort.take() {
             abort.abort();
         }
-        if let Some(spool) = spool.or_else(|| self.lanes.get_mut(index)?.spool.take())
-            && let Err(e) = spool.remove()
-        {
+        if let Err(e) = spool.remove() {
             tracing::warn!(destination = %name, error = %e, "could not delete the spool of a detached secondary");
         }
         tracing::error!(destination = %name, "{reason}");
@@ -717,14 +689,27 @@ impl Flow<'_> {
                     "gave up after {attempts} attempt(s): {error}; it stopped at LSN {} while the primary continues; its spool was deleted, re-sync it (backfill) from there",
                     self.tracker.destination(dest)
                 );
-                self.detach(dest, None, reason);
+                self.detach(dest, reason);
             }
             AckEvent::SpoolFailed { dest, error } => {
                 let reason = format!(
-                    "its spool cannot be read: {error}; it stopped at LSN {} while the primary continues; its spool was deleted, re-sync it (backfill) from there",
+                    "its spool failed: {error}; it stopped at LSN {} while the primary continues; its spool was deleted, re-sync it (backfill) from there",
                     self.tracker.destination(dest)
                 );
-                self.detach(dest, None, reason);
+                self.detach(dest, reason);
+            }
+            AckEvent::Spooled { dest, lsn } => {
+                if let Some(confirmed) = self.tracker.spooled(dest, lsn) {
+                    self.confirm(confirmed);
+                }
+            }
+            AckEvent::Overflow { dest, seq } => {
+                let limit = self.secondary_limit;
+                let reason = format!(
+                    "fell behind the primary by more than its buffer ({limit} bytes of unread spool) at batch {seq}; it stopped receiving changes after LSN {}, its spool was deleted, and it must be re-synced (backfill) from there",
+                    self.tracker.destination(dest)
+                );
+                self.detach(dest, reason);
             }
         }
         Ok(())
@@ -733,6 +718,56 @@ impl Flow<'_> {
 
 fn is_first_required(tracker: &AckTracker, dest: usize) -> bool {
     (0..dest).all(|i| !tracker.is_required(i))
+}
+
+/// Appends batches to a secondary's spool in order; each append (fsynced) is reported so
+/// the slot may pass it. Past `limit` bytes of unread spool, deletes the spool and stops.
+async fn run_spooler(
+    index: usize,
+    mut spool: SecondarySpool,
+    mut rx: mpsc::Receiver<Arc<ChangeBatch>>,
+    acks: mpsc::UnboundedSender<AckEvent>,
+    limit: u64,
+) {
+    let dir = spool.dir().to_owned();
+    while let Some(batch) = rx.recv().await {
+        let (seq, checkpoint) = (batch.seq, batch.checkpoint);
+        let appended = tokio::task::spawn_blocking(move || {
+            let r = spool.append(&batch);
+            (spool, r)
+        })
+        .await;
+        let (s, result) = match appended {
+            Ok(done) => done,
+            Err(e) => {
+                // The writer went with the task; nothing more can be appended.
+                let error = SpoolError::Task {
+                    dir,
+                    reason: format!("appending batch {seq}: {e}"),
+                };
+                let _ = acks.send(AckEvent::SpoolFailed { dest: index, error });
+                return;
+            }
+        };
+        spool = s;
+        match result {
+            Err(error) => {
+                let _ = acks.send(AckEvent::SpoolFailed { dest: index, error });
+                return;
+            }
+            Ok(_) if spool.unread_bytes() > limit => {
+                let _ = acks.send(AckEvent::Overflow { dest: index, seq });
+                return;
+            }
+            Ok(_) => {
+                if let Some(lsn) = checkpoint {
+                    let _ = acks.send(AckEvent::Spooled { dest: index, lsn });
+                }
+            }
+        }
+    }
+    // The flow stops: what the secondary has not read stays for the next run.
+    spool.stop();
 }
 
 /// Writes batches to one destination in order, with retries, reporting durability.

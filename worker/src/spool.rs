@@ -571,29 +571,58 @@ impl SecondarySpool {
     /// Stops the reader at its next batch (the flow stops); the spool stays for the next
     /// run.
     pub fn stop(&self) {
-        self.shared.tail().stopped = true;
-        self.shared.notify.notify_one();
+        self.handle().stop();
     }
 
     /// Stops the reader and deletes the spool (the secondary was detached).
     pub fn remove(self) -> Result<(), SpoolError> {
-        {
-            let mut tail = self.shared.tail();
-            tail.stopped = true;
-            tail.removed = true;
-        }
-        self.shared.notify.notify_one();
+        let handle = self.handle();
         drop(self.segment);
-        match fs::remove_dir_all(&self.dir) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(io(&self.dir, "deleting the spool")(e)),
+        handle.remove()
+    }
+
+    /// A handle that stops or deletes the spool from elsewhere.
+    pub fn handle(&self) -> SpoolHandle {
+        SpoolHandle {
+            dir: self.dir.clone(),
+            shared: self.shared.clone(),
         }
     }
 
     /// The spool directory.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+}
+
+/// Stops or deletes a spool without owning its writer.
+#[derive(Debug, Clone)]
+pub struct SpoolHandle {
+    dir: PathBuf,
+    shared: Arc<Shared>,
+}
+
+impl SpoolHandle {
+    /// Stops the reader at its next batch; the spool stays for the next run.
+    pub fn stop(&self) {
+        self.shared.tail().stopped = true;
+        self.shared.notify.notify_one();
+    }
+
+    /// Stops the reader, makes later appends and commits no-ops and deletes the spool.
+    /// Deleting a spool that is already gone succeeds.
+    pub fn remove(&self) -> Result<(), SpoolError> {
+        {
+            let mut tail = self.shared.tail();
+            tail.stopped = true;
+            tail.removed = true;
+        }
+        self.shared.notify.notify_one();
+        match fs::remove_dir_all(&self.dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io(&self.dir, "deleting the spool")(e)),
+        }
     }
 }
 

@@ -584,8 +584,17 @@ async fn a_hung_secondary_catches_up_from_its_spool_while_the_slot_follows_the_p
         "what the secondary has not made durable waits in its spool"
     );
     // The secondary keeps its own position in status.
-    let own = parse_lsn(status_of(&run.status(), "b")["lsn"].as_str().unwrap());
-    assert!(own < slot, "b at {own:X}, slot at {slot:X}");
+    wait_for(
+        "status shows the secondary behind the slot",
+        Duration::from_secs(20),
+        async || {
+            let own = status_of(&run.status(), "b")["lsn"]
+                .as_str()
+                .map(parse_lsn)?;
+            (own < slot).then_some(())
+        },
+    )
+    .await;
 
     b.script.lock().unwrap().hang = false;
     wait_for(
