@@ -346,6 +346,7 @@ impl Pipeline {
                 ));
                 continue;
             }
+            discard_stale_spool(&config.spool_dir, &slot.name);
             let (tx, rx) = mpsc::channel(QUEUE_BATCHES);
             lanes.push(Lane {
                 tx: Some(tx),
@@ -718,6 +719,29 @@ impl Flow<'_> {
 
 fn is_first_required(tracker: &AckTracker, dest: usize) -> bool {
     (0..dest).all(|i| !tracker.is_required(i))
+}
+
+/// A destination that drives the slot needs no spool; one left from a run where it was a
+/// secondary is deleted (nothing would ever read it), saying what it still held.
+fn discard_stale_spool(root: &std::path::Path, name: &str) {
+    let dir = root.join(name);
+    if !dir.exists() {
+        return;
+    }
+    match SecondarySpool::open(&dir, SEGMENT_BYTES) {
+        Ok((spool, reader)) => {
+            let unread = spool.unread_bytes();
+            if unread > 0 {
+                tracing::warn!(destination = %name, unread_bytes = unread, from = %reader.durable_lsn().unwrap_or_default(), to = %spool.end_lsn(), "deleting the spool left from when this destination was a secondary; the changes it had not made durable are missing there, re-sync it (backfill) from that LSN");
+            }
+            if let Err(e) = spool.remove() {
+                tracing::warn!(destination = %name, error = %e, "could not delete a stale spool");
+            }
+        }
+        Err(e) => {
+            tracing::warn!(destination = %name, error = %e, "could not open a stale spool to delete it")
+        }
+    }
 }
 
 /// Appends batches to a secondary's spool in order; each append (fsynced) is reported so

@@ -392,6 +392,12 @@ async fn a_hanging_destination_holds_the_slot_under_all() {
     let a = Fault::default();
     let b = Fault::default();
     b.script.lock().unwrap().hang = true;
+    // A spool left from a run where `a` was a secondary: under `all` nothing reads it.
+    wallaby_worker::spool::SecondarySpool::open(
+        &spool_dir(dir.path(), "a"),
+        wallaby_worker::spool::SEGMENT_BYTES,
+    )
+    .unwrap();
     let run = start(
         dir.path(),
         &m,
@@ -401,6 +407,12 @@ async fn a_hanging_destination_holds_the_slot_under_all() {
     wait_for("slot created", Duration::from_secs(20), async || {
         db.slot(&db.name).await
     })
+    .await;
+    wait_for(
+        "the stale spool is deleted",
+        Duration::from_secs(20),
+        async || (!spool_dir(dir.path(), "a").exists()).then_some(()),
+    )
     .await;
     let floor = start_lsn(&db).await;
     insert(&c, 1, 100).await;
