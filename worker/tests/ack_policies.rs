@@ -252,6 +252,18 @@ fn start(
     a: (&Fault, RetryPolicy),
     b: (&Fault, RetryPolicy),
 ) -> Running {
+    start_in(&tokio::runtime::Handle::current(), dir, manifest, a, b)
+}
+
+/// Starts the flow on `runtime` (a runtime of its own can be shut down abruptly to
+/// simulate a crash: every task stops at its next await, nothing is flushed or confirmed).
+fn start_in(
+    runtime: &tokio::runtime::Handle,
+    dir: &Path,
+    manifest: &Path,
+    a: (&Fault, RetryPolicy),
+    b: (&Fault, RetryPolicy),
+) -> Running {
     let resolved = standalone::load(manifest, None).unwrap();
     let slots = vec![
         DestinationSlot {
@@ -272,7 +284,7 @@ fn start(
         state_dir: dir.join("state"),
         spill_dir: Some(dir.join("spill")),
     };
-    let task = tokio::spawn(run_with(
+    let task = runtime.spawn(run_with(
         resolved,
         slots,
         options,
@@ -635,14 +647,32 @@ async fn a_hung_secondary_catches_up_from_its_spool_while_the_slot_follows_the_p
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_spool_keeps_a_secondarys_changes_across_a_restart_after_the_slot_passed_them() {
-    let db = TestDb::create("ack_spool_restart").await;
+    spool_survives(false, "ack_spool_restart").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_spool_keeps_a_secondarys_changes_across_a_crash_after_the_slot_passed_them() {
+    spool_survives(true, "ack_spool_crash").await;
+}
+
+/// Runs with a hung secondary until the slot passed what the secondary has, then stops
+/// (cleanly, or by `crash`: the worker's runtime is dropped mid-flight), and starts a new
+/// run on the same state directory with the secondary healthy.
+async fn spool_survives(crash: bool, name: &str) {
+    let db = TestDb::create(name).await;
     let c = setup_table(&db).await;
     let dir = tempfile::tempdir().unwrap();
     let m = manifest(dir.path(), &db, PRIMARY_A, "");
     let a = Fault::default();
     let b = Fault::default();
     b.script.lock().unwrap().hang = true;
-    let run = start(
+    let worker = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let run = start_in(
+        worker.handle(),
         dir.path(),
         &m,
         (&a, retry(5, GiveUpPolicy::OnRetryExhaustion)),
@@ -664,7 +694,13 @@ async fn the_spool_keeps_a_secondarys_changes_across_a_restart_after_the_slot_pa
     )
     .await;
     // Stop while the secondary still hangs: it made nothing durable.
-    run.stop().await.unwrap();
+    if crash {
+        drop(run);
+        worker.shutdown_background();
+    } else {
+        run.stop().await.unwrap();
+        worker.shutdown_background();
+    }
     assert_eq!(b.durable_rows(), 0);
     let slot = confirmed(&db).await;
     let passed = a.seen.lock().unwrap().commits.range(floor..slot).count();
