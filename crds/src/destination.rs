@@ -62,8 +62,10 @@ pub struct DestinationSpec {
     #[serde(default)]
     pub append_mode: bool,
 
-    /// Overrides of the Postgres → destination type mapping, e.g. `jsonb: VARIANT`,
-    /// `ext:postgis.geometry: GEOGRAPHY`.
+    /// Overrides of the PostgreSQL → wire type mapping, keyed by PostgreSQL type name:
+    /// `string` (PostgreSQL's exact text, any type), `float64` (numeric as a double, lossy),
+    /// `decimal(p,s)` (numeric as a fixed decimal in Arrow/Parquet/Avro, rounded) or `json`
+    /// (json/jsonb as a JSON document), e.g. `numeric: decimal(18,4)`, `money: string`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schemars(transform = string_map)]
     pub type_mappings: BTreeMap<String, String>,

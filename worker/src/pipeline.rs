@@ -115,6 +115,11 @@ pub enum PipelineError {
         #[source]
         source: SpoolError,
     },
+    /// Destinations did not make the last changes durable before the stop deadline.
+    #[error(
+        "destinations did not finish within {0:?} of the stop; changes after the slot's confirmed position are delivered again after the restart"
+    )]
+    Stuck(Duration),
 }
 
 /// Settings of the stage, validated at the edge.
@@ -171,6 +176,7 @@ enum AckEvent {
         dest: usize,
         lsn: Lsn,
         rows: u64,
+        bytes: u64,
         transactions: u64,
         counts: Vec<(String, Op, u64)>,
     },
@@ -612,6 +618,7 @@ impl Flow<'_> {
                 dest,
                 lsn,
                 rows,
+                bytes,
                 transactions,
                 counts,
             } => {
@@ -635,6 +642,7 @@ impl Flow<'_> {
                         .map(|(_, _, n)| n)
                         .sum::<u64>();
                     p.counters.transactions += transactions;
+                    p.counters.bytes += bytes;
                     self.metrics.transactions(transactions);
                     p.counters.batches += 1;
                     for (_, op, n) in counts {
@@ -814,14 +822,14 @@ async fn run_destination(
             rows = batch.rows,
             bytes = batch.bytes,
         );
-        let written = async {
-            // The semaphore is never closed; if it were, write without the limit.
-            let _permit = match &parallelism {
-                Some(p) => p.acquire().await.ok(),
-                None => None,
-            };
-            attempt(index, &mut slot, &acks, Attempt::Write(&batch), &metrics).await
-        }
+        let written = attempt(
+            index,
+            &mut slot,
+            &acks,
+            Attempt::Write(&batch),
+            &metrics,
+            parallelism.as_deref(),
+        )
         .instrument(span)
         .await;
         let ack = match written {
@@ -831,6 +839,7 @@ async fn run_destination(
         };
         let pending = unflushed.get_or_insert_with(Pending::default);
         pending.rows += batch.rows;
+        pending.bytes += batch.bytes;
         pending.transactions += batch.transactions;
         for (t, op, n) in &batch.op_counts {
             pending.counts.push((t.clone(), *op, *n));
@@ -848,9 +857,16 @@ async fn run_destination(
         }
         if ack == WriteAck::Accepted {
             let span = tracing::info_span!(parent: &batch.span, "destination.flush", destination = %slot.name);
-            let flushed = attempt(index, &mut slot, &acks, Attempt::Flush, &metrics)
-                .instrument(span)
-                .await;
+            let flushed = attempt(
+                index,
+                &mut slot,
+                &acks,
+                Attempt::Flush,
+                &metrics,
+                parallelism.as_deref(),
+            )
+            .instrument(span)
+            .await;
             if flushed.is_err() {
                 return;
             }
@@ -869,6 +885,7 @@ async fn run_destination(
                 dest: index,
                 lsn,
                 rows: p.rows,
+                bytes: p.bytes,
                 transactions: p.transactions,
                 counts: p.counts,
             });
@@ -882,6 +899,7 @@ struct Pending {
     /// Spool position after the last batch (secondaries).
     spooled: Option<u64>,
     rows: u64,
+    bytes: u64,
     transactions: u64,
     counts: Vec<(String, Op, u64)>,
 }
@@ -901,10 +919,18 @@ async fn attempt(
     acks: &mpsc::UnboundedSender<AckEvent>,
     what: Attempt<'_>,
     metrics: &Metrics,
+    parallelism: Option<&Semaphore>,
 ) -> Result<Option<WriteAck>, ()> {
     let mut attempt = 0u32;
     loop {
         attempt += 1;
+        // The permit covers one attempt: a destination backing off between retries does
+        // not hold up the others. The semaphore is never closed; if it were, go on
+        // without the limit.
+        let permit = match parallelism {
+            Some(p) => p.acquire().await.ok(),
+            None => None,
+        };
         let started = std::time::Instant::now();
         let result = match what {
             Attempt::Write(batch) => {
@@ -918,6 +944,7 @@ async fn attempt(
                 r
             }
         };
+        drop(permit);
         let error = match result {
             Ok(v) => return Ok(v),
             Err(e) => e,

@@ -36,6 +36,8 @@ use crate::status::StatusReporter;
 
 /// Events buffered between the reader and the pipeline (bounds memory with back-pressure).
 const EVENT_BUFFER: usize = 4096;
+/// Longest a stop waits for the pipeline after the reader stopped.
+const STOP_DEADLINE: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Where the worker keeps local state.
 #[derive(Debug, Clone)]
@@ -227,7 +229,7 @@ pub async fn run_with(
     ));
 
     let (tx, rx) = mpsc::channel(EVENT_BUFFER);
-    let pipeline_task = {
+    let mut pipeline_task = {
         // A failed destination must stop the reader at once, not at the next change.
         let cancel = cancel.clone();
         tokio::spawn(async move {
@@ -262,7 +264,16 @@ pub async fn run_with(
 
     // The reader stops on cancellation or error; dropping `tx` lets the pipeline drain.
     let read_result = reader.run(tx, &cancel, confirmed, status_interval).await;
-    let pipeline_result = pipeline_task.await?;
+    // The pipeline drains what was read within its grace period; a destination stuck with
+    // the channel full cannot hold the stop forever (nothing unconfirmed is lost: the
+    // slot did not move past it).
+    let pipeline_result = match tokio::time::timeout(STOP_DEADLINE, &mut pipeline_task).await {
+        Ok(joined) => joined?,
+        Err(_) => {
+            pipeline_task.abort();
+            Err(PipelineError::Stuck(STOP_DEADLINE))
+        }
+    };
     // Only after the pipeline confirmed what it made durable does the final standby status
     // go out, so a clean stop leaves the slot at the last durable transaction.
     reader.stop().await;
@@ -277,6 +288,7 @@ pub async fn run_with(
         Err(PipelineError::Batch(_)) => metrics.error("pipeline", "decode"),
         Err(PipelineError::GaveUp { .. }) => metrics.error("destination", "gave_up"),
         Err(PipelineError::Spool { .. }) => metrics.error("destination", "spool"),
+        Err(PipelineError::Stuck(_)) => metrics.error("pipeline", "stuck"),
         Ok(()) => {}
     }
     let mut error = match (&read_result, &pipeline_result) {

@@ -124,7 +124,19 @@ impl StatusReporter {
                 .and_then(|s| s.confirmed_flush_lsn.as_deref())
                 .and_then(|l| l.parse().ok())
         });
-        let lag = match (view.current_wal, checkpoint_lsn) {
+        // The slot may be ahead of the last delivered transaction (an idle slot confirms
+        // the server's position): the lag is what remains to be read, from whichever is
+        // further.
+        let slot_lsn: Option<Lsn> = view
+            .slot
+            .as_ref()
+            .and_then(|s| s.confirmed_flush_lsn.as_deref())
+            .and_then(|l| l.parse().ok());
+        let lag_from = match (checkpoint_lsn, slot_lsn) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+        let lag = match (view.current_wal, lag_from) {
             (Some(current), Some(cp)) => Some(Lag {
                 bytes: current.0.saturating_sub(cp.0),
                 seconds: p

@@ -107,6 +107,8 @@ pub struct ReplicationReader {
     toast: ToastStage,
     status_interval: Duration,
     idle: IdleTracker,
+    /// The run's cancellation, so a send blocked on a full channel gives way to a stop.
+    stop: CancellationToken,
 }
 
 impl std::fmt::Debug for ReplicationReader {
@@ -195,6 +197,7 @@ impl ReplicationReader {
             toast: options.toast,
             status_interval: options.status_interval,
             idle: IdleTracker::default(),
+            stop: CancellationToken::new(),
         })
     }
 
@@ -219,6 +222,7 @@ impl ReplicationReader {
         confirmed: Arc<AtomicU64>,
         tick: Duration,
     ) -> Result<(), SourceError> {
+        self.stop = cancel.clone();
         // Wake-ups interrupt a blocking read through a child token, which pg_walstream's
         // inline driver handles without losing buffered data. The threaded driver (used
         // off a multi-thread runtime) restarts its reader on cancellation, so there the
@@ -520,7 +524,14 @@ impl ReplicationReader {
             self.toast.apply(change).await?;
         }
         self.idle.forwarded(&event);
-        Ok(out.send(event).await.is_ok())
+        // A stop must not wait for a pipeline that no longer drains the channel (a
+        // destination hung with the memory budget spent): what was not sent is not
+        // confirmed and comes again after the restart.
+        let stop = self.stop.clone();
+        tokio::select! {
+            sent = out.send(event) => Ok(sent.is_ok()),
+            _ = stop.cancelled() => Ok(false),
+        }
     }
 
     fn protocol(&self, message: String) -> SourceError {
