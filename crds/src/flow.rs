@@ -68,9 +68,13 @@ pub struct FlowSpec {
     #[schemars(length(min = 1, max = 253))]
     pub primary_destination: Option<String>,
 
-    /// With `ackPolicy: primary`, how many bytes of changes a secondary destination may
-    /// fall behind the primary. Past it the secondary is detached (status says from which
-    /// LSN it stopped) and must be re-synced; the primary is never slowed down by it.
+    /// With `ackPolicy: primary`, the bound of each secondary destination's durable spool:
+    /// the bytes of changes appended to it (on the worker's state volume, under
+    /// `<stateDir>/spool/<destination>/`, fsynced before the slot may pass them) that the
+    /// secondary has not yet made durable. A secondary catches up from its spool at its own
+    /// pace, across restarts. Past the bound it is detached: its spool is deleted, it no
+    /// longer holds back the slot, and status says from which LSN it stopped and that it
+    /// must be re-synced (backfill). The primary is never slowed down by a secondary.
     #[serde(default = "default_secondary_buffer_bytes")]
     #[schemars(range(min = 65536))]
     pub secondary_buffer_bytes: u64,

@@ -74,6 +74,25 @@ pub struct ChangeBatch {
 }
 
 impl ChangeBatch {
+    /// An empty batch charged to no memory budget, for a batch rebuilt from disk (the
+    /// secondary spool): its memory is the reader's own, not the pipeline's. The caller
+    /// fills the fields.
+    pub fn without_budget(seq: u64) -> Self {
+        Self {
+            seq,
+            tables: Vec::new(),
+            messages: Vec::new(),
+            rows: 0,
+            bytes: 0,
+            transactions: 0,
+            checkpoint: None,
+            checkpoint_time: None,
+            op_counts: Vec::new(),
+            span: tracing::Span::none(),
+            _permit: None,
+        }
+    }
+
     /// Whether the batch carries nothing (an `emitEmpty` tick).
     pub fn is_empty(&self) -> bool {
         self.rows == 0 && self.messages.is_empty()

@@ -11,6 +11,7 @@ pub mod pipeline;
 pub mod retry;
 pub mod run;
 pub mod source;
+pub mod spool;
 pub mod standalone;
 pub mod status;
 pub mod telemetry;

@@ -6,12 +6,20 @@
 //!                  memory budget)           └─▶ …  (≤ parallelism writes at once)   │
 //!                                                                                   ▼
 //!              slot feedback ◀── AckTracker (all: min of durable; primary: primary's)
+//!
+//! ackPolicy primary, secondary:  dispatch ─▶ spooler(i) ─append+fsync─▶ SecondarySpool
+//!                                               │                         ▼
+//!                       AckTracker ◀─ Spooled(i, checkpoint): gates   runner(dest i)
 //! ```
 //!
 //! Each destination has its own runner task and queue, so a slow destination delays only
 //! itself until the memory budget is spent; the slot advances only over transaction ends
-//! that the required destinations reported *durable*, cumulatively, never backward.
+//! that the required destinations reported *durable*, cumulatively, never backward. Under
+//! `ackPolicy: primary` a secondary reads from its durable spool instead of a queue, so the
+//! slot follows the primary while nothing a secondary still needs is lost to a crash.
 
+use std::collections::VecDeque;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -31,11 +39,15 @@ use crate::destination::{Destination, DestinationError, WriteAck};
 use crate::lsn::Lsn;
 use crate::metrics::Metrics;
 use crate::retry::{RetryDecision, RetryPolicy};
+use crate::spool::{SEGMENT_BYTES, SecondarySpool, SpoolError, SpoolHandle, SpoolReader};
 
 /// Batches queued per destination before the pipeline waits (under `ackPolicy: all`).
 const QUEUE_BATCHES: usize = 8;
-/// How long a stop waits for destinations to make what was read durable.
+/// How long a stop waits for required destinations to make what was read durable.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
+/// How long a stopping flow lets secondaries finish the batch they are writing; what they
+/// have not made durable stays in their spool for the next run.
+const SECONDARY_STOP_GRACE: Duration = Duration::from_secs(5);
 
 /// Health of one destination as the status reports it.
 #[derive(Debug, Clone, Default)]
@@ -94,6 +106,15 @@ pub enum PipelineError {
     /// The source broke its own protocol.
     #[error("{0}")]
     Protocol(String),
+    /// A secondary's spool could not be opened, so the slot could not be kept safe for it.
+    #[error("destination {destination:?}: {source}")]
+    Spool {
+        /// Destination.
+        destination: String,
+        /// Why.
+        #[source]
+        source: SpoolError,
+    },
     /// Destinations did not make the last changes durable before the stop deadline.
     #[error(
         "destinations did not finish within {0:?} of the stop; changes after the slot's confirmed position are delivered again after the restart"
@@ -116,9 +137,11 @@ pub struct PipelineConfig {
     pub parallelism: u32,
     /// Ack policy.
     pub ack: AckMode,
-    /// Bytes a secondary (under `ackPolicy: primary`) may fall behind before it is
-    /// detached.
+    /// Bytes of unread spool a secondary (under `ackPolicy: primary`) may hold before it
+    /// is detached.
     pub secondary_buffer_bytes: u64,
+    /// Where secondaries spool (`<state_dir>/spool`): one directory per destination.
+    pub spool_dir: PathBuf,
     /// Emit empty batches on timeout.
     pub emit_empty: bool,
 }
@@ -148,13 +171,10 @@ pub struct PipelineHandles {
 /// What runners report.
 #[derive(Debug)]
 enum AckEvent {
-    /// The batch was handed to the destination (its memory may be released).
-    Written { dest: usize, bytes: u64 },
     /// Everything up to `lsn` is durable at the destination.
     Durable {
         dest: usize,
         lsn: Lsn,
-        time: Option<DateTime<Utc>>,
         rows: u64,
         bytes: u64,
         transactions: u64,
@@ -172,14 +192,49 @@ enum AckEvent {
         attempts: u32,
         error: DestinationError,
     },
+    /// A secondary's spool holds everything up to `lsn` (fsynced).
+    Spooled { dest: usize, lsn: Lsn },
+    /// A secondary's unread spool passed its buffer at batch `seq`; the spooler deleted
+    /// the spool and stopped.
+    Overflow { dest: usize, seq: u64 },
+    /// A secondary's spool cannot be written or read any more.
+    SpoolFailed { dest: usize, error: SpoolError },
 }
 
 struct Lane {
+    /// Queue of a required destination's runner, or of a secondary's spooler.
     tx: Option<mpsc::Sender<Arc<ChangeBatch>>>,
+    /// Spool of a secondary (`ackPolicy: primary`).
+    spool: Option<SpoolHandle>,
     /// Stops the runner of a detached destination (it may be stuck in a write).
     abort: Option<tokio::task::AbortHandle>,
-    /// Bytes sent but not yet written (secondaries only are bounded by this).
-    queued_bytes: u64,
+}
+
+/// Where a runner takes its batches from.
+enum Feed {
+    Queue(mpsc::Receiver<Arc<ChangeBatch>>),
+    Spool(SpoolReader),
+}
+
+impl Feed {
+    /// The next batch and, for a spool, the position to commit once it is durable.
+    async fn next(
+        &mut self,
+        index: usize,
+        acks: &mpsc::UnboundedSender<AckEvent>,
+    ) -> Option<(Arc<ChangeBatch>, Option<u64>)> {
+        match self {
+            Self::Queue(rx) => rx.recv().await.map(|b| (b, None)),
+            Self::Spool(reader) => match reader.next().await {
+                Ok(Some(s)) => Some((Arc::new(s.batch), Some(s.end))),
+                Ok(None) => None,
+                Err(error) => {
+                    let _ = acks.send(AckEvent::SpoolFailed { dest: index, error });
+                    None
+                }
+            },
+        }
+    }
 }
 
 /// The batching / fan-out / ack stage.
@@ -246,24 +301,73 @@ impl Pipeline {
         let mut tracker = AckTracker::new(config.ack, destinations.len(), start);
         let parallelism = Arc::new(Semaphore::new(config.parallelism.max(1) as usize));
         let (ack_tx, mut ack_rx) = mpsc::unbounded_channel();
+        // Required destinations are drained at stop; secondaries only finish their batch.
         let mut runners = JoinSet::new();
+        let mut secondaries = JoinSet::new();
         let mut lanes = Vec::new();
         for (index, slot) in destinations.into_iter().enumerate() {
+            if matches!(config.ack, AckMode::Primary(p) if p != index) {
+                let dir = config.spool_dir.join(&slot.name);
+                let (spool, reader) =
+                    SecondarySpool::open(&dir, SEGMENT_BYTES).map_err(|source| {
+                        PipelineError::Spool {
+                            destination: slot.name.clone(),
+                            source,
+                        }
+                    })?;
+                // The secondary gates the slot from the start: what its spool holds may
+                // be ahead of its own position, never behind what the slot passed.
+                tracker.spooled(index, spool.end_lsn().max(start));
+                let own = reader.durable_lsn().unwrap_or(start);
+                tracker.recovered(index, own);
+                if let Some(d) = lock(&handles.progress).destinations.get_mut(index) {
+                    d.lsn = Some(own);
+                }
+                let unread = spool.unread_bytes();
+                if unread > 0 {
+                    tracing::info!(destination = %slot.name, unread_bytes = unread, from = %own, to = %spool.end_lsn(), "secondary catches up from its spool");
+                }
+                let abort = secondaries.spawn(run_destination(
+                    index,
+                    slot,
+                    Feed::Spool(reader),
+                    ack_tx.clone(),
+                    Some(parallelism.clone()),
+                    metrics.clone(),
+                ));
+                // The spooler appends apart from dispatch, so an fsync never delays the
+                // primary; it is drained at stop like a required runner.
+                let (tx, rx) = mpsc::channel(QUEUE_BATCHES);
+                lanes.push(Lane {
+                    tx: Some(tx),
+                    spool: Some(spool.handle()),
+                    abort: Some(abort),
+                });
+                runners.spawn(run_spooler(
+                    index,
+                    spool,
+                    rx,
+                    ack_tx.clone(),
+                    config.secondary_buffer_bytes,
+                ));
+                continue;
+            }
+            discard_stale_spool(&config.spool_dir, &slot.name);
             let (tx, rx) = mpsc::channel(QUEUE_BATCHES);
             lanes.push(Lane {
                 tx: Some(tx),
+                spool: None,
                 abort: None,
-                queued_bytes: 0,
             });
             // Under `ackPolicy: primary` the primary never queues behind a secondary.
             let limit = match config.ack {
-                AckMode::Primary(p) if p == index => None,
-                _ => Some(parallelism.clone()),
+                AckMode::Primary(_) => None,
+                AckMode::All => Some(parallelism.clone()),
             };
             lanes[index].abort = Some(runners.spawn(run_destination(
                 index,
                 slot,
-                rx,
+                Feed::Queue(rx),
                 ack_tx.clone(),
                 limit,
                 metrics.clone(),
@@ -280,6 +384,7 @@ impl Pipeline {
             handles: &handles,
             secondary_limit: config.secondary_buffer_bytes,
             metrics: &metrics,
+            checkpoints: VecDeque::new(),
         };
 
         // Phase 1: read, batch and dispatch until the source hangs up.
@@ -347,34 +452,62 @@ impl Pipeline {
         }
 
         // Phase 2: the source is gone (stop or error): deliver what was read, then let the
-        // runners drain and make it durable.
+        // required runners drain and make it durable.
         if let Some(batch) = batcher.take() {
             state.dispatch(batch).await?;
         }
         for lane in state.lanes.iter_mut() {
             lane.tx = None;
         }
-        // A destination hung in a write must not hang the stop: after the grace period its
-        // runner is dropped; what it had not made durable was never confirmed, so it is
-        // delivered again after the restart.
-        let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
-            while let Some(ack) = ack_rx.recv().await {
-                state.on_ack(ack)?;
-            }
-            Ok::<(), PipelineError>(())
-        })
-        .await;
-        match drained {
-            Ok(result) => result?,
-            Err(_) => {
-                tracing::warn!(
-                    grace = ?SHUTDOWN_GRACE,
-                    "destinations did not finish within the grace period; stopping without them"
-                );
-                runners.abort_all();
+        // A required destination hung in a write must not hang the stop: after the grace
+        // period its runner is dropped; what it had not made durable was never confirmed,
+        // so it is delivered again after the restart.
+        let deadline = Instant::now() + SHUTDOWN_GRACE;
+        loop {
+            tokio::select! {
+                ack = ack_rx.recv() => match ack {
+                    Some(ack) => state.on_ack(ack)?,
+                    None => break,
+                },
+                joined = runners.join_next() => if joined.is_none() { break },
+                _ = tokio::time::sleep_until(deadline) => {
+                    tracing::warn!(
+                        grace = ?SHUTDOWN_GRACE,
+                        "destinations did not finish within the grace period; stopping without them"
+                    );
+                    runners.abort_all();
+                    break;
+                }
             }
         }
-        while runners.join_next().await.is_some() {}
+        while let Ok(ack) = ack_rx.try_recv() {
+            state.on_ack(ack)?;
+        }
+        // Secondaries stop after the batch in hand: the rest is safe in their spools and
+        // replayed by the next run, so a stuck secondary cannot hold up the stop.
+        for lane in state.lanes.iter() {
+            if let Some(spool) = &lane.spool {
+                spool.stop();
+            }
+        }
+        let deadline = Instant::now() + SECONDARY_STOP_GRACE;
+        loop {
+            tokio::select! {
+                ack = ack_rx.recv() => match ack {
+                    Some(ack) => state.on_ack(ack)?,
+                    None => break,
+                },
+                joined = secondaries.join_next() => if joined.is_none() { break },
+                _ = tokio::time::sleep_until(deadline) => {
+                    tracing::info!("stopping secondaries in the middle of a write; their spools keep the batches for the next run");
+                    secondaries.abort_all();
+                    break;
+                }
+            }
+        }
+        while let Ok(ack) = ack_rx.try_recv() {
+            state.on_ack(ack)?;
+        }
         Ok(())
     }
 }
@@ -387,6 +520,8 @@ struct Flow<'a> {
     handles: &'a PipelineHandles,
     secondary_limit: u64,
     metrics: &'a Metrics,
+    /// Checkpoints dispatched and not yet confirmed, with their commit times.
+    checkpoints: VecDeque<(Lsn, Option<DateTime<Utc>>)>,
 }
 
 impl Flow<'_> {
@@ -405,56 +540,83 @@ impl Flow<'_> {
         for (table, op, n) in &batch.op_counts {
             self.metrics.rows(table, op.as_str(), *n);
         }
+        if let Some(cp) = batch.checkpoint {
+            self.checkpoints.push_back((cp, batch.checkpoint_time));
+        }
         let batch = Arc::new(batch);
-        for (index, lane) in self.lanes.iter_mut().enumerate() {
-            let Some(tx) = &lane.tx else { continue };
-            if self.tracker.is_required(index) {
-                // Required destinations apply back-pressure: wait for queue room.
-                if tx.send(batch.clone()).await.is_err() {
-                    // The runner ended; its GaveUp event explains why and is handled when
-                    // it is received.
-                    lane.tx = None;
-                }
-                lane.queued_bytes += bytes;
-                continue;
-            }
-            // A secondary must not slow the primary: it may fall behind by its buffer,
-            // and is detached past it.
-            let limit = self.secondary_limit;
-            let over = lane.queued_bytes + bytes > limit;
-            let sent = !over && tx.try_send(batch.clone()).is_ok();
-            if sent {
-                lane.queued_bytes += bytes;
-            } else {
+        for lane in self.lanes.iter_mut() {
+            // Required destinations and secondaries' spoolers apply back-pressure: wait for
+            // queue room (a spooler waits only for the local disk, never for its secondary).
+            if let Some(tx) = &lane.tx
+                && tx.send(batch.clone()).await.is_err()
+            {
+                // The runner or spooler ended; its event explains why and is handled when
+                // it is received.
                 lane.tx = None;
-                if let Some(abort) = lane.abort.take() {
-                    abort.abort();
-                }
-                let reason = format!(
-                    "fell behind the primary by more than its buffer ({limit} bytes) at batch {seq}; it stopped receiving changes after LSN {} and must be re-synced (backfill) or the flow restarted",
-                    self.tracker.destination(index)
-                );
-                tracing::error!(destination = %self.names[index], "{reason}");
-                let mut p = lock(&self.handles.progress);
-                if let Some(d) = p.destinations.get_mut(index) {
-                    d.detached = Some(reason);
-                }
             }
         }
         Ok(())
     }
 
+    /// Detaches secondary `index`: it stops receiving batches, its spool is deleted and
+    /// it no longer gates the slot.
+    fn detach(&mut self, index: usize, reason: String) {
+        let name = &self.names[index];
+        let Some(lane) = self.lanes.get_mut(index) else {
+            return;
+        };
+        let Some(spool) = lane.spool.take() else {
+            // Already detached.
+            return;
+        };
+        lane.tx = None;
+        if let Some(abort) = lane.abort.take() {
+            abort.abort();
+        }
+        if let Err(e) = spool.remove() {
+            tracing::warn!(destination = %name, error = %e, "could not delete the spool of a detached secondary");
+        }
+        tracing::error!(destination = %name, "{reason}");
+        {
+            let mut p = lock(&self.handles.progress);
+            if let Some(d) = p.destinations.get_mut(index) {
+                d.detached = Some(reason);
+            }
+        }
+        if let Some(confirmed) = self.tracker.ungate(index) {
+            self.confirm(confirmed);
+        }
+    }
+
+    /// Moves the slot to `confirmed`: every required destination made it durable and
+    /// every gating secondary holds it.
+    fn confirm(&mut self, confirmed: Lsn) {
+        let mut time = None;
+        while let Some((lsn, t)) = self.checkpoints.front().copied() {
+            if lsn > confirmed {
+                break;
+            }
+            time = t.or(time);
+            self.checkpoints.pop_front();
+        }
+        self.handles.feedback.update_flushed_lsn(confirmed.0);
+        self.handles.feedback.update_applied_lsn(confirmed.0);
+        self.handles.confirmed.store(confirmed.0, Ordering::Release);
+        self.metrics.set_confirmed_lsn(confirmed.0);
+        let time = time.unwrap_or_else(Utc::now);
+        let mut p = lock(&self.handles.progress);
+        p.checkpoint = Some((confirmed, time));
+        if p.oldest_pending.is_some_and(|t| t <= time) {
+            p.oldest_pending = None;
+        }
+        tracing::debug!(lsn = %confirmed, "checkpoint");
+    }
+
     fn on_ack(&mut self, ack: AckEvent) -> Result<(), PipelineError> {
         match ack {
-            AckEvent::Written { dest, bytes } => {
-                if let Some(lane) = self.lanes.get_mut(dest) {
-                    lane.queued_bytes = lane.queued_bytes.saturating_sub(bytes);
-                }
-            }
             AckEvent::Durable {
                 dest,
                 lsn,
-                time,
                 rows,
                 bytes,
                 transactions,
@@ -492,18 +654,10 @@ impl Flow<'_> {
                         }
                     }
                 }
+                drop(p);
                 if let Some(confirmed) = advanced {
                     // Only now — every required destination durable — may the slot move.
-                    self.handles.feedback.update_flushed_lsn(confirmed.0);
-                    self.handles.feedback.update_applied_lsn(confirmed.0);
-                    self.handles.confirmed.store(confirmed.0, Ordering::Release);
-                    self.metrics.set_confirmed_lsn(confirmed.0);
-                    let time = time.unwrap_or_else(Utc::now);
-                    p.checkpoint = Some((confirmed, time));
-                    if p.oldest_pending.is_some_and(|t| t <= time) {
-                        p.oldest_pending = None;
-                    }
-                    tracing::debug!(lsn = %confirmed, "checkpoint");
+                    self.confirm(confirmed);
                 }
             }
             AckEvent::Failed {
@@ -540,18 +694,31 @@ impl Flow<'_> {
                         held_at: self.tracker.confirmed(),
                     });
                 }
-                if let Some(lane) = self.lanes.get_mut(dest) {
-                    lane.tx = None;
-                }
                 let reason = format!(
-                    "gave up after {attempts} attempt(s): {error}; it stopped at LSN {} while the primary continues",
+                    "gave up after {attempts} attempt(s): {error}; it stopped at LSN {} while the primary continues; its spool was deleted, re-sync it (backfill) from there",
                     self.tracker.destination(dest)
                 );
-                tracing::error!(destination = %self.names[dest], "{reason}");
-                let mut p = lock(&self.handles.progress);
-                if let Some(d) = p.destinations.get_mut(dest) {
-                    d.detached = Some(reason);
+                self.detach(dest, reason);
+            }
+            AckEvent::SpoolFailed { dest, error } => {
+                let reason = format!(
+                    "its spool failed: {error}; it stopped at LSN {} while the primary continues; its spool was deleted, re-sync it (backfill) from there",
+                    self.tracker.destination(dest)
+                );
+                self.detach(dest, reason);
+            }
+            AckEvent::Spooled { dest, lsn } => {
+                if let Some(confirmed) = self.tracker.spooled(dest, lsn) {
+                    self.confirm(confirmed);
                 }
+            }
+            AckEvent::Overflow { dest, seq } => {
+                let limit = self.secondary_limit;
+                let reason = format!(
+                    "fell behind the primary by more than its buffer ({limit} bytes of unread spool) at batch {seq}; it stopped receiving changes after LSN {}, its spool was deleted, and it must be re-synced (backfill) from there",
+                    self.tracker.destination(dest)
+                );
+                self.detach(dest, reason);
             }
         }
         Ok(())
@@ -562,18 +729,91 @@ fn is_first_required(tracker: &AckTracker, dest: usize) -> bool {
     (0..dest).all(|i| !tracker.is_required(i))
 }
 
+/// A destination that drives the slot needs no spool; one left from a run where it was a
+/// secondary is deleted (nothing would ever read it), saying what it still held.
+fn discard_stale_spool(root: &std::path::Path, name: &str) {
+    let dir = root.join(name);
+    if !dir.exists() {
+        return;
+    }
+    match SecondarySpool::open(&dir, SEGMENT_BYTES) {
+        Ok((spool, reader)) => {
+            let unread = spool.unread_bytes();
+            if unread > 0 {
+                tracing::warn!(destination = %name, unread_bytes = unread, from = %reader.durable_lsn().unwrap_or_default(), to = %spool.end_lsn(), "deleting the spool left from when this destination was a secondary; the changes it had not made durable are missing there, re-sync it (backfill) from that LSN");
+            }
+            if let Err(e) = spool.remove() {
+                tracing::warn!(destination = %name, error = %e, "could not delete a stale spool");
+            }
+        }
+        Err(e) => {
+            tracing::warn!(destination = %name, error = %e, "could not open a stale spool to delete it")
+        }
+    }
+}
+
+/// Appends batches to a secondary's spool in order; each append (fsynced) is reported so
+/// the slot may pass it. Past `limit` bytes of unread spool, deletes the spool and stops.
+async fn run_spooler(
+    index: usize,
+    mut spool: SecondarySpool,
+    mut rx: mpsc::Receiver<Arc<ChangeBatch>>,
+    acks: mpsc::UnboundedSender<AckEvent>,
+    limit: u64,
+) {
+    let dir = spool.dir().to_owned();
+    while let Some(batch) = rx.recv().await {
+        let (seq, checkpoint) = (batch.seq, batch.checkpoint);
+        let appended = tokio::task::spawn_blocking(move || {
+            let r = spool.append(&batch);
+            (spool, r)
+        })
+        .await;
+        let (s, result) = match appended {
+            Ok(done) => done,
+            Err(e) => {
+                // The writer went with the task; nothing more can be appended.
+                let error = SpoolError::Task {
+                    dir,
+                    reason: format!("appending batch {seq}: {e}"),
+                };
+                let _ = acks.send(AckEvent::SpoolFailed { dest: index, error });
+                return;
+            }
+        };
+        spool = s;
+        match result {
+            Err(error) => {
+                let _ = acks.send(AckEvent::SpoolFailed { dest: index, error });
+                return;
+            }
+            Ok(_) if spool.unread_bytes() > limit => {
+                let _ = acks.send(AckEvent::Overflow { dest: index, seq });
+                return;
+            }
+            Ok(_) => {
+                if let Some(lsn) = checkpoint {
+                    let _ = acks.send(AckEvent::Spooled { dest: index, lsn });
+                }
+            }
+        }
+    }
+    // The flow stops: what the secondary has not read stays for the next run.
+    spool.stop();
+}
+
 /// Writes batches to one destination in order, with retries, reporting durability.
 async fn run_destination(
     index: usize,
     mut slot: DestinationSlot,
-    mut rx: mpsc::Receiver<Arc<ChangeBatch>>,
+    mut feed: Feed,
     acks: mpsc::UnboundedSender<AckEvent>,
     parallelism: Option<Arc<Semaphore>>,
     metrics: Metrics,
 ) {
     // Transaction end (and its stats) accepted but not yet flushed.
     let mut unflushed: Option<Pending> = None;
-    while let Some(batch) = rx.recv().await {
+    while let Some((batch, spooled)) = feed.next(index, &acks).await {
         let span = tracing::info_span!(
             parent: &batch.span,
             "destination.write",
@@ -597,10 +837,6 @@ async fn run_destination(
             Ok(None) => WriteAck::Durable,
             Err(()) => return,
         };
-        let _ = acks.send(AckEvent::Written {
-            dest: index,
-            bytes: batch.bytes,
-        });
         let pending = unflushed.get_or_insert_with(Pending::default);
         pending.rows += batch.rows;
         pending.bytes += batch.bytes;
@@ -610,7 +846,9 @@ async fn run_destination(
         }
         if let Some(cp) = batch.checkpoint {
             pending.lsn = Some(cp);
-            pending.time = batch.checkpoint_time;
+        }
+        if spooled.is_some() {
+            pending.spooled = spooled;
         }
         // Flush only at a transaction end: a batch holding part of a transaction can
         // confirm nothing, so its durability would buy nothing.
@@ -636,10 +874,16 @@ async fn run_destination(
         if let Some(p) = unflushed.take()
             && let Some(lsn) = p.lsn
         {
+            if let (Feed::Spool(reader), Some(position)) = (&mut feed, p.spooled)
+                && let Err(e) = reader.commit(position, lsn).await
+            {
+                // The batches are durable at the destination; a stale cursor only means
+                // they are delivered again after a restart.
+                tracing::warn!(destination = %slot.name, error = %e, "could not record the secondary's position in its spool");
+            }
             let _ = acks.send(AckEvent::Durable {
                 dest: index,
                 lsn,
-                time: p.time,
                 rows: p.rows,
                 bytes: p.bytes,
                 transactions: p.transactions,
@@ -652,7 +896,8 @@ async fn run_destination(
 #[derive(Debug, Default)]
 struct Pending {
     lsn: Option<Lsn>,
-    time: Option<DateTime<Utc>>,
+    /// Spool position after the last batch (secondaries).
+    spooled: Option<u64>,
     rows: u64,
     bytes: u64,
     transactions: u64,

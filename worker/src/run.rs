@@ -180,6 +180,7 @@ pub async fn run_with(
         parallelism: flow.spec.parallelism,
         ack,
         secondary_buffer_bytes: flow.spec.secondary_buffer_bytes,
+        spool_dir: options.state_dir.join("spool"),
         emit_empty: pg.emit_empty,
     };
     let names: Vec<String> = destinations.iter().map(|d| d.name.clone()).collect();
@@ -286,6 +287,7 @@ pub async fn run_with(
         Err(PipelineError::Protocol(_)) => metrics.error("pipeline", "protocol"),
         Err(PipelineError::Batch(_)) => metrics.error("pipeline", "decode"),
         Err(PipelineError::GaveUp { .. }) => metrics.error("destination", "gave_up"),
+        Err(PipelineError::Spool { .. }) => metrics.error("destination", "spool"),
         Err(PipelineError::Stuck(_)) => metrics.error("pipeline", "stuck"),
         Ok(()) => {}
     }

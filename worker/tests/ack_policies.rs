@@ -53,6 +53,8 @@ struct Observed {
     commits: std::collections::BTreeSet<u64>,
     /// (slot position, durable end) sampled in that order while the flow ran.
     samples: Vec<(u64, u64)>,
+    /// Deliveries per inserted `id` (accepted or durable).
+    ids: std::collections::BTreeMap<i32, u32>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -67,6 +69,13 @@ impl Fault {
     }
     fn durable_rows(&self) -> u64 {
         self.seen.lock().unwrap().durable_rows
+    }
+    /// Ids in `1..=n` never delivered, and how many deliveries were repeats.
+    fn missing_and_repeated(&self, n: i32) -> (Vec<i32>, u32) {
+        let seen = self.seen.lock().unwrap();
+        let missing = (1..=n).filter(|i| !seen.ids.contains_key(i)).collect();
+        let repeated = seen.ids.values().map(|c| c - 1).sum();
+        (missing, repeated)
     }
 
     /// Samples the invariant: read the slot first, then the durable end (which only
@@ -133,6 +142,13 @@ impl Destination for FaultDestination {
         for group in &batch.tables {
             seen.commits
                 .extend(group.changes.iter().map(|c| c.commit_lsn));
+            for change in &group.changes {
+                if let Some(wallaby_codec::Value::Int4(id)) =
+                    change.after.as_ref().and_then(|r| r.values.first())
+                {
+                    *seen.ids.entry(*id).or_default() += 1;
+                }
+            }
         }
         if durable {
             seen.durable_rows += batch.rows;
@@ -236,6 +252,18 @@ fn start(
     a: (&Fault, RetryPolicy),
     b: (&Fault, RetryPolicy),
 ) -> Running {
+    start_in(&tokio::runtime::Handle::current(), dir, manifest, a, b)
+}
+
+/// Starts the flow on `runtime` (a runtime of its own can be shut down abruptly to
+/// simulate a crash: every task stops at its next await, nothing is flushed or confirmed).
+fn start_in(
+    runtime: &tokio::runtime::Handle,
+    dir: &Path,
+    manifest: &Path,
+    a: (&Fault, RetryPolicy),
+    b: (&Fault, RetryPolicy),
+) -> Running {
     let resolved = standalone::load(manifest, None).unwrap();
     let slots = vec![
         DestinationSlot {
@@ -256,7 +284,7 @@ fn start(
         state_dir: dir.join("state"),
         spill_dir: Some(dir.join("spill")),
     };
-    let task = tokio::spawn(run_with(
+    let task = runtime.spawn(run_with(
         resolved,
         slots,
         options,
@@ -376,6 +404,12 @@ async fn a_hanging_destination_holds_the_slot_under_all() {
     let a = Fault::default();
     let b = Fault::default();
     b.script.lock().unwrap().hang = true;
+    // A spool left from a run where `a` was a secondary: under `all` nothing reads it.
+    wallaby_worker::spool::SecondarySpool::open(
+        &spool_dir(dir.path(), "a"),
+        wallaby_worker::spool::SEGMENT_BYTES,
+    )
+    .unwrap();
     let run = start(
         dir.path(),
         &m,
@@ -385,6 +419,12 @@ async fn a_hanging_destination_holds_the_slot_under_all() {
     wait_for("slot created", Duration::from_secs(20), async || {
         db.slot(&db.name).await
     })
+    .await;
+    wait_for(
+        "the stale spool is deleted",
+        Duration::from_secs(20),
+        async || (!spool_dir(dir.path(), "a").exists()).then_some(()),
+    )
     .await;
     let floor = start_lsn(&db).await;
     insert(&c, 1, 100).await;
@@ -475,9 +515,227 @@ async fn primary_drives_the_slot_and_a_stuck_secondary_is_detached_past_its_buff
     )
     .await;
     assert_eq!(status["phase"], "Degraded", "{status}");
+    let error = status_of(&status, "b")["lastError"].to_string();
+    assert!(
+        error.contains("bytes of unread spool")
+            && error.contains("its spool was deleted")
+            && error.contains("re-synced (backfill)"),
+        "{error}"
+    );
+    assert!(
+        !spool_dir(dir.path(), "b").exists(),
+        "the detached secondary's spool is deleted"
+    );
     wait_for("primary keeps going", Duration::from_secs(20), async || {
         (a.durable_rows() == 400).then_some(())
     })
+    .await;
+    // Detached, the secondary no longer gates the slot: it follows the primary alone.
+    wait_for(
+        "the slot follows the primary past the detachment",
+        Duration::from_secs(20),
+        async || (a.sample(&db).await >= a.durable_lsn()).then_some(()),
+    )
+    .await;
+    a.assert_never_passed_durable(floor);
+    run.stop().await.unwrap();
+    db.drop_all().await;
+}
+
+fn spool_dir(dir: &Path, destination: &str) -> std::path::PathBuf {
+    dir.join("state").join("spool").join(destination)
+}
+
+/// Bytes in the spool's segment files.
+fn spooled_bytes(dir: &Path, destination: &str) -> u64 {
+    std::fs::read_dir(spool_dir(dir, destination))
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".seg"))
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+fn status_of(status: &serde_json::Value, destination: &str) -> serde_json::Value {
+    status["destinations"]
+        .as_array()
+        .and_then(|ds| ds.iter().find(|d| d["name"] == destination))
+        .cloned()
+        .unwrap_or_default()
+}
+
+const PRIMARY_A: &str = "  ackPolicy: primary\n  primaryDestination: a";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_secondary_catches_up_from_its_spool_while_the_slot_follows_the_primary() {
+    let db = TestDb::create("ack_spool").await;
+    let c = setup_table(&db).await;
+    let dir = tempfile::tempdir().unwrap();
+    let m = manifest(dir.path(), &db, PRIMARY_A, "");
+    let a = Fault::default();
+    let b = Fault::default();
+    b.script.lock().unwrap().hang = true;
+    let run = start(
+        dir.path(),
+        &m,
+        (&a, retry(5, GiveUpPolicy::OnRetryExhaustion)),
+        (&b, retry(5, GiveUpPolicy::OnRetryExhaustion)),
+    );
+    wait_for("slot created", Duration::from_secs(20), async || {
+        db.slot(&db.name).await
+    })
+    .await;
+    let floor = start_lsn(&db).await;
+    write_and_check(&db, &c, &[&a], 300).await;
+    let slot = wait_for(
+        "the slot follows the primary",
+        Duration::from_secs(20),
+        async || {
+            let slot = a.sample(&db).await;
+            (a.durable_rows() == 300 && slot >= a.durable_lsn()).then_some(slot)
+        },
+    )
+    .await;
+    a.assert_never_passed_durable(floor);
+    assert_eq!(b.durable_rows(), 0, "the secondary hangs");
+    assert!(slot > floor, "the slot moved past what the secondary has");
+    assert!(
+        spooled_bytes(dir.path(), "b") > 0,
+        "what the secondary has not made durable waits in its spool"
+    );
+    // The secondary keeps its own position in status.
+    wait_for(
+        "status shows the secondary behind the slot",
+        Duration::from_secs(20),
+        async || {
+            let own = status_of(&run.status(), "b")["lsn"]
+                .as_str()
+                .map(parse_lsn)?;
+            (own < slot).then_some(())
+        },
+    )
+    .await;
+
+    b.script.lock().unwrap().hang = false;
+    wait_for(
+        "the secondary catches up from its spool",
+        Duration::from_secs(30),
+        async || (b.durable_rows() >= 300).then_some(()),
+    )
+    .await;
+    let (missing, repeated) = b.missing_and_repeated(300);
+    assert!(missing.is_empty(), "rows never delivered: {missing:?}");
+    assert_eq!(repeated, 0, "delivered once");
+    wait_for(
+        "status shows the secondary's own durable position",
+        Duration::from_secs(20),
+        async || {
+            let lsn = status_of(&run.status(), "b")["lsn"]
+                .as_str()
+                .map(parse_lsn)?;
+            (lsn == b.durable_lsn()).then_some(())
+        },
+    )
+    .await;
+    run.stop().await.unwrap();
+    db.drop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_spool_keeps_a_secondarys_changes_across_a_restart_after_the_slot_passed_them() {
+    spool_survives(false, "ack_spool_restart").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_spool_keeps_a_secondarys_changes_across_a_crash_after_the_slot_passed_them() {
+    spool_survives(true, "ack_spool_crash").await;
+}
+
+/// Runs with a hung secondary until the slot passed what the secondary has, then stops
+/// (cleanly, or by `crash`: the worker's runtime is dropped mid-flight), and starts a new
+/// run on the same state directory with the secondary healthy.
+async fn spool_survives(crash: bool, name: &str) {
+    let db = TestDb::create(name).await;
+    let c = setup_table(&db).await;
+    let dir = tempfile::tempdir().unwrap();
+    let m = manifest(dir.path(), &db, PRIMARY_A, "");
+    let a = Fault::default();
+    let b = Fault::default();
+    b.script.lock().unwrap().hang = true;
+    let worker = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let run = start_in(
+        worker.handle(),
+        dir.path(),
+        &m,
+        (&a, retry(5, GiveUpPolicy::OnRetryExhaustion)),
+        (&b, retry(5, GiveUpPolicy::OnRetryExhaustion)),
+    );
+    wait_for("slot created", Duration::from_secs(20), async || {
+        db.slot(&db.name).await
+    })
+    .await;
+    let floor = start_lsn(&db).await;
+    write_and_check(&db, &c, &[&a], 200).await;
+    wait_for(
+        "the slot follows the primary",
+        Duration::from_secs(20),
+        async || {
+            let slot = a.sample(&db).await;
+            (a.durable_rows() == 200 && slot >= a.durable_lsn()).then_some(())
+        },
+    )
+    .await;
+    // Stop while the secondary still hangs: it made nothing durable.
+    if crash {
+        drop(run);
+        worker.shutdown_background();
+    } else {
+        run.stop().await.unwrap();
+        worker.shutdown_background();
+    }
+    assert_eq!(b.durable_rows(), 0);
+    let slot = confirmed(&db).await;
+    let passed = a.seen.lock().unwrap().commits.range(floor..slot).count();
+    assert!(
+        passed > 0 && b.seen.lock().unwrap().commits.is_empty(),
+        "the slot ({slot:X}) passed {passed} transactions the secondary never received"
+    );
+    assert!(spooled_bytes(dir.path(), "b") > 0);
+
+    // A new run on the same state directory, the secondary healthy again.
+    let a2 = Fault::default();
+    let b2 = Fault::default();
+    let run = start(
+        dir.path(),
+        &m,
+        (&a2, retry(5, GiveUpPolicy::OnRetryExhaustion)),
+        (&b2, retry(5, GiveUpPolicy::OnRetryExhaustion)),
+    );
+    insert(&c, 201, 300).await;
+    wait_for(
+        "the secondary replays its spool, then follows the stream",
+        Duration::from_secs(30),
+        async || (b2.missing_and_repeated(300).0.is_empty()).then_some(()),
+    )
+    .await;
+    let (_, repeated) = b2.missing_and_repeated(300);
+    assert_eq!(
+        repeated, 0,
+        "what the spool held is not appended again when the slot re-sends it"
+    );
+    wait_for(
+        "the primary has the new rows",
+        Duration::from_secs(20),
+        async || (a2.missing_and_repeated(300).0.iter().all(|id| *id <= 200)).then_some(()),
+    )
     .await;
     run.stop().await.unwrap();
     db.drop_all().await;

@@ -3,9 +3,11 @@
 
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
+
 /// A PostgreSQL type, resolved through `pg_type` (or the built-in table when `resolveTypes`
 /// is off).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TypeInfo {
     /// Type OID.
     pub oid: u32,
@@ -20,7 +22,7 @@ pub struct TypeInfo {
 }
 
 /// The kinds of types the codec understands.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum TypeKind {
     /// `bool`.
     Bool,
@@ -101,7 +103,7 @@ pub enum TypeKind {
 }
 
 /// A column of a table.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ColumnSchema {
     /// Column name.
     pub name: String,
@@ -115,7 +117,7 @@ pub struct ColumnSchema {
 }
 
 /// A table as the destinations see it.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TableSchema {
     /// Schema (namespace) name.
     pub schema: String,
