@@ -180,8 +180,14 @@ require_running() {
     running || die "PostgreSQL is not running (state dir $STATE); run: $SCRIPT_PATH start"
 }
 
+# Ports that failed to bind during this start (see cmd_start).
+SKIP_PORTS=()
+
 port_in_use() {
-    local p=$1
+    local p=$1 skipped
+    for skipped in "${SKIP_PORTS[@]}"; do
+        [[ $skipped == "$p" ]] && return 0
+    done
     if (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then return 0; fi
     if command -v ss >/dev/null 2>&1 && [[ -n $(ss -Hltn "sport = :$p" 2>/dev/null) ]]; then
         return 0
@@ -343,25 +349,37 @@ cmd_start() {
 
     initialized || do_initdb
 
-    local port wal sock
-    port=$(choose_port)
+    local port wal sock attempt
     wal=$(choose_wal_level)
-    sock="$RUN_DIR/.s.PGSQL.$port"
-    ((${#sock} <= 107)) || die "unix socket path too long (${#sock} > 107): $sock; set WALLABY_PG_DIR to a shorter path"
-    printf '%s\n' "$port" >"$PORT_FILE"
-    printf '%s\n' "$wal" >"$WAL_FILE"
-    write_conf "$port" "$wal"
+    # The chosen port can be taken between the check and the bind (another instance
+    # starting, or an outgoing connection that drew it from the ephemeral range):
+    # try the next free port a few times before giving up.
+    for attempt in 1 2 3 4 5; do
+        port=$(choose_port)
+        sock="$RUN_DIR/.s.PGSQL.$port"
+        ((${#sock} <= 107)) || die "unix socket path too long (${#sock} > 107): $sock; set WALLABY_PG_DIR to a shorter path"
+        printf '%s\n' "$port" >"$PORT_FILE"
+        printf '%s\n' "$wal" >"$WAL_FILE"
+        write_conf "$port" "$wal"
 
-    if is_root && [[ ! -e $LOGFILE ]]; then : >"$LOGFILE"; fi
-    give_to_pg "$PORT_FILE" "$WAL_FILE" "$RUN_DIR"
-    if [[ -e $LOGFILE ]]; then give_to_pg "$LOGFILE"; fi
+        if is_root && [[ ! -e $LOGFILE ]]; then : >"$LOGFILE"; fi
+        give_to_pg "$PORT_FILE" "$WAL_FILE" "$RUN_DIR"
+        if [[ -e $LOGFILE ]]; then give_to_pg "$LOGFILE"; fi
 
-    log "starting PostgreSQL 15 (dir $STATE, port $port, wal_level $wal)"
-    if ! spawn_server; then
+        log "starting PostgreSQL 15 (dir $STATE, port $port, wal_level $wal)"
+        if spawn_server; then
+            break
+        fi
+        if [[ -z ${WALLABY_PG_PORT:-} && $attempt -lt 5 ]] &&
+            tail -n 20 -- "$LOGFILE" 2>/dev/null | grep -q "could not create any TCP/IP sockets"; then
+            log "port $port was taken while starting; trying another"
+            SKIP_PORTS+=("$port")
+            continue
+        fi
         log "pg_ctl start failed; last lines of $LOGFILE:"
         tail -n 40 -- "$LOGFILE" >&2 || true
         exit 1
-    fi
+    done
     if ! bootstrap_roles; then
         log "role/database bootstrap failed; last lines of $LOGFILE:"
         tail -n 20 -- "$LOGFILE" >&2 || true
