@@ -181,6 +181,36 @@ async fn a_million_row_transaction_is_delivered_whole_with_bounded_memory() {
 
     let all = records(dir.path());
     let got = ids(&all);
+    if got.len() != ROWS {
+        // Name what is missing and what is on disk, so a failure can be diagnosed.
+        let present: std::collections::HashSet<i64> = got.iter().copied().collect();
+        let mut missing: Vec<(i64, i64)> = Vec::new();
+        for id in 1..=ROWS as i64 {
+            if present.contains(&id) {
+                continue;
+            }
+            match missing.last_mut() {
+                Some((_, end)) if *end == id - 1 => *end = id,
+                _ => missing.push((id, id)),
+            }
+        }
+        let files: Vec<String> = std::fs::read_dir(dir.path().join("out"))
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                format!(
+                    "{} ({} bytes)",
+                    e.file_name().to_string_lossy(),
+                    e.metadata().unwrap().len()
+                )
+            })
+            .collect();
+        panic!(
+            "{} rows instead of {ROWS}; missing id ranges (first 20): {:?}; files: {files:?}\nworker log:\n{log}",
+            got.len(),
+            &missing[..missing.len().min(20)]
+        );
+    }
     assert_eq!(got.len(), ROWS, "every row exactly once");
     let mut seen = vec![false; ROWS + 1];
     for id in &got {
