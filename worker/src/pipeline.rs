@@ -838,6 +838,9 @@ async fn run_destination(
             Err(()) => return,
         };
         let pending = unflushed.get_or_insert_with(Pending::default);
+        // Any accepted (not yet durable) write since the last flush needs one, whatever
+        // the later writes said.
+        pending.accepted |= ack == WriteAck::Accepted;
         pending.rows += batch.rows;
         pending.bytes += batch.bytes;
         pending.transactions += batch.transactions;
@@ -855,7 +858,7 @@ async fn run_destination(
         if batch.checkpoint.is_none() {
             continue;
         }
-        if ack == WriteAck::Accepted {
+        if unflushed.as_ref().is_some_and(|p| p.accepted) {
             let span = tracing::info_span!(parent: &batch.span, "destination.flush", destination = %slot.name);
             let flushed = attempt(
                 index,
@@ -896,6 +899,8 @@ async fn run_destination(
 #[derive(Debug, Default)]
 struct Pending {
     lsn: Option<Lsn>,
+    /// A write since the last flush was only accepted.
+    accepted: bool,
     /// Spool position after the last batch (secondaries).
     spooled: Option<u64>,
     rows: u64,
