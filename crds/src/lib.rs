@@ -61,21 +61,34 @@ pub fn all_crds_yaml() -> Result<String, serde_norway::Error> {
 mod tests {
     use super::*;
 
-    /// The committed YAML in `crds/` must be what the types generate. Regenerate with
-    /// `cargo run -p wallaby-operator -- crds --write crds/`.
-    #[test]
-    fn committed_crd_yaml_is_current() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    const REGENERATE: &str =
+        "cargo run -p wallaby-operator -- crds --write crds/ --write charts/wallaby/crds/";
+
+    /// Every committed copy of a CRD must be what the types generate.
+    fn assert_current(dir: &std::path::Path) {
         for (file, crd) in crds() {
             let want = crd_yaml(&crd).unwrap();
             let path = dir.join(file);
             let have = std::fs::read_to_string(&path).unwrap_or_default();
             assert!(
                 have == want,
-                "{} is stale: run `cargo run -p wallaby-operator -- crds --write crds/`",
+                "{} is stale: run `{REGENERATE}`",
                 path.display()
             );
         }
+    }
+
+    /// `crds/` (what `kubectl apply -f crds/` installs).
+    #[test]
+    fn committed_crd_yaml_is_current() {
+        assert_current(std::path::Path::new(env!("CARGO_MANIFEST_DIR")));
+    }
+
+    /// The Helm chart's `crds/` (what `helm install` installs).
+    #[test]
+    fn chart_crd_copies_are_current() {
+        let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        assert_current(&repo.join("charts/wallaby/crds"));
     }
 
     /// `kubectl explain` shows descriptions: every property of every schema must have one.
