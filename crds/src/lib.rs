@@ -43,8 +43,60 @@ const GENERATED_HEADER: &str = "# Generated from the Rust types in crds/src by `
 pub fn crd_yaml(crd: &CustomResourceDefinition) -> Result<String, serde_norway::Error> {
     Ok(format!(
         "{GENERATED_HEADER}{}",
-        serde_norway::to_string(crd)?
+        quote_yaml11_booleans(&serde_norway::to_string(crd)?)
     ))
+}
+
+/// Plain scalars that YAML 1.1 reads as booleans. kubectl and Helm parse manifests with
+/// go-yaml's YAML 1.1 rules, so an unquoted enum value `off` (`toastFetch`,
+/// `syncPublication`) would reach the API server as `false` and the CRD be rejected;
+/// serde_norway emits YAML 1.2, where they are strings, and leaves them plain.
+const YAML11_BOOLEANS: [&str; 16] = [
+    "y", "Y", "yes", "Yes", "YES", "n", "N", "no", "No", "NO", "on", "On", "ON", "off", "Off",
+    "OFF",
+];
+
+/// Single-quotes every plain scalar value in [`YAML11_BOOLEANS`] (`key: off`, `- off`),
+/// leaving block scalars (multi-line descriptions) untouched.
+fn quote_yaml11_booleans(yaml: &str) -> String {
+    let mut out = String::with_capacity(yaml.len() + 64);
+    // Indentation of the line that opened the block scalar being skipped.
+    let mut block: Option<usize> = None;
+    for line in yaml.lines() {
+        let indent = line.len() - line.trim_start().len();
+        if let Some(opened) = block {
+            if line.trim().is_empty() || indent > opened {
+                out.push_str(line);
+                out.push('\n');
+                continue;
+            }
+            block = None;
+        }
+        let body = &line[indent..];
+        let value_at = match body.find(": ") {
+            Some(i) => Some(indent + i + 2),
+            None if body.starts_with("- ") => Some(indent + 2),
+            None => None,
+        };
+        match value_at {
+            Some(at) if YAML11_BOOLEANS.contains(&&line[at..]) => {
+                out.push_str(&line[..at]);
+                out.push('\'');
+                out.push_str(&line[at..]);
+                out.push('\'');
+            }
+            _ => out.push_str(line),
+        }
+        out.push('\n');
+        let end = line.trim_end();
+        if ["|", "|-", "|+", ">", ">-", ">+"]
+            .iter()
+            .any(|m| end.ends_with(&format!(" {m}")))
+        {
+            block = Some(indent);
+        }
+    }
+    out
 }
 
 /// All CRDs as one multi-document YAML stream (what `wallaby-operator crds` prints).
@@ -61,21 +113,65 @@ pub fn all_crds_yaml() -> Result<String, serde_norway::Error> {
 mod tests {
     use super::*;
 
-    /// The committed YAML in `crds/` must be what the types generate. Regenerate with
-    /// `cargo run -p wallaby-operator -- crds --write crds/`.
-    #[test]
-    fn committed_crd_yaml_is_current() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    const REGENERATE: &str =
+        "cargo run -p wallaby-operator -- crds --write crds/ --write charts/wallaby/crds/";
+
+    /// Every committed copy of a CRD must be what the types generate.
+    fn assert_current(dir: &std::path::Path) {
         for (file, crd) in crds() {
             let want = crd_yaml(&crd).unwrap();
             let path = dir.join(file);
             let have = std::fs::read_to_string(&path).unwrap_or_default();
             assert!(
                 have == want,
-                "{} is stale: run `cargo run -p wallaby-operator -- crds --write crds/`",
+                "{} is stale: run `{REGENERATE}`",
                 path.display()
             );
         }
+    }
+
+    #[test]
+    fn yaml_1_1_booleans_are_quoted_outside_block_scalars() {
+        let yaml =
+            "a: off\nb:\n- on\n- offline\n- key: No\nc: |-\n  - off\n  d: yes\ne: 'off'\nf: y\n";
+        assert_eq!(
+            quote_yaml11_booleans(yaml),
+            "a: 'off'\nb:\n- 'on'\n- offline\n- key: 'No'\nc: |-\n  - off\n  d: yes\ne: 'off'\nf: 'y'\n"
+        );
+    }
+
+    /// What kubectl and Helm read (YAML 1.1) is what the types generate: no enum value
+    /// turns into a boolean, and the YAML still reads back as the same CRD.
+    #[test]
+    fn generated_yaml_reads_back_identically_and_keeps_off_a_string() {
+        for (file, crd) in crds() {
+            let yaml = crd_yaml(&crd).unwrap();
+            let back: serde_json::Value = serde_norway::from_str(&yaml).unwrap();
+            assert_eq!(back, serde_json::to_value(&crd).unwrap(), "{file}");
+            for line in yaml.lines() {
+                let t = line.trim();
+                assert!(
+                    !YAML11_BOOLEANS
+                        .iter()
+                        .any(|b| t.ends_with(&format!(": {b}")) || t == format!("- {b}")),
+                    "{file}: unquoted YAML 1.1 boolean in {line:?}"
+                );
+            }
+        }
+        assert!(crd_yaml(&Flow::crd()).unwrap().contains("default: 'off'"));
+    }
+
+    /// `crds/` (what `kubectl apply -f crds/` installs).
+    #[test]
+    fn committed_crd_yaml_is_current() {
+        assert_current(std::path::Path::new(env!("CARGO_MANIFEST_DIR")));
+    }
+
+    /// The Helm chart's `crds/` (what `helm install` installs).
+    #[test]
+    fn chart_crd_copies_are_current() {
+        let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        assert_current(&repo.join("charts/wallaby/crds"));
     }
 
     /// `kubectl explain` shows descriptions: every property of every schema must have one.

@@ -4,6 +4,7 @@
 pub mod ack;
 pub mod batch;
 pub mod change;
+pub mod cluster;
 pub mod destination;
 pub mod lsn;
 pub mod metrics;

@@ -1,13 +1,20 @@
-//! `wallaby-worker`: runs one flow. Standalone: `wallaby-worker run -f flow.yaml`.
+//! `wallaby-worker`: runs one flow. Standalone: `wallaby-worker run -f flow.yaml`; in a
+//! cluster (the operator's Deployment / Job / CronJob): `wallaby-worker run --flow NS/NAME`.
 
+use std::future::Future;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
 
 use clap::{Parser, Subcommand};
 use pg_walstream::CancellationToken;
+use wallaby_crds::flow::FlowStatus;
+use wallaby_worker::cluster::{self, ClusterError, ConfigChange, FlowRef, FlowStatusApply};
+use wallaby_worker::lsn::Lsn;
 use wallaby_worker::metrics::{self, DEFAULT_METRICS_ADDR, Metrics, MetricsAddr};
-use wallaby_worker::run::{RunOptions, run};
+use wallaby_worker::run::{RunControl, RunOptions, open_destinations, run_controlled};
 use wallaby_worker::standalone;
+use wallaby_worker::status::{StatusSink, worker_owned};
 use wallaby_worker::telemetry::{self, LogFormat};
 
 #[derive(Debug, Parser)]
@@ -26,15 +33,25 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run a flow from a manifest file (one Flow, its Destinations, optional Secrets).
+    /// Run a flow from a manifest file (`-f`: one Flow, its Destinations, optional
+    /// Secrets) or, in a cluster, from the Kubernetes API (`--flow NAMESPACE/NAME`).
     Run {
-        /// Multi-document YAML with the Flow and its Destinations.
-        #[arg(short = 'f', long = "file", value_name = "FILE")]
-        file: PathBuf,
-        /// Flow to run when the file holds several.
-        #[arg(long)]
+        /// Multi-document YAML with the Flow and its Destinations (standalone mode).
+        #[arg(
+            short = 'f',
+            long = "file",
+            value_name = "FILE",
+            required_unless_present = "flow"
+        )]
+        file: Option<PathBuf>,
+        /// With -f: the Flow to run when the file holds several (NAME). Without -f: the
+        /// Flow to read from the Kubernetes API (NAMESPACE/NAME; the client is configured
+        /// from KUBECONFIG, else the in-cluster service account). In-cluster, the worker
+        /// reports to Flow.status and exits 0 after a clean stop when the Flow, one of its
+        /// Destinations or Secrets changes, so its Deployment restarts it with the change.
+        #[arg(long, value_name = "NAME | NAMESPACE/NAME")]
         flow: Option<String>,
-        /// Where to write the status JSON (default: .wallaby/<flow>/status.json).
+        /// Where to write the status JSON (-f only; default: .wallaby/<flow>/status.json).
         #[arg(long, value_name = "PATH")]
         status_file: Option<PathBuf>,
         /// Where transactions streamed before their commit are spilled (created with mode
@@ -46,6 +63,16 @@ enum Command {
         /// or `off`.
         #[arg(long, value_name = "ADDR", env = "WALLABY_METRICS_ADDR", default_value = DEFAULT_METRICS_ADDR)]
         metrics_addr: MetricsAddr,
+        /// Stop cleanly (exit 0) once everything up to the server's WAL position at start
+        /// is delivered and confirmed to the slot: a Job / CronJob run.
+        #[arg(long)]
+        drain: bool,
+        /// Start streaming at this LSN (e.g. 0/16B6C50) instead of the slot's confirmed
+        /// position, for this run only. It must be at or after the slot's
+        /// confirmed_flush_lsn: PostgreSQL cannot rewind a logical slot; transactions
+        /// committed in between are skipped.
+        #[arg(long, value_name = "LSN")]
+        start_lsn: Option<Lsn>,
     },
     /// Check a manifest file without connecting to anything.
     Validate {
@@ -97,7 +124,39 @@ fn main() -> ExitCode {
             status_file,
             spill_dir,
             metrics_addr,
-        } => run_command(&runtime, file, flow, status_file, spill_dir, metrics_addr),
+            drain,
+            start_lsn,
+        } => {
+            let control = RunControl {
+                status: None,
+                drain,
+                start_lsn,
+            };
+            match (file, flow) {
+                (Some(file), flow) => run_command(
+                    &runtime,
+                    file,
+                    flow,
+                    status_file,
+                    spill_dir,
+                    metrics_addr,
+                    control,
+                ),
+                (None, Some(flow)) if status_file.is_some() => Err(anyhow::anyhow!(
+                    "--status-file applies to -f runs; with --flow {flow} status goes to the Flow's status"
+                )),
+                (None, Some(flow)) => flow
+                    .parse::<FlowRef>()
+                    .map_err(anyhow::Error::from)
+                    .and_then(|flow| {
+                        cluster_command(&runtime, flow, spill_dir, metrics_addr, control)
+                    }),
+                // clap requires -f unless --flow is given.
+                (None, None) => Err(anyhow::anyhow!(
+                    "give -f FILE (standalone) or --flow NAMESPACE/NAME (in a cluster)"
+                )),
+            }
+        }
     };
     // Export the last spans while the runtime still runs.
     telemetry.shutdown();
@@ -117,6 +176,7 @@ fn run_command(
     status_file: Option<PathBuf>,
     spill_dir: Option<PathBuf>,
     metrics_addr: MetricsAddr,
+    control: RunControl,
 ) -> anyhow::Result<()> {
     let resolved = standalone::load(&file, flow.as_deref())?;
     let name = resolved.flow.metadata.name.clone().unwrap_or_default();
@@ -129,26 +189,173 @@ fn run_command(
     runtime.block_on(async {
         let cancel = CancellationToken::new();
         spawn_signal_handler(cancel.clone())?;
-        let metrics = Metrics::new();
-        // The endpoint outlives the flow's own shutdown so the last scrape sees final values.
-        let stop_metrics = CancellationToken::new();
-        let server = match metrics_addr {
-            MetricsAddr::Off => None,
-            MetricsAddr::Listen(addr) => {
-                Some(metrics::serve(addr, metrics.clone(), stop_metrics.clone()).await?)
+        with_metrics(metrics_addr, |metrics| async move {
+            let destinations = open_destinations(&resolved.flow, &resolved.destinations)?;
+            run_controlled(resolved, destinations, options, control, cancel, metrics).await
+        })
+        .await
+    })
+}
+
+/// In-cluster: read the Flow from the API, run it while watching its configuration, and
+/// exit 0 after a clean stop when the configuration changes (the Deployment restarts the
+/// worker, which then reads the new configuration; the operator also rolls the pod through
+/// its config-hash annotation).
+fn cluster_command(
+    runtime: &tokio::runtime::Runtime,
+    flow_ref: FlowRef,
+    spill_dir: Option<PathBuf>,
+    metrics_addr: MetricsAddr,
+    mut control: RunControl,
+) -> anyhow::Result<()> {
+    // Private files (the CA bundle) go to the temp dir: a container's working directory
+    // may be read-only.
+    let state_dir = std::env::temp_dir()
+        .join("wallaby")
+        .join(&flow_ref.namespace)
+        .join(&flow_ref.name);
+    let options = RunOptions {
+        status_file: state_dir.join("status.json"),
+        state_dir,
+        spill_dir,
+    };
+    runtime.block_on(async {
+        let cancel = CancellationToken::new();
+        spawn_signal_handler(cancel.clone())?;
+        let client = kube::Client::try_default()
+            .await
+            .map_err(ClusterError::Connect)?;
+        let objects = cluster::read(&client, &flow_ref).await?;
+        let versions = objects.versions();
+        let previous_status = objects.flow.status.clone().unwrap_or_default();
+        let sink = Arc::new(FlowStatusApply::new(client.clone(), flow_ref.clone()));
+        let resolved = match objects.resolve() {
+            Ok(resolved) => resolved,
+            Err(e) => {
+                return wait_out_invalid_config(
+                    client,
+                    &flow_ref,
+                    &versions,
+                    sink.as_ref(),
+                    &previous_status,
+                    e,
+                    control.drain,
+                    &cancel,
+                )
+                .await;
             }
         };
-        let result = run(resolved, options, cancel, metrics).await;
-        stop_metrics.cancel();
-        if let Some((_, task)) = server {
-            match task.await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::warn!(error = %e, "metrics endpoint"),
-                Err(e) => tracing::warn!(error = %e, "metrics endpoint task"),
-            }
+        tracing::info!(flow = %flow_ref, "configuration read from the Kubernetes API");
+        control.status = Some(sink);
+
+        let change: Arc<Mutex<Option<ConfigChange>>> = Arc::default();
+        let stop_watch = CancellationToken::new();
+        let watch = {
+            let (client, flow_ref, versions) = (client.clone(), flow_ref.clone(), versions);
+            let (change, stop_watch, cancel) = (change.clone(), stop_watch.clone(), cancel.clone());
+            tokio::spawn(async move {
+                if let Some(c) =
+                    cluster::watch_for_change(client, &flow_ref, &versions, &stop_watch).await
+                {
+                    tracing::info!(flow = %flow_ref, "{c}: stopping cleanly to restart with the new configuration");
+                    *change.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(c);
+                    cancel.cancel();
+                }
+            })
+        };
+        let result = with_metrics(metrics_addr, |metrics| async move {
+            let destinations = open_destinations(&resolved.flow, &resolved.destinations)?;
+            run_controlled(resolved, destinations, options, control, cancel, metrics).await
+        })
+        .await;
+        stop_watch.cancel();
+        let _ = watch.await;
+        let change = change
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let (Ok(()), Some(c)) = (&result, change) {
+            tracing::info!(flow = %flow_ref, "stopped after a configuration change ({c}); exiting 0 so the worker restarts with it");
         }
         result
     })
+}
+
+/// An invalid configuration in a cluster: report it as `Degraded` on the Flow and wait for
+/// an edit (exit 0 then, to restart with it) instead of crash-looping. A `--drain` run
+/// (Job / CronJob) fails at once instead, so the Job reports it.
+#[allow(clippy::too_many_arguments)]
+async fn wait_out_invalid_config(
+    client: kube::Client,
+    flow_ref: &FlowRef,
+    versions: &cluster::ConfigVersions,
+    sink: &dyn StatusSink,
+    previous: &FlowStatus,
+    error: standalone::ConfigError,
+    drain: bool,
+    cancel: &CancellationToken,
+) -> anyhow::Result<()> {
+    // Server-side apply drops fields the manager stops sending: resend the worker's last
+    // fields with the new Degraded condition so the checkpoint stays visible.
+    let mut status = worker_owned(previous);
+    status.conditions.retain(|c| c.type_ != "Degraded");
+    status
+        .conditions
+        .push(k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+            type_: "Degraded".into(),
+            status: "True".into(),
+            reason: "InvalidConfiguration".into(),
+            message: error.to_string(),
+            last_transition_time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::now(),
+            ),
+            observed_generation: None,
+        });
+    if let Err(e) = sink.publish(&status).await {
+        tracing::warn!(error = %e, "publishing the invalid-configuration status");
+    }
+    if drain {
+        return Err(error.into());
+    }
+    tracing::error!(flow = %flow_ref, "{error}");
+    tracing::info!(flow = %flow_ref, "waiting for the Flow, its Destinations or Secrets to change");
+    match cluster::watch_for_change(client, flow_ref, versions, cancel).await {
+        Some(c) => {
+            tracing::info!(flow = %flow_ref, "{c}: exiting 0 to restart with the new configuration");
+            Ok(())
+        }
+        None => {
+            tracing::info!(flow = %flow_ref, "stopped while the configuration is invalid");
+            Ok(())
+        }
+    }
+}
+
+/// Serves `/metrics` while `body` runs; the endpoint outlives the flow's own shutdown so
+/// the last scrape sees final values.
+async fn with_metrics<F, Fut>(metrics_addr: MetricsAddr, body: F) -> anyhow::Result<()>
+where
+    F: FnOnce(Metrics) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    let metrics = Metrics::new();
+    let stop_metrics = CancellationToken::new();
+    let server = match metrics_addr {
+        MetricsAddr::Off => None,
+        MetricsAddr::Listen(addr) => {
+            Some(metrics::serve(addr, metrics.clone(), stop_metrics.clone()).await?)
+        }
+    };
+    let result = body(metrics).await;
+    stop_metrics.cancel();
+    if let Some((_, task)) = server {
+        match task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "metrics endpoint"),
+            Err(e) => tracing::warn!(error = %e, "metrics endpoint task"),
+        }
+    }
+    result
 }
 
 /// SIGTERM / SIGINT: stop reading, make everything durable, confirm, exit 0.

@@ -32,7 +32,7 @@ use crate::source::toast::ToastStage;
 use crate::source::types::TypeResolver;
 use crate::source::{PgConnection, SourceState, setup, state};
 use crate::standalone::Resolved;
-use crate::status::StatusReporter;
+use crate::status::{StatusFile, StatusReporter, StatusSink};
 
 /// Events buffered between the reader and the pipeline (bounds memory with back-pressure).
 const EVENT_BUFFER: usize = 4096;
@@ -49,6 +49,34 @@ pub struct RunOptions {
     /// Where streamed (in-progress) transactions are spilled until they commit; `None`:
     /// `<system temp>/wallaby-spill/<slot>`.
     pub spill_dir: Option<PathBuf>,
+}
+
+/// Where a run reports and when it stops by itself, beyond [`RunOptions`].
+#[derive(Debug, Clone, Default)]
+pub struct RunControl {
+    /// Where status goes; `None`: the status file of [`RunOptions`].
+    pub status: Option<Arc<dyn StatusSink>>,
+    /// Stop cleanly once the slot has confirmed the server's WAL position taken at start
+    /// (Job / CronJob runs): everything written before the run began is delivered.
+    pub drain: bool,
+    /// Start streaming here instead of at the slot's `confirmed_flush_lsn`. Must not be
+    /// below it: PostgreSQL cannot rewind a logical slot. Transactions committed between
+    /// the two are skipped.
+    pub start_lsn: Option<Lsn>,
+}
+
+/// A run refused before it started.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// `--start-lsn` below the slot's confirmed position.
+    #[error(
+        "--start-lsn {requested} is before slot {slot}'s confirmed_flush_lsn {confirmed}: PostgreSQL cannot rewind a logical slot (it would silently start at {confirmed}), and the changes before it were already confirmed to the destinations; use an LSN at or after {confirmed}, or a new slot with a snapshot"
+    )]
+    StartLsnBehindSlot {
+        requested: Lsn,
+        slot: String,
+        confirmed: Lsn,
+    },
 }
 
 /// The codec format of a spec format.
@@ -128,6 +156,26 @@ pub async fn run_with(
     cancel: CancellationToken,
     metrics: Metrics,
 ) -> anyhow::Result<()> {
+    run_controlled(
+        resolved,
+        destinations,
+        options,
+        RunControl::default(),
+        cancel,
+        metrics,
+    )
+    .await
+}
+
+/// Runs the flow with the given destinations, reporting and stopping as `control` says.
+pub async fn run_controlled(
+    resolved: Resolved,
+    destinations: Vec<DestinationSlot>,
+    options: RunOptions,
+    control: RunControl,
+    cancel: CancellationToken,
+    metrics: Metrics,
+) -> anyhow::Result<()> {
     let flow = &resolved.flow;
     let flow_name = flow.metadata.name.clone().unwrap_or_default();
     let pg = &flow.spec.source.postgres;
@@ -150,11 +198,34 @@ pub async fn run_with(
     let catalog = Arc::new(conn.connect().await?);
     let slot = setup::prepare(&catalog, pg).await?;
     tracing::info!(slot = %pg.slot, resume_from = %slot.confirmed_flush_lsn, created = slot.created, "slot ready");
-    let start: Lsn = slot
+    let confirmed_flush: Lsn = slot
         .confirmed_flush_lsn
         .parse()
         .map_err(|e| anyhow::anyhow!("slot {}: bad confirmed_flush_lsn: {e}", pg.slot))?;
+    let start = match control.start_lsn {
+        Some(requested) if requested < confirmed_flush => {
+            return Err(StartError::StartLsnBehindSlot {
+                requested,
+                slot: pg.slot.clone(),
+                confirmed: confirmed_flush,
+            }
+            .into());
+        }
+        Some(requested) => {
+            if requested > confirmed_flush {
+                tracing::warn!(slot = %pg.slot, from = %requested, confirmed_flush = %confirmed_flush, "--start-lsn: transactions committed before it are skipped");
+            }
+            requested
+        }
+        None => confirmed_flush,
+    };
     let source_state = Arc::new(SourceState::start(&catalog, pg, &flow_id).await?);
+    // Taken after this run's own writes (the state table) so a drain covers them too.
+    let drain_target = if control.drain {
+        Some(current_wal_lsn(&catalog).await?)
+    } else {
+        None
+    };
     metrics.set_confirmed_lsn(start.0);
 
     let ack = match flow.spec.ack_policy {
@@ -193,7 +264,7 @@ pub async fn run_with(
         .unwrap_or_else(|| std::env::temp_dir().join("wallaby-spill").join(&pg.slot));
     let spill = SpillDir::prepare(&spill_dir)?;
     let toast = ToastStage::new(pg.toast_fetch, pg.toast_cache_size, catalog.clone());
-    let mut reader = ReplicationReader::start(
+    let mut reader = ReplicationReader::start_from(
         &conn,
         &pg.slot,
         &pg.publication,
@@ -203,6 +274,7 @@ pub async fn run_with(
             spill,
             toast,
         },
+        control.start_lsn,
     )
     .await?;
     let confirmed = Arc::new(AtomicU64::new(start.0));
@@ -221,8 +293,12 @@ pub async fn run_with(
         Box::new(schemas),
         metrics.clone(),
     );
+    let sink = control
+        .status
+        .clone()
+        .unwrap_or_else(|| Arc::new(StatusFile(options.status_file.clone())));
     let reporter = Arc::new(StatusReporter::new(
-        options.status_file.clone(),
+        sink,
         pg.slot.clone(),
         names,
         flow.metadata.generation,
@@ -262,6 +338,16 @@ pub async fn run_with(
         })
     };
 
+    let drain_task = drain_target.map(|target| {
+        let catalog = catalog.clone();
+        let cancel = cancel.clone();
+        let slot = pg.slot.clone();
+        // The reader confirms at most once per status interval; polling faster only
+        // shortens the wait after that confirmation.
+        let poll = status_interval.min(std::time::Duration::from_secs(1));
+        tokio::spawn(async move { drain_until(&catalog, &slot, target, poll, &cancel).await })
+    });
+
     // The reader stops on cancellation or error; dropping `tx` lets the pipeline drain.
     let read_result = reader.run(tx, &cancel, confirmed, status_interval).await;
     // The pipeline drains what was read within its grace period; a destination stuck with
@@ -279,6 +365,9 @@ pub async fn run_with(
     reader.stop().await;
     cancel.cancel();
     let _ = status_task.await;
+    if let Some(task) = drain_task {
+        let _ = task.await;
+    }
 
     if read_result.is_err() {
         metrics.error("source", "replication");
@@ -331,6 +420,55 @@ pub async fn run_with(
     }
     tracing::info!(flow = %flow_name, "stopped cleanly");
     Ok(())
+}
+
+/// The server's WAL write position.
+async fn current_wal_lsn(catalog: &tokio_postgres::Client) -> anyhow::Result<Lsn> {
+    let text: String = catalog
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .map_err(|e| anyhow::anyhow!("--drain: reading pg_current_wal_lsn(): {e}"))?
+        .get(0);
+    text.parse()
+        .map_err(|e| anyhow::anyhow!("--drain: pg_current_wal_lsn(): {e}"))
+}
+
+/// Cancels the run once the slot's `confirmed_flush_lsn` (what PostgreSQL was told is
+/// durable) reaches `target`.
+async fn drain_until(
+    catalog: &tokio_postgres::Client,
+    slot: &str,
+    target: Lsn,
+    poll: std::time::Duration,
+    cancel: &CancellationToken,
+) {
+    tracing::info!(slot, target = %target, "--drain: stopping once the slot confirmed the server's position at start");
+    loop {
+        let confirmed = catalog
+            .query_opt(
+                "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await;
+        match confirmed {
+            Ok(Some(row)) => {
+                let lsn: Option<String> = row.get(0);
+                if let Some(lsn) = lsn.and_then(|l| l.parse::<Lsn>().ok())
+                    && lsn >= target
+                {
+                    tracing::info!(slot, confirmed = %lsn, target = %target, "--drain: caught up, stopping");
+                    cancel.cancel();
+                    return;
+                }
+            }
+            Ok(None) => tracing::warn!(slot, "--drain: the slot disappeared"),
+            Err(e) => tracing::warn!(slot, error = %e, "--drain: reading the slot"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(poll) => {}
+            _ = cancel.cancelled() => return,
+        }
+    }
 }
 
 /// The state table is for auditing (the slot holds the resume position), so a failed

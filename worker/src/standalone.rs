@@ -1,14 +1,17 @@
-//! Standalone configuration: a multi-document YAML file with one Flow, its Destinations
-//! and optionally Secrets, checked by the same code the operator uses. Secrets missing from
-//! the file are read from the environment as `WALLABY_SECRET_<SECRET>_<KEY>` (upper case,
-//! non-alphanumerics as `_`), so passwords need not be written to disk.
+//! Configuration of a run: a Flow, its Destinations and the Secrets they reference,
+//! checked by the same code the operator uses and resolved into what the run needs. The
+//! objects come from a multi-document YAML file (standalone, [`load`]) or from the
+//! Kubernetes API (in-cluster, `crate::cluster`); both go through [`check`]. In a file,
+//! Secrets missing from it are read from the environment as `WALLABY_SECRET_<SECRET>_<KEY>`
+//! (upper case, non-alphanumerics as `_`), so passwords need not be written to disk.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use k8s_openapi::api::core::v1::Secret;
 use wallaby_crds::destination::DestinationSpec;
 use wallaby_crds::manifest::{self, Bundle};
-use wallaby_crds::{DestinationType, Flow, validate};
+use wallaby_crds::{Destination, DestinationType, Flow, validate};
 
 /// A flow ready to run.
 #[derive(Debug)]
@@ -36,10 +39,22 @@ pub enum ConfigError {
     /// The manifest is malformed.
     #[error(transparent)]
     Manifest(#[from] manifest::ManifestError),
-    /// Cross-object validation failed.
+    /// Cross-object validation failed; `path` is the file, or the Flow in the cluster.
     #[error("{path}: invalid configuration:\n  - {}", problems.join("\n  - "))]
     Invalid { path: String, problems: Vec<String> },
 }
+
+/// Where the Secrets a flow references come from.
+pub trait SecretSource {
+    /// The string data of Secret `name`, `None` when it does not exist. `keys` are the keys
+    /// the caller reads (a source that cannot list keys, like the environment, reads those).
+    fn secret(&self, name: &str, keys: &[&str]) -> Option<BTreeMap<String, String>>;
+    /// How the user provides `key` of Secret `name`; ends a "not found" message.
+    fn how_to_provide(&self, name: &str, key: &str) -> String;
+}
+
+/// Keys of the source Secret the worker reads.
+pub const SOURCE_SECRET_KEYS: [&str; 6] = ["dsn", "host", "port", "user", "password", "dbname"];
 
 /// Reads, parses and validates `path`; `flow_name` picks a Flow when the file has several.
 pub fn load(path: &Path, flow_name: Option<&str>) -> Result<Resolved, ConfigError> {
@@ -50,6 +65,34 @@ pub fn load(path: &Path, flow_name: Option<&str>) -> Result<Resolved, ConfigErro
     })?;
     let bundle = manifest::parse(&display, &text)?;
     resolve(&display, bundle, flow_name, |name| std::env::var(name).ok())
+}
+
+/// Secrets of a manifest file, else the environment.
+struct FileSecrets<'a, E> {
+    path: &'a str,
+    secrets: &'a BTreeMap<String, Secret>,
+    env: E,
+}
+
+impl<E: Fn(&str) -> Option<String>> SecretSource for FileSecrets<'_, E> {
+    fn secret(&self, name: &str, keys: &[&str]) -> Option<BTreeMap<String, String>> {
+        if let Some(secret) = self.secrets.get(name) {
+            return Some(secret_strings(secret));
+        }
+        let data: BTreeMap<String, String> = keys
+            .iter()
+            .filter_map(|k| (self.env)(&env_name(name, k)).map(|v| ((*k).to_owned(), v)))
+            .collect();
+        (!data.is_empty()).then_some(data)
+    }
+
+    fn how_to_provide(&self, name: &str, key: &str) -> String {
+        format!(
+            "add a `kind: Secret` document to {} or set {}",
+            self.path,
+            env_name(name, key)
+        )
+    }
 }
 
 fn resolve(
@@ -88,13 +131,29 @@ fn resolve(
         })?,
     };
     let flow = bundle.flows.swap_remove(index);
-    let mut problems: Vec<String> = validate::flow(&flow, |name| bundle.destinations.get(name))
+    let secrets = FileSecrets {
+        path,
+        secrets: &bundle.secrets,
+        env,
+    };
+    check(path, flow, &bundle.destinations, &secrets)
+}
+
+/// Validates `flow` with its Destinations (by name; missing ones are reported) and resolves
+/// the Secrets it references. `origin` (the file, or `Flow ns/name`) prefixes the error.
+pub fn check(
+    origin: &str,
+    flow: Flow,
+    destinations: &BTreeMap<String, Destination>,
+    secrets: &dyn SecretSource,
+) -> Result<Resolved, ConfigError> {
+    let mut problems: Vec<String> = validate::flow(&flow, |name| destinations.get(name))
         .iter()
         .map(ToString::to_string)
         .collect();
-    let mut destinations = Vec::new();
+    let mut resolved = Vec::new();
     for r in &flow.spec.destinations {
-        let Some(dest) = bundle.destinations.get(&r.name) else {
+        let Some(dest) = destinations.get(&r.name) else {
             continue;
         };
         problems.extend(
@@ -111,7 +170,7 @@ fn resolve(
             }
         }
         match (&dest.spec.kind, &dest.spec.file) {
-            (DestinationType::File, Some(_)) => destinations.push((r.name.clone(), dest.spec.clone())),
+            (DestinationType::File, Some(_)) => resolved.push((r.name.clone(), dest.spec.clone())),
             (DestinationType::File, None) => {}
             (other, _) => problems.push(format!(
                 "Destination/{} spec.type: {:?} is declared in the CRD but not delivered by this worker version yet; use type: file (see docs/destinations.md)",
@@ -123,36 +182,41 @@ fn resolve(
     let pg = &flow.spec.source.postgres;
     let mut source_secret = None;
     if let Some(secret_ref) = &pg.secret_ref {
-        match secret_data(&bundle, &secret_ref.name, &["dsn", "host", "port", "user", "password", "dbname"], &env) {
+        match secrets.secret(&secret_ref.name, &SOURCE_SECRET_KEYS) {
             Some(data) => source_secret = Some(data),
             None => problems.push(format!(
-                "Flow/{} spec.source.postgres.secretRef: Secret {:?} not found: add a `kind: Secret` document to {path} or set {}",
+                "Flow/{} spec.source.postgres.secretRef: Secret {:?} not found: {}",
                 flow.metadata.name.as_deref().unwrap_or_default(),
                 secret_ref.name,
-                env_name(&secret_ref.name, "dsn")
+                secrets.how_to_provide(&secret_ref.name, "dsn")
             )),
         }
     }
     let mut ssl_root_cert_pem = None;
     if let Some(sel) = &pg.ssl_root_cert {
-        match secret_data(&bundle, &sel.name, &[sel.key.as_str()], &env)
+        match secrets
+            .secret(&sel.name, &[sel.key.as_str()])
             .and_then(|mut d| d.remove(&sel.key))
         {
             Some(pem) => ssl_root_cert_pem = Some(pem),
             None => problems.push(format!(
-                "spec.source.postgres.sslRootCert: key {:?} of Secret {:?} not found (or set {})",
+                "Flow/{} spec.source.postgres.sslRootCert: key {:?} of Secret {:?} not found: {}",
+                flow.metadata.name.as_deref().unwrap_or_default(),
                 sel.key,
                 sel.name,
-                env_name(&sel.name, &sel.key)
+                secrets.how_to_provide(&sel.name, &sel.key)
             )),
         }
     }
     if !problems.is_empty() {
-        return Err(invalid(problems));
+        return Err(ConfigError::Invalid {
+            path: origin.into(),
+            problems,
+        });
     }
     Ok(Resolved {
         flow,
-        destinations,
+        destinations: resolved,
         source_secret,
         ssl_root_cert_pem,
     })
@@ -173,28 +237,16 @@ fn env_name(secret: &str, key: &str) -> String {
     format!("WALLABY_SECRET_{}_{}", clean(secret), clean(key))
 }
 
-/// The string data of a Secret from the file, else from the environment (only `keys`).
-fn secret_data(
-    bundle: &Bundle,
-    name: &str,
-    keys: &[&str],
-    env: &impl Fn(&str) -> Option<String>,
-) -> Option<BTreeMap<String, String>> {
-    if let Some(secret) = bundle.secrets.get(name) {
-        let mut data: BTreeMap<String, String> = secret
-            .data
-            .iter()
-            .flatten()
-            .map(|(k, v)| (k.clone(), String::from_utf8_lossy(&v.0).into_owned()))
-            .collect();
-        data.extend(secret.string_data.clone().unwrap_or_default());
-        return Some(data);
-    }
-    let data: BTreeMap<String, String> = keys
+/// The string data of a Secret: `data` (decoded) overlaid with `stringData`.
+pub fn secret_strings(secret: &Secret) -> BTreeMap<String, String> {
+    let mut data: BTreeMap<String, String> = secret
+        .data
         .iter()
-        .filter_map(|k| env(&env_name(name, k)).map(|v| ((*k).to_owned(), v)))
+        .flatten()
+        .map(|(k, v)| (k.clone(), String::from_utf8_lossy(&v.0).into_owned()))
         .collect();
-    (!data.is_empty()).then_some(data)
+    data.extend(secret.string_data.clone().unwrap_or_default());
+    data
 }
 
 #[cfg(test)]

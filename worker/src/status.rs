@@ -1,8 +1,11 @@
-//! Status in the shape of `Flow.status`, written to a local JSON file (atomically, by
-//! rename) at every `statusInterval` and summarized in the log.
+//! Status in the shape of `Flow.status`, built at every `statusInterval` from pipeline
+//! progress and the slot, summarized in the log and published to a [`StatusSink`]: a local
+//! JSON file (standalone) or the Flow's status subresource (in-cluster, `crate::cluster`).
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
+use async_trait::async_trait;
 use chrono::Utc;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use tokio_postgres::Client;
@@ -11,13 +14,74 @@ use wallaby_crds::flow::{Checkpoint, DestinationProgress, FlowPhase, FlowStatus,
 use crate::lsn::Lsn;
 use crate::pipeline::Progress;
 
-/// Writes the status file.
+/// Condition types the worker owns on `Flow.status` in a cluster (the operator owns
+/// `Ready` and `Progressing`, `phase`, `observedGeneration` and `workload`).
+pub const WORKER_CONDITIONS: [&str; 3] = ["SlotHealthy", "Degraded", "DDLGated"];
+
+/// A status could not be published.
+#[derive(Debug, thiserror::Error)]
+pub enum StatusError {
+    /// The status file could not be written.
+    #[error("writing the status file {path}: {source}")]
+    File {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The API server refused or could not be reached.
+    #[error("applying the status of Flow {flow}: {message}")]
+    Api { flow: String, message: String },
+}
+
+/// Where status goes. Publishing is best effort: the run logs a failure and goes on.
+#[async_trait]
+pub trait StatusSink: Send + Sync + std::fmt::Debug {
+    /// Publishes one status.
+    async fn publish(&self, status: &FlowStatus) -> Result<(), StatusError>;
+}
+
+/// The standalone sink: the whole status, as JSON, replaced atomically (by rename).
+#[derive(Debug, Clone)]
+pub struct StatusFile(pub PathBuf);
+
+#[async_trait]
+impl StatusSink for StatusFile {
+    async fn publish(&self, status: &FlowStatus) -> Result<(), StatusError> {
+        write_atomic(&self.0, status).map_err(|source| StatusError::File {
+            path: self.0.display().to_string(),
+            source,
+        })
+    }
+}
+
+/// The part of `status` the worker owns in a cluster: checkpoint, destinations, lag, slot,
+/// snapshot, counters and the [`WORKER_CONDITIONS`]. Server-side apply removes any field
+/// the manager stops sending, so the worker must never send the operator's fields.
+pub fn worker_owned(status: &FlowStatus) -> FlowStatus {
+    FlowStatus {
+        observed_generation: None,
+        phase: None,
+        workload: None,
+        conditions: status
+            .conditions
+            .iter()
+            .filter(|c| WORKER_CONDITIONS.contains(&c.type_.as_str()))
+            .cloned()
+            .collect(),
+        ..status.clone()
+    }
+}
+
+/// Builds and publishes the status.
 #[derive(Debug)]
 pub struct StatusReporter {
-    path: PathBuf,
+    sink: Arc<dyn StatusSink>,
     slot: String,
     destinations: Vec<String>,
     generation: Option<i64>,
+    /// Conditions last published: a condition keeps its `lastTransitionTime` while its
+    /// status stays the same.
+    last_conditions: Mutex<Vec<Condition>>,
 }
 
 /// What the slot looks like on the server.
@@ -25,21 +89,26 @@ pub struct StatusReporter {
 struct SlotView {
     current_wal: Option<Lsn>,
     slot: Option<SlotStatus>,
+    /// `wal_status` (`reserved`, `extended`, `unreserved`, `lost`).
+    wal_status: Option<String>,
+    /// Whether the slot query ran (false: the database could not be asked).
+    queried: bool,
 }
 
 impl StatusReporter {
-    /// A reporter for `slot` and the named destinations.
+    /// A reporter for `slot` and the named destinations, publishing to `sink`.
     pub fn new(
-        path: PathBuf,
+        sink: Arc<dyn StatusSink>,
         slot: String,
         destinations: Vec<String>,
         generation: Option<i64>,
     ) -> Self {
         Self {
-            path,
+            sink,
             slot,
             destinations,
             generation,
+            last_conditions: Mutex::new(Vec::new()),
         }
     }
 
@@ -59,9 +128,10 @@ impl StatusReporter {
             }),
             None => SlotView::default(),
         };
-        let status = self.build(progress, &view, running, error);
-        if let Err(e) = write_atomic(&self.path, &status) {
-            tracing::warn!(path = %self.path.display(), error = %e, "writing the status file");
+        let mut status = self.build(progress, &view, running, error);
+        self.keep_transition_times(&mut status.conditions);
+        if let Err(e) = self.sink.publish(&status).await {
+            tracing::warn!(error = %e, "publishing status");
         }
         tracing::info!(
             checkpoint = status
@@ -87,7 +157,8 @@ impl StatusReporter {
         let row = catalog
             .query_opt(
                 "SELECT pg_current_wal_lsn()::text, s.active, s.confirmed_flush_lsn::text,
-                        pg_wal_lsn_diff(pg_current_wal_lsn(), s.restart_lsn)::bigint
+                        pg_wal_lsn_diff(pg_current_wal_lsn(), s.restart_lsn)::bigint,
+                        s.wal_status
                  FROM pg_replication_slots s WHERE s.slot_name = $1",
                 &[&self.slot],
             )
@@ -104,10 +175,86 @@ impl StatusReporter {
                         retained_wal_bytes: retained.unwrap_or(0).max(0) as u64,
                         confirmed_flush_lsn: r.get(2),
                     }),
+                    wal_status: r.get(4),
+                    queried: true,
                 }
             }
-            None => SlotView::default(),
+            None => SlotView {
+                queried: true,
+                ..SlotView::default()
+            },
         })
+    }
+
+    /// Carries `lastTransitionTime` over from the last report for conditions whose status
+    /// did not change.
+    fn keep_transition_times(&self, conditions: &mut [Condition]) {
+        let mut last = self
+            .last_conditions
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for c in conditions.iter_mut() {
+            if let Some(prev) = last
+                .iter()
+                .find(|p| p.type_ == c.type_ && p.status == c.status)
+            {
+                c.last_transition_time = prev.last_transition_time.clone();
+            }
+        }
+        *last = conditions.to_vec();
+    }
+
+    /// `SlotHealthy`: the slot exists, keeps the WAL it needs, and has a walsender while
+    /// the flow runs.
+    fn slot_condition(
+        &self,
+        view: &SlotView,
+        running: bool,
+    ) -> (&'static str, &'static str, String) {
+        let slot = &self.slot;
+        match (&view.slot, view.wal_status.as_deref()) {
+            _ if !view.queried => (
+                "Unknown",
+                "SlotUnreadable",
+                format!("could not read slot {slot} from pg_replication_slots"),
+            ),
+            (None, _) => (
+                "False",
+                "SlotMissing",
+                format!(
+                    "replication slot {slot} does not exist: set createSlot: true or create it"
+                ),
+            ),
+            (Some(_), Some("lost")) => (
+                "False",
+                "WalLost",
+                format!(
+                    "slot {slot} lost WAL it needed (max_slot_wal_keep_size): changes are missing; drop the slot and re-snapshot"
+                ),
+            ),
+            (Some(s), Some("unreserved")) => (
+                "False",
+                "WalAtRisk",
+                format!(
+                    "slot {slot} retains {} bytes of WAL past max_slot_wal_keep_size and will lose WAL at the next checkpoint",
+                    s.retained_wal_bytes
+                ),
+            ),
+            (Some(s), _) if running && !s.active => (
+                "False",
+                "SlotInactive",
+                format!("no walsender is attached to slot {slot}"),
+            ),
+            (Some(s), _) => (
+                "True",
+                if s.active {
+                    "SlotActive"
+                } else {
+                    "SlotRetained"
+                },
+                format!("slot {slot} retains {} bytes of WAL", s.retained_wal_bytes),
+            ),
+        }
     }
 
     fn build(
@@ -197,10 +344,23 @@ impl StatusReporter {
         } else {
             phase
         };
+        let (slot_status, slot_reason, slot_message) = self.slot_condition(view, running);
         FlowStatus {
             observed_generation: self.generation,
             phase: Some(phase),
-            conditions: vec![condition("Ready", ready, reason, message), degraded],
+            conditions: vec![
+                condition("Ready", ready, reason, message),
+                degraded,
+                condition("SlotHealthy", slot_status, slot_reason, slot_message),
+                // Gating stops the worker before a DDL statement; this worker never stops
+                // for one.
+                condition(
+                    "DDLGated",
+                    "False",
+                    "NotGated",
+                    "no schema change is waiting for approval".into(),
+                ),
+            ],
             checkpoint: checkpoint_lsn.map(|l| Checkpoint {
                 lsn: l.to_string(),
                 time: p.checkpoint.map(|(_, t)| t.to_rfc3339()),
@@ -240,4 +400,122 @@ fn write_atomic(path: &Path, status: &FlowStatus) -> std::io::Result<()> {
     let body = serde_json::to_vec_pretty(status).map_err(std::io::Error::other)?;
     std::fs::write(&tmp, body)?;
     std::fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Default)]
+    struct Collect(Mutex<Vec<FlowStatus>>);
+
+    #[async_trait]
+    impl StatusSink for Collect {
+        async fn publish(&self, status: &FlowStatus) -> Result<(), StatusError> {
+            self.0.lock().unwrap().push(status.clone());
+            Ok(())
+        }
+    }
+
+    fn condition<'a>(s: &'a FlowStatus, kind: &str) -> &'a Condition {
+        s.conditions.iter().find(|c| c.type_ == kind).unwrap()
+    }
+
+    #[tokio::test]
+    async fn conditions_keep_their_transition_time_until_their_status_changes() {
+        let sink = Arc::new(Collect::default());
+        let reporter = StatusReporter::new(sink.clone(), "s".into(), vec!["d".into()], Some(2));
+        let p = Progress::default();
+        let first = reporter.report(&p, None, true, None).await;
+        let second = reporter.report(&p, None, true, None).await;
+        assert_eq!(
+            condition(&first, "Ready").last_transition_time,
+            condition(&second, "Ready").last_transition_time,
+            "unchanged Ready keeps its time"
+        );
+        let failed = reporter.report(&p, None, false, Some("boom")).await;
+        assert_eq!(condition(&failed, "Ready").status, "False");
+        assert!(
+            condition(&failed, "Ready").last_transition_time.0
+                >= condition(&first, "Ready").last_transition_time.0
+        );
+        assert_eq!(sink.0.lock().unwrap().len(), 3, "every report is published");
+    }
+
+    #[tokio::test]
+    async fn the_worker_reports_its_three_conditions_and_an_unreadable_slot_as_unknown() {
+        let sink = Arc::new(Collect::default());
+        let reporter = StatusReporter::new(sink, "s".into(), vec![], None);
+        let status = reporter
+            .report(&Progress::default(), None, true, None)
+            .await;
+        let owned = worker_owned(&status);
+        let types: Vec<&str> = owned.conditions.iter().map(|c| c.type_.as_str()).collect();
+        assert_eq!(types, ["Degraded", "SlotHealthy", "DDLGated"]);
+        assert_eq!(condition(&owned, "SlotHealthy").status, "Unknown");
+        assert_eq!(condition(&owned, "DDLGated").status, "False");
+        assert!(owned.phase.is_none() && owned.observed_generation.is_none());
+        // The file keeps everything: standalone has no operator.
+        assert!(status.phase.is_some());
+        assert!(status.conditions.iter().any(|c| c.type_ == "Ready"));
+    }
+
+    #[test]
+    fn slot_health_follows_wal_status_and_activity() {
+        let reporter = StatusReporter::new(
+            Arc::new(StatusFile(PathBuf::from("/nonexistent"))),
+            "s".into(),
+            vec![],
+            None,
+        );
+        let slot = |active| SlotStatus {
+            name: "s".into(),
+            active,
+            retained_wal_bytes: 42,
+            confirmed_flush_lsn: None,
+        };
+        let view = |s: Option<SlotStatus>, wal: Option<&str>| SlotView {
+            current_wal: None,
+            slot: s,
+            wal_status: wal.map(str::to_owned),
+            queried: true,
+        };
+        let cases = [
+            (
+                view(Some(slot(true)), Some("reserved")),
+                true,
+                "True",
+                "SlotActive",
+            ),
+            (
+                view(Some(slot(false)), Some("reserved")),
+                false,
+                "True",
+                "SlotRetained",
+            ),
+            (
+                view(Some(slot(false)), Some("reserved")),
+                true,
+                "False",
+                "SlotInactive",
+            ),
+            (
+                view(Some(slot(true)), Some("unreserved")),
+                true,
+                "False",
+                "WalAtRisk",
+            ),
+            (
+                view(Some(slot(true)), Some("lost")),
+                true,
+                "False",
+                "WalLost",
+            ),
+            (view(None, None), true, "False", "SlotMissing"),
+        ];
+        for (v, running, status, reason) in cases {
+            let (s, r, _) = reporter.slot_condition(&v, running);
+            assert_eq!((s, r), (status, reason), "{v:?} running={running}");
+        }
+    }
 }

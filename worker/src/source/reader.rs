@@ -143,6 +143,21 @@ impl ReplicationReader {
         catalog: Arc<Client>,
         options: ReaderOptions,
     ) -> Result<Self, SourceError> {
+        Self::start_from(conn, slot, publication, catalog, options, None).await
+    }
+
+    /// Like [`ReplicationReader::start`], from `from` instead when it is set. PostgreSQL
+    /// never goes back before the slot's `confirmed_flush_lsn` (it silently starts there),
+    /// and skips transactions that committed before a later `from`; callers check `from`
+    /// against the slot first.
+    pub async fn start_from(
+        conn: &PgConnection,
+        slot: &str,
+        publication: &str,
+        catalog: Arc<Client>,
+        options: ReaderOptions,
+        from: Option<Lsn>,
+    ) -> Result<Self, SourceError> {
         let server_version: i32 = catalog
             .query_one("SELECT current_setting('server_version_num')::int4", &[])
             .await
@@ -181,9 +196,10 @@ impl ReplicationReader {
         let mut stream = LogicalReplicationStream::new(&conn.replication_conninfo(), config)
             .await
             .map_err(stream_err)?;
-        // Resume from the slot's confirmed_flush_lsn: the server ignores a start position
-        // below it, and everything before it was made durable by an earlier run.
-        stream.start(None).await.map_err(stream_err)?;
+        // Resume from the slot's confirmed_flush_lsn (unless asked to skip ahead): the
+        // server ignores a start position below it, and everything before it was made
+        // durable by an earlier run.
+        stream.start(from.map(|l| l.0)).await.map_err(stream_err)?;
         Ok(Self {
             stream,
             parser: LogicalReplicationParser::with_protocol_version(protocol_version),
