@@ -178,7 +178,7 @@ impl Target {
         secret: &BTreeMap<String, String>,
     ) -> Result<Self, String> {
         let dsn = secret.get("dsn").or(spec.dsn.as_ref());
-        let (mut config, dsn_mode) = match dsn {
+        let (parsed, dsn_mode) = match dsn {
             Some(d) => {
                 let (d, mode) = strip_sslmode(d);
                 let config = tokio_postgres::Config::from_str(&d).map_err(|e| {
@@ -188,52 +188,54 @@ impl Target {
             }
             None => (tokio_postgres::Config::new(), None),
         };
+        // tokio-postgres appends hosts and ports, so the overridden parts go into a fresh
+        // Config instead of the parsed one.
+        let mut host = match parsed.get_hosts().first() {
+            Some(tokio_postgres::config::Host::Tcp(h)) => Some(h.clone()),
+            #[cfg(unix)]
+            Some(tokio_postgres::config::Host::Unix(p)) => Some(p.display().to_string()),
+            None => None,
+        };
+        let mut port = parsed.get_ports().first().copied().unwrap_or(5432);
+        let mut user = parsed.get_user().unwrap_or("postgres").to_owned();
+        let mut password = parsed.get_password().map(<[u8]>::to_vec);
+        let mut dbname = parsed.get_dbname().map(str::to_owned);
         if let Some(h) = secret.get("host") {
-            config.host(h);
+            host = Some(h.clone());
         }
         if let Some(p) = secret.get("port") {
-            let port: u16 = p
+            port = p
                 .trim()
                 .parse()
                 .map_err(|_| format!("the Secret's `port` is not a port number: {p:?}"))?;
-            config.port(port);
         }
         if let Some(u) = secret.get("user") {
-            config.user(u);
+            user = u.clone();
         }
         if let Some(p) = secret.get("password") {
-            config.password(p);
+            password = Some(p.clone().into_bytes());
         }
         if let Some(d) = secret.get("dbname") {
-            config.dbname(d);
+            dbname = Some(d.clone());
         }
-        if config.get_hosts().is_empty() {
+        let Some(host) = host else {
             return Err(
                 "no host: set `host` or `dsn` in the Secret, or spec.source.postgres.dsn".into(),
             );
-        }
-        if config.get_user().is_none() {
-            config.user("postgres");
-        }
-        if config.get_dbname().is_none() {
-            let user = config.get_user().unwrap_or("postgres").to_owned();
-            config.dbname(&user);
-        }
+        };
+        let dbname = dbname.unwrap_or_else(|| user.clone());
+        let mut config = tokio_postgres::Config::new();
         config
+            .host(&host)
+            .port(port)
+            .user(&user)
+            .dbname(&dbname)
             .application_name("wallaby-operator")
             .connect_timeout(Duration::from_secs(10));
-        let host = match config.get_hosts().first() {
-            Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
-            Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
-            None => String::new(),
-        };
-        let describe = format!(
-            "{}@{}:{}/{}",
-            config.get_user().unwrap_or_default(),
-            host,
-            config.get_ports().first().copied().unwrap_or(5432),
-            config.get_dbname().unwrap_or_default()
-        );
+        if let Some(p) = &password {
+            config.password(p);
+        }
+        let describe = format!("{user}@{host}:{port}/{dbname}");
         Ok(Self {
             config,
             ssl_mode: spec.ssl_mode.or(dsn_mode).unwrap_or_default(),
@@ -331,7 +333,9 @@ async fn connect(
     Ok(client)
 }
 
-async fn drop_objects(
+/// Drops `slot` (ending a walsender still holding it) and `publication` on `target`;
+/// absent objects are not errors, so a retried cleanup converges.
+pub async fn drop_objects(
     flow: &str,
     target: &Target,
     root_cert: Option<&str>,

@@ -135,7 +135,7 @@ pub async fn reconcile(flow: Arc<Flow>, ctx: Arc<Context>) -> Result<Action, Err
                 &flow,
                 EventType::Warning,
                 "ReconcileFailed",
-                &e.label().to_owned(),
+                e.label(),
                 e.to_string(),
             )
             .await
