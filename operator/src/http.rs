@@ -104,3 +104,48 @@ pub async fn serve(
         .with_graceful_shutdown(shutdown)
         .await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.unwrap();
+        let code = response[9..12].parse().unwrap();
+        (code, response)
+    }
+
+    #[tokio::test]
+    async fn endpoints_follow_readiness_and_expose_metrics() {
+        let metrics = Arc::new(Metrics::default());
+        let readiness = Arc::new(Readiness::default());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = router(metrics.clone(), readiness.clone());
+        let server = tokio::spawn(async move { axum::serve(listener, app).await });
+
+        assert_eq!(get(addr, "/healthz").await.0, 200);
+        assert_eq!(get(addr, "/readyz").await.0, 503, "starting");
+        readiness.standby();
+        let (code, body) = get(addr, "/readyz").await;
+        assert_eq!(code, 200);
+        assert!(body.contains("standby"));
+        readiness.leading();
+        metrics.set_leader(true);
+        metrics.failed("flow", "apply");
+        let (code, body) = get(addr, "/metrics").await;
+        assert_eq!(code, 200);
+        assert!(body.contains("wallaby_operator_leader 1"), "{body}");
+        assert!(body.contains(
+            r#"wallaby_operator_reconcile_errors_total{controller="flow",error="apply"} 1"#
+        ));
+        readiness.stopping();
+        assert_eq!(get(addr, "/readyz").await.0, 503);
+        server.abort();
+    }
+}

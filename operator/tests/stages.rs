@@ -560,3 +560,103 @@ fn status_advances_observed_generation_only_on_success_and_skips_timestamp_only_
     assert_eq!(failed.phase, FlowPhase::Failed);
     assert_eq!(failed.conditions[0].observed_generation, Some(4));
 }
+
+#[test]
+fn destination_status_reports_validity_and_users() {
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+    use wallaby_operator::destination;
+
+    let t0 = Timestamp::from_second(1_700_000_000).unwrap();
+    let stream = load("stream.yaml");
+    let files = stream.inputs.destinations["files"].clone();
+    let mut other = stream.flow.clone();
+    other.metadata.name = Some("audit".into());
+    let mut elsewhere = stream.flow.clone();
+    elsewhere.metadata.namespace = Some("other-team".into());
+    let flows = vec![
+        Arc::new(other),
+        Arc::new(stream.flow.clone()),
+        Arc::new(elsewhere),
+    ];
+    assert_eq!(destination::used_by(&flows, &files), ["audit", "orders"]);
+
+    let ok = destination::compute(
+        &files,
+        &destination::validate(&files, &BTreeMap::new()),
+        vec!["orders".into()],
+        t0,
+    );
+    assert_eq!(ok.conditions[0].status, "True");
+    assert_eq!(ok.conditions[0].reason, reason::VALID);
+    assert_eq!(ok.used_by, ["orders"]);
+
+    // Kafka: not delivered, and its credentials Secret is missing.
+    let kafka = load("unsupported-type.yaml").inputs.destinations["events"].clone();
+    let findings = destination::validate(&kafka, &BTreeMap::new());
+    let reasons: Vec<&str> = findings.iter().map(|f| f.reason).collect();
+    assert!(
+        reasons.contains(&reason::DESTINATION_TYPE_UNSUPPORTED),
+        "{findings:?}"
+    );
+    assert!(reasons.contains(&reason::SECRET_NOT_FOUND), "{findings:?}");
+    let status = destination::compute(&kafka, &findings, vec![], t0);
+    assert_eq!(status.conditions[0].status, "False");
+    assert!(status.conditions[0].message.contains("kafka-credentials"));
+}
+
+#[test]
+fn watches_map_changes_back_to_the_objects_that_use_them() {
+    use std::sync::Arc;
+    use wallaby_operator::{destination, flow};
+
+    let stream = load("stream.yaml");
+    let files = Arc::new(stream.inputs.destinations["files"].clone());
+    let secret = stream.inputs.secrets["orders-postgres"].clone();
+    let unrelated = load("missing-destination.yaml").flow;
+    let flows = vec![Arc::new(stream.flow.clone()), Arc::new(unrelated)];
+
+    let by_destination = flow::flows_for_destination(&flows, &files);
+    let names: Vec<&str> = by_destination.iter().map(|r| r.name.as_str()).collect();
+    // Both Flows are named "orders" in "shop" and list "files": both are reconciled.
+    assert_eq!(names, ["orders", "orders"]);
+
+    // The Secret: only the Flow whose source references it.
+    let by_secret = flow::flows_for_secret(&flows, std::slice::from_ref(&files), &secret);
+    assert_eq!(by_secret.len(), 1);
+
+    // Through a Destination: the Kafka credentials reach the Flow that lists "events".
+    let kafka = load("unsupported-type.yaml");
+    let events = Arc::new(kafka.inputs.destinations["events"].clone());
+    let credentials = kafka.inputs.secrets["kafka-credentials"].clone();
+    let by_destination_secret = flow::flows_for_secret(
+        &[Arc::new(kafka.flow.clone())],
+        std::slice::from_ref(&events),
+        &credentials,
+    );
+    assert_eq!(by_destination_secret.len(), 1);
+    assert_eq!(
+        destination::destinations_for_secret(std::slice::from_ref(&events), &credentials).len(),
+        1
+    );
+    assert!(
+        destination::destinations_for_secret(std::slice::from_ref(&files), &credentials).is_empty()
+    );
+
+    // A Flow that stopped listing a Destination still maps to it while usedBy names it.
+    let mut stale = (*files).clone();
+    stale.status = Some(wallaby_crds::destination::DestinationStatus {
+        used_by: vec!["nightly".into()],
+        ..Default::default()
+    });
+    let nightly = load("scheduled.yaml").flow;
+    let mut not_listing = nightly.clone();
+    not_listing.spec.destinations[0].name = "elsewhere".into();
+    assert_eq!(
+        destination::destinations_for_flow(&[Arc::new(stale)], &not_listing).len(),
+        1
+    );
+    assert!(
+        destination::destinations_for_flow(std::slice::from_ref(&files), &not_listing).is_empty()
+    );
+}

@@ -325,3 +325,81 @@ pub async fn remove_orphans(
     }
     Ok(deleted)
 }
+
+/// Deletes the Flow's workloads with foreground propagation (the object stays until its
+/// pods are gone) and returns the kinds still present, so the caller can wait until no
+/// worker can touch the slot any more.
+pub async fn stop_workloads(
+    client: &Client,
+    namespace: &str,
+    flow: &str,
+    flow_uid: &str,
+) -> Result<Vec<&'static str>, ApplyError> {
+    let name = child_name(flow);
+    let mut present = Vec::new();
+    for kind in WorkloadKind::ALL {
+        let still = match kind {
+            WorkloadKind::Deployment => {
+                stop_one(
+                    &Api::<Deployment>::namespaced(client.clone(), namespace),
+                    namespace,
+                    &name,
+                    flow_uid,
+                    "Deployment",
+                )
+                .await?
+            }
+            WorkloadKind::Job => {
+                stop_one(
+                    &Api::<Job>::namespaced(client.clone(), namespace),
+                    namespace,
+                    &name,
+                    flow_uid,
+                    "Job",
+                )
+                .await?
+            }
+            WorkloadKind::CronJob => {
+                stop_one(
+                    &Api::<CronJob>::namespaced(client.clone(), namespace),
+                    namespace,
+                    &name,
+                    flow_uid,
+                    "CronJob",
+                )
+                .await?
+            }
+        };
+        if still {
+            present.push(kind.as_str());
+        }
+    }
+    Ok(present)
+}
+
+async fn stop_one<K>(
+    api: &Api<K>,
+    namespace: &str,
+    name: &str,
+    flow_uid: &str,
+    kind: &'static str,
+) -> Result<bool, ApplyError>
+where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
+{
+    let existing = api
+        .get_opt(name)
+        .await
+        .map_err(child_err("reading", kind, namespace, name))?;
+    match existing {
+        Some(obj) if controlled_by(obj.meta(), flow_uid) => {
+            if obj.meta().deletion_timestamp.is_none() {
+                api.delete(name, &DeleteParams::foreground())
+                    .await
+                    .map_err(child_err("deleting", kind, namespace, name))?;
+            }
+            Ok(true)
+        }
+        _ => Ok(false),
+    }
+}

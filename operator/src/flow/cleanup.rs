@@ -28,6 +28,11 @@ pub enum CleanupError {
         #[source]
         source: ApplyError,
     },
+    /// The worker's workload is still being deleted; cleanup retries until it is gone.
+    #[error(
+        "Flow {flow}: waiting for the worker ({kinds}) to stop before dropping the replication slot"
+    )]
+    WorkerStopping { flow: String, kinds: String },
     /// The connection Secret could not be read.
     #[error(
         "reading Secret {secret} of Flow {flow} to drop its slot failed: {source}; restore the Secret, or set cleanupPolicy: retain to delete the Flow without dropping the slot"
@@ -89,13 +94,20 @@ pub async fn run(client: &Client, flow: &Flow) -> Result<CleanupOutcome, Cleanup
     let uid = flow.metadata.uid.clone().unwrap_or_default();
     let id = format!("{namespace}/{name}");
     // The children are still there (garbage collection waits for the finalizer): stop the
-    // worker first so its walsender releases the slot.
-    apply::remove_orphans(client, &namespace, &name, &uid, None, true)
+    // worker and wait until its pods are gone, so no worker can reconnect (and, with
+    // createSlot, recreate the slot) after the drop.
+    let running = apply::stop_workloads(client, &namespace, &name, &uid)
         .await
         .map_err(|source| CleanupError::StopWorker {
             flow: id.clone(),
             source,
         })?;
+    if !running.is_empty() {
+        return Err(CleanupError::WorkerStopping {
+            flow: id,
+            kinds: running.join(", "),
+        });
+    }
     let pg = &flow.spec.source.postgres;
     let secret = match &pg.secret_ref {
         Some(r) => Some(read_secret(client, &namespace, &r.name, &id).await?),

@@ -84,6 +84,19 @@ pub enum Error {
 }
 
 impl Error {
+    /// Whether this is a wait (cleanup waiting for the worker to stop), not a failure.
+    pub fn is_waiting(&self) -> bool {
+        matches!(
+            self,
+            Self::Finalizer(e) if matches!(
+                e.as_ref(),
+                finalizer::Error::CleanupFailed(StageError::Cleanup(
+                    cleanup::CleanupError::WorkerStopping { .. }
+                ))
+            )
+        )
+    }
+
     /// Label for metrics and events.
     pub fn label(&self) -> &'static str {
         match self {
@@ -129,6 +142,17 @@ pub async fn reconcile(flow: Arc<Flow>, ctx: Arc<Context>) -> Result<Action, Err
         .reconciled("flow", started.elapsed().as_secs_f64());
     match &result {
         Ok(_) => ctx.backoff.succeeded(&key(&flow)),
+        Err(e) if e.is_waiting() => {
+            publish(
+                &ctx,
+                &flow,
+                EventType::Normal,
+                "WaitingForWorker",
+                "Cleanup",
+                e.to_string(),
+            )
+            .await
+        }
         Err(e) => {
             publish(
                 &ctx,
@@ -146,6 +170,10 @@ pub async fn reconcile(flow: Arc<Flow>, ctx: Arc<Context>) -> Result<Action, Err
 
 /// Retry policy: per-object exponential backoff, failures counted by label.
 pub fn error_policy(flow: Arc<Flow>, error: &Error, ctx: Arc<Context>) -> Action {
+    if error.is_waiting() {
+        // Worker pods terminate within their grace period; poll at a steady pace.
+        return Action::requeue(Duration::from_secs(5));
+    }
     ctx.metrics.failed("flow", error.label());
     let delay = ctx.backoff.failed(&key(&flow));
     tracing::warn!(flow = %key(&flow), error = %error, retry_in = ?delay, "reconciling Flow failed");
