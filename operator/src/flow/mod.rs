@@ -97,6 +97,17 @@ impl Error {
         )
     }
 
+    /// The failed stage, when a stage (not the finalizer bookkeeping) failed.
+    pub fn stage(&self) -> Option<&StageError> {
+        match self {
+            Self::Finalizer(e) => match e.as_ref() {
+                finalizer::Error::ApplyFailed(s) | finalizer::Error::CleanupFailed(s) => Some(s),
+                _ => None,
+            },
+            Self::Unnamespaced(_) => None,
+        }
+    }
+
     /// Label for metrics and events.
     pub fn label(&self) -> &'static str {
         match self {
