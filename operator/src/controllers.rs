@@ -36,12 +36,20 @@ fn owned() -> watcher::Config {
 
 fn log_results<T: std::fmt::Debug, E: std::fmt::Display>(
     controller: &'static str,
-) -> impl FnMut(Result<T, E>) -> futures::future::Ready<()> {
+) -> impl FnMut(
+    Result<T, kube::runtime::controller::Error<E, watcher::Error>>,
+) -> futures::future::Ready<()> {
+    use kube::runtime::controller::Error as ControllerError;
     move |result| {
         match result {
             Ok(obj) => tracing::debug!(controller, object = ?obj, "reconciled"),
-            // Reconcile errors were already logged by the error policy; these are mostly
-            // watch errors (RBAC, a CRD that is not installed), which the watcher retries.
+            // Logged with its retry delay by the error policy already.
+            Err(ControllerError::ReconcilerFailed(..)) => {}
+            // A queued reconcile of an object deleted meanwhile: expected.
+            Err(e @ ControllerError::ObjectNotFound(_)) => {
+                tracing::debug!(controller, error = %e, "skipped")
+            }
+            // Watch errors (RBAC, a CRD that is not installed); the watcher retries.
             Err(e) => tracing::warn!(controller, error = %e, "controller error"),
         }
         futures::future::ready(())

@@ -76,14 +76,37 @@ pub enum StageError {
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A stage, or adding/removing the finalizer, failed.
-    #[error("{0}")]
+    #[error("{}", describe(.0))]
     Finalizer(#[source] Box<finalizer::Error<StageError>>),
     /// The object has no namespace (Flows are namespaced; this is an API server bug).
     #[error("Flow {0:?} has no namespace")]
     Unnamespaced(String),
 }
 
+/// A stage's own message (it names the object and the fix); kube's wording otherwise.
+fn describe(e: &finalizer::Error<StageError>) -> String {
+    match e {
+        finalizer::Error::ApplyFailed(s) | finalizer::Error::CleanupFailed(s) => s.to_string(),
+        other => other.to_string(),
+    }
+}
+
 impl Error {
+    /// Whether adding or removing the finalizer lost a race with another writer (the
+    /// cached object was older than the server's): retried at once, not a failure.
+    pub fn is_conflict(&self) -> bool {
+        let Self::Finalizer(e) = self else {
+            return false;
+        };
+        match e.as_ref() {
+            finalizer::Error::AddFinalizer(kube::Error::Api(s))
+            | finalizer::Error::RemoveFinalizer(kube::Error::Api(s)) => {
+                s.code == 409 || s.code == 422
+            }
+            _ => false,
+        }
+    }
+
     /// Whether this is a wait (cleanup waiting for the worker to stop), not a failure.
     pub fn is_waiting(&self) -> bool {
         matches!(
@@ -110,18 +133,14 @@ impl Error {
 
     /// Label for metrics and events.
     pub fn label(&self) -> &'static str {
-        match self {
-            Self::Unnamespaced(_) => "unnamespaced",
-            Self::Finalizer(e) => match e.as_ref() {
-                finalizer::Error::ApplyFailed(s) | finalizer::Error::CleanupFailed(s) => match s {
-                    StageError::Dereference(_) => "dereference",
-                    StageError::Build(_) => "build",
-                    StageError::Apply(_) => "apply",
-                    StageError::Status(_) => "status",
-                    StageError::Cleanup(_) => "cleanup",
-                },
-                _ => "finalizer",
-            },
+        match (self, self.stage()) {
+            (Self::Unnamespaced(_), _) => "unnamespaced",
+            (_, Some(StageError::Dereference(_))) => "dereference",
+            (_, Some(StageError::Build(_))) => "build",
+            (_, Some(StageError::Apply(_))) => "apply",
+            (_, Some(StageError::Status(_))) => "status",
+            (_, Some(StageError::Cleanup(_))) => "cleanup",
+            (Self::Finalizer(_), None) => "finalizer",
         }
     }
 }
@@ -153,6 +172,9 @@ pub async fn reconcile(flow: Arc<Flow>, ctx: Arc<Context>) -> Result<Action, Err
         .reconciled("flow", started.elapsed().as_secs_f64());
     match &result {
         Ok(_) => ctx.backoff.succeeded(&key(&flow)),
+        Err(e) if e.is_conflict() => {
+            tracing::debug!(flow = %key(&flow), error = %e, "finalizer update raced with a newer version; retrying")
+        }
         Err(e) if e.is_waiting() => {
             publish(
                 &ctx,
@@ -181,6 +203,9 @@ pub async fn reconcile(flow: Arc<Flow>, ctx: Arc<Context>) -> Result<Action, Err
 
 /// Retry policy: per-object exponential backoff, failures counted by label.
 pub fn error_policy(flow: Arc<Flow>, error: &Error, ctx: Arc<Context>) -> Action {
+    if error.is_conflict() {
+        return Action::requeue(Duration::from_secs(1));
+    }
     if error.is_waiting() {
         // Worker pods terminate within their grace period; poll at a steady pace.
         return Action::requeue(Duration::from_secs(5));
