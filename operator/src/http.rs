@@ -99,7 +99,9 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
-    tracing::info!(%addr, "serving /healthz, /readyz and /metrics");
+    // The bound address, so `--http-addr 127.0.0.1:0` (tests) shows the port it got.
+    let bound = listener.local_addr()?;
+    tracing::info!(addr = %bound, "serving /healthz, /readyz and /metrics");
     axum::serve(listener, router(metrics, readiness))
         .with_graceful_shutdown(shutdown)
         .await
