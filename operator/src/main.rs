@@ -68,8 +68,9 @@ struct RunArgs {
         default_value = "0.0.0.0:8080"
     )]
     http_addr: SocketAddr,
-    /// Contest a Lease so only one replica reconciles (`--leader-elect=false` to skip).
-    #[arg(long, default_value_t = true, action = ArgAction::Set)]
+    /// Contest a Lease so only one replica reconciles; needed with more than one replica.
+    /// `--leader-elect` alone means true.
+    #[arg(long, default_value_t = false, num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set)]
     leader_elect: bool,
     /// Name of the leader Lease.
     #[arg(long, default_value = "wallaby-operator")]
@@ -253,4 +254,39 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn leader_election_flag_forms() {
+        let parse = |args: &[&str]| match Cli::try_parse_from(args).unwrap().command {
+            Command::Run(r) => r,
+            Command::Crds { .. } => panic!("expected run"),
+        };
+        assert!(!parse(&["wallaby-operator", "run"]).leader_elect);
+        assert!(parse(&["wallaby-operator", "run", "--leader-elect"]).leader_elect);
+        assert!(
+            parse(&[
+                "wallaby-operator",
+                "run",
+                "--leader-elect",
+                "--namespace",
+                "a"
+            ])
+            .leader_elect
+        );
+        assert!(!parse(&["wallaby-operator", "run", "--leader-elect=false"]).leader_elect);
+        let r = parse(&[
+            "wallaby-operator",
+            "run",
+            "--namespace",
+            "a",
+            "--namespace",
+            "b",
+        ]);
+        assert_eq!(r.namespaces, ["a", "b"]);
+    }
 }
