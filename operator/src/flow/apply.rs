@@ -145,6 +145,14 @@ pub async fn children(
                         "waiting for the Job of the previous configuration to be deleted".into(),
                     )
                 }
+                Some(job)
+                    if conditions::observe_job(&job, false) == WorkloadState::Completed
+                        && hash_of(&job.metadata) != Some(children.config_hash.as_str()) =>
+                {
+                    // A finished backfill is not rerun because a Destination or Secret
+                    // changed afterwards; deleting the Job asks for a new run.
+                    WorkloadState::Completed
+                }
                 Some(job) if hash_of(&job.metadata) != Some(children.config_hash.as_str()) => {
                     // A Job's pod template is immutable: a new configuration is a new Job.
                     api.delete(&name, &DeleteParams::background())
