@@ -12,7 +12,7 @@ use k8s_openapi::api::core::v1::{
     ObjectFieldSelector, PodSpec, PodTemplateSpec, Probe, ServiceAccount, Volume, VolumeMount,
 };
 use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::Resource;
 use sha2::{Digest, Sha256};
@@ -86,19 +86,6 @@ impl Workload {
             Self::Deployment(_) => WorkloadKind::Deployment,
             Self::Job(_) => WorkloadKind::Job,
             Self::CronJob(_) => WorkloadKind::CronJob,
-        }
-    }
-
-    /// Its pod template.
-    pub fn pod_template(&self) -> Option<&PodTemplateSpec> {
-        match self {
-            Self::Deployment(d) => d.spec.as_ref().map(|s| &s.template),
-            Self::Job(j) => j.spec.as_ref().map(|s| &s.template),
-            Self::CronJob(c) => c
-                .spec
-                .as_ref()
-                .and_then(|s| s.job_template.spec.as_ref())
-                .map(|s| &s.template),
         }
     }
 }
@@ -487,9 +474,4 @@ pub fn controlled_by(meta: &ObjectMeta, uid: &str) -> bool {
         .iter()
         .flatten()
         .any(|o| o.controller == Some(true) && o.uid == uid)
-}
-
-/// The controller owner reference a child of `flow` carries (for tests and docs).
-pub fn owner_of(flow: &Flow) -> Option<OwnerReference> {
-    flow.controller_owner_ref(&())
 }
