@@ -640,6 +640,26 @@ pub struct FlowStatus {
     /// Totals since the worker started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub counters: Option<Counters>,
+    /// The last `spec.replay` the operator handed to the worker (`--start-lsn`), and when the
+    /// worker started with it; a replay runs once per `startLSN`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replay: Option<ReplayStatus>,
+}
+
+/// Progress of a one-shot replay (`spec.replay`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplayStatus {
+    /// The `startLSN` that was requested.
+    #[serde(rename = "startLSN")]
+    pub start_lsn: String,
+    /// When the operator put `--start-lsn` into the worker's arguments (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requested_time: Option<String>,
+    /// When a worker started with it (RFC 3339); from then on the argument is dropped, so a
+    /// later restart resumes from the slot instead of replaying again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub applied_time: Option<String>,
 }
 
 /// Display phase of a Flow.

@@ -62,6 +62,7 @@ pub fn worker_owned(status: &FlowStatus) -> FlowStatus {
         observed_generation: None,
         phase: None,
         workload: None,
+        replay: None,
         conditions: status
             .conditions
             .iter()
@@ -387,6 +388,7 @@ impl StatusReporter {
             slot: view.slot.clone(),
             snapshot: Vec::new(),
             workload: None,
+            replay: None,
             counters: Some(p.counters.clone()),
         }
     }
