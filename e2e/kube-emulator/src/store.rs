@@ -797,10 +797,52 @@ fn builtin_admission(rt: &ResourceType, old: Option<&Value>, obj: &mut Value, er
             }
             pod_template_defaults(&mut spec["jobTemplate"]["spec"]["template"], "");
         }
+        ("apiextensions.k8s.io", "CustomResourceDefinition") => crd_admission(obj, errors),
         _ => {}
     }
     if obj["metadata"]["name"].as_str().is_some_and(|n| !valid_dns_subdomain(n)) {
         errors.push(field_error("metadata.name", "FieldValueInvalid", format!("Invalid value: {}: a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.'", obj["metadata"]["name"])));
+    }
+}
+
+/// The API server's checks of a CRD that matter here: names, and that every schema `default`
+/// is valid against its own schema node (a YAML 1.1 `off` that became `false` fails this).
+fn crd_admission(crd: &Value, errors: &mut Vec<FieldError>) {
+    let spec = &crd["spec"];
+    let group = spec["group"].as_str().unwrap_or_default();
+    let plural = spec["names"]["plural"].as_str().unwrap_or_default();
+    let expected = format!("{plural}.{group}");
+    if crd["metadata"]["name"].as_str() != Some(expected.as_str()) {
+        errors.push(field_error("metadata.name", "FieldValueInvalid", format!("Invalid value: {}: must be spec.names.plural+\".\"+spec.group", crd["metadata"]["name"])));
+    }
+    if spec["names"]["kind"].as_str().is_none_or(str::is_empty) {
+        errors.push(field_error("spec.names.kind", "FieldValueRequired", "Required value".into()));
+    }
+    for (i, version) in spec["versions"].as_array().into_iter().flatten().enumerate() {
+        if let Some(schema) = version["schema"].get("openAPIV3Schema") {
+            check_defaults(schema, &format!("spec.versions[{i}].schema.openAPIV3Schema"), errors);
+        }
+    }
+}
+
+fn check_defaults(node: &Value, path: &str, errors: &mut Vec<FieldError>) {
+    if let Some(default) = node.get("default") {
+        let mut found = Vec::new();
+        schema::validate(node, default, &format!("{path}.default"), &mut found);
+        for e in found {
+            errors.push(field_error(&format!("{path}.default"), "FieldValueInvalid", format!("Invalid value: {default}: {}", e.message)));
+        }
+    }
+    if let Some(props) = node.get("properties").and_then(Value::as_object) {
+        for (k, child) in props {
+            check_defaults(child, &format!("{path}.properties[{k}]"), errors);
+        }
+    }
+    if let Some(items) = node.get("items") {
+        check_defaults(items, &format!("{path}.items"), errors);
+    }
+    if let Some(additional) = node.get("additionalProperties").filter(|a| a.is_object()) {
+        check_defaults(additional, &format!("{path}.additionalProperties"), errors);
     }
 }
 
