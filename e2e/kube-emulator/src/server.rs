@@ -134,6 +134,10 @@ pub async fn handle(shared: Arc<Shared>, method: Method, uri: Uri, headers: Head
         force: query.get("force").is_some_and(|f| f == "true"),
         dry_run: query.contains_key("dryRun"),
     };
+    let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+    if content_type.contains("protobuf") || content_type.contains("cbor") {
+        return error_response(&ApiError::new(415, "UnsupportedMediaType", format!("the kube emulator speaks JSON only, not {content_type}: use `kubectl apply -f` instead of generator commands such as `kubectl create configmap`")));
+    }
     let parse_body = || -> Result<Value, ApiError> {
         serde_json::from_slice(&body).or_else(|_| serde_norway::from_slice(&body)).map_err(|e| ApiError::new(400, "BadRequest", format!("the request body is neither JSON nor YAML: {e}")))
     };

@@ -145,7 +145,7 @@ async fn kubectl_watch_sees_changes() {
         .arg(&c.kubeconfig)
         .arg("--cache-dir")
         .arg(c.dir.path().join("kube-cache"))
-        .args(["-n", &c.ns, "get", "configmaps", "--watch", "--output-watch-events", "-o", "name"])
+        .args(["-n", &c.ns, "get", "configmaps", "--watch", "--output-watch-events"])
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
@@ -154,13 +154,14 @@ async fn kubectl_watch_sees_changes() {
     c.apply_text("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: watched\ndata: {a: '1'}\n").await;
     c.ok(&["patch", "configmap", "watched", "--type=merge", "-p", r#"{"data":{"a":"2"}}"#]).await;
     c.ok(&["delete", "configmap", "watched"]).await;
-    let mut seen = Vec::new();
+    let mut seen: Vec<String> = Vec::new();
     let deadline = tokio::time::Instant::now() + T;
-    while !seen.iter().any(|l: &String| l.starts_with("DELETED") && l.contains("configmap/watched")) {
+    let is_watched = |l: &String| l.split_whitespace().nth(1) == Some("watched");
+    while !seen.iter().any(|l| l.starts_with("DELETED") && is_watched(l)) {
         let line = tokio::time::timeout_at(deadline, lines.next_line()).await.expect("watch events in time").unwrap().expect("watch output");
         seen.push(line);
     }
-    let kinds: Vec<&str> = seen.iter().filter(|l| l.contains("configmap/watched")).filter_map(|l| l.split_whitespace().next()).collect();
+    let kinds: Vec<&str> = seen.iter().filter(|l| is_watched(l)).filter_map(|l| l.split_whitespace().next()).collect();
     assert_eq!(kinds, vec!["ADDED", "MODIFIED", "DELETED"], "{seen:?}");
     c.cleanup().await;
 }
@@ -320,7 +321,8 @@ async fn kubelet_runs_jobs_and_cronjobs() {
 // The operator → worker → status loop (needs the operator and the in-cluster worker).
 
 struct Operator {
-    child: tokio::process::Child,
+    /// Killed on drop.
+    _child: tokio::process::Child,
     log: std::path::PathBuf,
 }
 
@@ -334,6 +336,11 @@ impl Operator {
         let child = tokio::process::Command::new(workspace_binary("wallaby-operator"))
             .arg("run")
             .env("KUBECONFIG", &c.kubeconfig)
+            // Leader election contests a Lease in the test namespace; tests run side by side,
+            // so health/metrics listen on any free port.
+            .env("POD_NAMESPACE", &c.ns)
+            .env("POD_NAME", "wallaby-operator-e2e")
+            .env("WALLABY_OPERATOR_HTTP_ADDR", "127.0.0.1:0")
             .env("WALLABY_LOG", "info,wallaby_operator=debug")
             .env("RUST_LOG", "info,wallaby_operator=debug")
             .stdout(std::fs::File::create(&log).unwrap())
@@ -341,7 +348,7 @@ impl Operator {
             .kill_on_drop(true)
             .spawn()
             .expect("start wallaby-operator");
-        Some(Self { child, log })
+        Some(Self { _child: child, log })
     }
 
     fn logs(&self) -> String {
