@@ -30,7 +30,7 @@ pub enum KubeletError {
     #[error("creating the kubelet's pod directory: {0}")]
     Root(std::io::Error),
     #[error(transparent)]
-    Kubeconfig(#[from] EmulatorError),
+    Emulator(#[from] EmulatorError),
 }
 
 /// Why one container could not start (reported like the kubelet's waiting reasons).
@@ -77,7 +77,8 @@ struct Inner {
     shared: Arc<Shared>,
     worker: PathBuf,
     root: PathBuf,
-    kubeconfig: PathBuf,
+    /// The emulator's URL, for the per-ServiceAccount kubeconfigs.
+    url: String,
     pods: Mutex<Vec<Pod>>,
     cron_ticks: Mutex<HashMap<String, chrono::DateTime<chrono::Utc>>>,
     cron_triggers: Mutex<Vec<(String, String)>>,
@@ -102,13 +103,11 @@ impl Kubelet {
     /// `wallaby-worker` run `worker_binary`.
     pub fn start(emulator: &Emulator, worker_binary: impl Into<PathBuf>) -> Result<Self, KubeletError> {
         let root = tempfile::Builder::new().prefix("kubelet-").tempdir().map_err(KubeletError::Root)?;
-        let kubeconfig = root.path().join("kubeconfig");
-        emulator.write_kubeconfig(&kubeconfig)?;
         let inner = Arc::new(Inner {
             shared: emulator.shared(),
             worker: worker_binary.into(),
             root: root.path().to_owned(),
-            kubeconfig,
+            url: emulator.url(),
             pods: Mutex::new(Vec::new()),
             cron_ticks: Mutex::new(HashMap::new()),
             cron_triggers: Mutex::new(Vec::new()),
@@ -256,6 +255,11 @@ impl Inner {
         }
     }
 
+    fn service_account_exists(&self, ns: &str, name: &str) -> bool {
+        let store = self.shared.lock();
+        store.find_kind("v1", "ServiceAccount").is_some_and(|rt| store.get(&rt, ns, name).is_some())
+    }
+
     fn secret_or_configmap(&self, kind: &str, ns: &str, name: &str) -> Option<HashMap<String, String>> {
         use base64::Engine;
         let store = self.shared.lock();
@@ -282,6 +286,13 @@ impl Inner {
         let container = &spec["containers"][0];
         let dir_err = |path: &Path, source| StartError::Dir { path: path.display().to_string(), source };
         std::fs::create_dir_all(&pod.dir).map_err(|e| dir_err(&pod.dir, e))?;
+        // The process talks to the API as its pod's ServiceAccount (RBAC applies).
+        let sa = spec["serviceAccountName"].as_str().filter(|s| !s.is_empty()).unwrap_or("default");
+        if !self.service_account_exists(&pod.namespace, sa) {
+            return Err(StartError::Config(format!("serviceaccount \"{sa}\" not found in namespace {}", pod.namespace)));
+        }
+        let kubeconfig = pod.dir.join("kubeconfig");
+        std::fs::write(&kubeconfig, crate::kubeconfig_yaml(&self.url, Some(&crate::rbac::token_for(&pod.namespace, sa)))).map_err(|e| dir_err(&kubeconfig, e))?;
         // Volumes live under the pod directory; mount paths in args/env are rewritten to them.
         let mut mounts: Vec<(String, String)> = Vec::new();
         for m in container["volumeMounts"].as_array().into_iter().flatten() {
@@ -367,7 +378,7 @@ impl Inner {
             .env("PATH", std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into()))
             .env("HOME", &pod.dir)
             .env("HOSTNAME", &pod.name)
-            .env("KUBECONFIG", &self.kubeconfig)
+            .env("KUBECONFIG", &kubeconfig)
             .envs(env)
             .current_dir(workdir)
             .stdin(std::process::Stdio::null())

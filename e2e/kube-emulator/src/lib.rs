@@ -6,6 +6,7 @@
 pub mod cron;
 pub mod kubelet;
 pub mod patch;
+pub mod rbac;
 pub mod resources;
 pub mod schema;
 pub mod server;
@@ -89,12 +90,10 @@ impl Emulator {
         self.addr
     }
 
-    /// A kubeconfig pointing at this emulator (context `emulator`, namespace `default`).
+    /// A kubeconfig pointing at this emulator (context `emulator`, namespace `default`), with
+    /// cluster-admin rights.
     pub fn kubeconfig_yaml(&self) -> String {
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: emulator\n  cluster:\n    server: {url}\nusers:\n- name: emulator\n  user: {{}}\ncontexts:\n- name: emulator\n  context:\n    cluster: emulator\n    user: emulator\n    namespace: default\ncurrent-context: emulator\n",
-            url = self.url()
-        )
+        kubeconfig_yaml(&self.url(), None)
     }
 
     pub fn write_kubeconfig(&self, path: &Path) -> Result<(), EmulatorError> {
@@ -167,6 +166,17 @@ impl Emulator {
         })?;
         Ok(store.delete(&rt, namespace, name, false)?)
     }
+}
+
+/// A kubeconfig for `url`; with a token, requests are made (and authorized) as that identity.
+pub fn kubeconfig_yaml(url: &str, token: Option<&str>) -> String {
+    let user = match token {
+        Some(t) => format!("\n    token: {t}"),
+        None => " {}".to_owned(),
+    };
+    format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: emulator\n  cluster:\n    server: {url}\nusers:\n- name: emulator\n  user:{user}\ncontexts:\n- name: emulator\n  context:\n    cluster: emulator\n    user: emulator\n    namespace: default\ncurrent-context: emulator\n"
+    )
 }
 
 fn kind_of(store: &store::Store, object: &Value) -> Result<resources::ResourceType, EmulatorError> {

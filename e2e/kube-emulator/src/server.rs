@@ -11,6 +11,7 @@ use axum::response::Response;
 use serde_json::{Value, json};
 use tokio::sync::{broadcast, mpsc};
 
+use crate::rbac;
 use crate::resources::ResourceType;
 use crate::schema::FieldValidation;
 use crate::store::{ApiError, PatchKind, Store, WatchEvent, WriteOptions};
@@ -127,6 +128,33 @@ pub async fn handle(shared: Arc<Shared>, method: Method, uri: Uri, headers: Head
     let ns_str = ns.clone().unwrap_or_default();
     if rt.namespaced && ns.is_none() && (name.is_some() || method != Method::GET) {
         return error_response(&ApiError::new(404, "NotFound", format!("{} is namespaced: use /namespaces/<ns>/{}", rt.qualified(), rt.plural)));
+    }
+    let auth = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    if let Some((sa_ns, sa_name)) = rbac::identity(auth) {
+        let watching = query.get("watch").is_some_and(|w| w == "true" || w == "1");
+        let verb = match (&method, name) {
+            (&Method::GET, Some(_)) => "get",
+            (&Method::GET, None) if watching => "watch",
+            (&Method::GET, None) => "list",
+            (&Method::POST, _) => "create",
+            (&Method::PUT, _) => "update",
+            (&Method::PATCH, _) => "patch",
+            (&Method::DELETE, Some(_)) => "delete",
+            (&Method::DELETE, None) => "deletecollection",
+            _ => "unknown",
+        };
+        let selected_name = query.get("fieldSelector").and_then(|f| f.split(',').find_map(|r| r.strip_prefix("metadata.name=")));
+        let resource = match sub {
+            Some(s) => format!("{}/{s}", rt.plural),
+            None => rt.plural.clone(),
+        };
+        let req = rbac::Request { verb, group: &rt.group, resource: &resource, name: name.or(selected_name), namespace: ns.as_deref().filter(|_| rt.namespaced) };
+        let store = shared.lock();
+        if !rbac::allowed(&store, &sa_ns, &sa_name, &req) {
+            let mut e = ApiError::new(403, "Forbidden", rbac::forbidden_message(&sa_ns, &sa_name, &req, &rt.qualified()));
+            e.details = json!({"name": name.unwrap_or_default(), "group": rt.group, "kind": rt.plural});
+            return error_response(&e);
+        }
     }
     let opts = WriteOptions {
         field_manager: query.get("fieldManager").cloned(),

@@ -408,6 +408,13 @@ impl Store {
         patch::record_update(&json!({}), &owned_part(&obj, rt, false), rt.schema.as_ref(), &mut managers, &manager);
         self.managers.insert(meta_str(&obj, "uid").to_owned(), managers);
         let stored = self.commit(rt, key_ns, &name, obj, "ADDED");
+        if rt.kind == "Namespace" {
+            // What the ServiceAccount controller does for every namespace.
+            if let Some(sa) = self.find_kind("v1", "ServiceAccount") {
+                let default_sa = json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "default"}});
+                let _ = self.create(&sa, &name, default_sa, &WriteOptions::default());
+            }
+        }
         if rt.kind == "CustomResourceDefinition" {
             return Ok(Written { object: self.establish_crd(stored), created: true, warnings });
         }

@@ -184,6 +184,31 @@ async fn watch_bookmarks_and_gone() {
     c.cleanup().await;
 }
 
+/// Processes the kubelet starts act as their ServiceAccount; RBAC decides what they may do
+/// (emulator only: the token format is the emulator's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rbac_limits_service_accounts() {
+    let c = Cluster::start("rbac").await;
+    let Some(emulator) = &c.emulator else { return };
+    let token = kube_emulator::rbac::token_for(&c.ns, "reader");
+    c.apply_text("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: mine\n---\napiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: other\n").await;
+    let get = |name: &str| format!("/api/v1/namespaces/{}/configmaps/{name}", c.ns);
+    let body = common::raw_request(emulator.addr(), "GET", &get("mine"), Some(&token), "\"code\":403", T).await;
+    assert!(body.starts_with("HTTP/1.1 403") && body.contains("cannot get resource") && body.contains("system:serviceaccount:"), "{body}");
+    c.apply_text(&format!(
+        "apiVersion: rbac.authorization.k8s.io/v1\nkind: Role\nmetadata:\n  name: reader\nrules:\n- {{apiGroups: [''], resources: [configmaps], verbs: [get], resourceNames: [mine]}}\n---\napiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata:\n  name: reader\nroleRef: {{apiGroup: rbac.authorization.k8s.io, kind: Role, name: reader}}\nsubjects:\n- {{kind: ServiceAccount, name: reader, namespace: {}}}\n",
+        c.ns
+    ))
+    .await;
+    let body = common::raw_request(emulator.addr(), "GET", &get("mine"), Some(&token), "\"mine\"", T).await;
+    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    let body = common::raw_request(emulator.addr(), "GET", &get("other"), Some(&token), "\"code\":403", T).await;
+    assert!(body.starts_with("HTTP/1.1 403"), "resourceNames not enforced: {body}");
+    let body = common::raw_request(emulator.addr(), "DELETE", &get("mine"), Some(&token), "\"code\":403", T).await;
+    assert!(body.starts_with("HTTP/1.1 403"), "verbs not enforced: {body}");
+    c.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn immutable_fields_are_rejected() {
     let c = Cluster::start("immutable").await;
@@ -415,6 +440,9 @@ async fn flow_lifecycle(cleanup_policy: &str) {
     assert_eq!(deployment["metadata"]["labels"]["wallaby.dev/flow"], "orders");
     assert_eq!(deployment["metadata"]["ownerReferences"][0]["kind"], "Flow");
     assert_eq!(deployment["spec"]["strategy"]["type"], "Recreate");
+    // The worker runs as its own ServiceAccount: on the emulator RBAC then holds it to the
+    // operator's least-privilege Role.
+    assert_eq!(deployment["spec"]["template"]["spec"]["serviceAccountName"], "wallaby-orders");
     let args = deployment["spec"]["template"]["spec"]["containers"][0]["args"].clone();
     assert_eq!(args[0], "run");
     assert_eq!(args[2], format!("{}/orders", c.ns));

@@ -298,9 +298,15 @@ pub fn example(file: &str, edit: impl Fn(&mut Value)) -> String {
 
 /// A raw HTTP/1.1 GET against the emulator, read until `until` appears (or the deadline).
 pub async fn raw_get(addr: std::net::SocketAddr, path: &str, until: &str, timeout: Duration) -> String {
+    raw_request(addr, "GET", path, None, until, timeout).await
+}
+
+/// A raw HTTP/1.1 request (optionally with a bearer token), read until `until` appears.
+pub async fn raw_request(addr: std::net::SocketAddr, method: &str, path: &str, token: Option<&str>, until: &str, timeout: Duration) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect to the emulator");
-    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: application/json\r\n\r\n");
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    let req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: application/json\r\n{auth}Content-Length: 0\r\n\r\n");
     stream.write_all(req.as_bytes()).await.expect("send request");
     let mut buf = Vec::new();
     let deadline = Instant::now() + timeout;
