@@ -81,7 +81,7 @@ fn builtin(group: &str, version: &str, kind: &str, plural: &str, namespaced: boo
 }
 
 pub fn builtins() -> Vec<ResourceType> {
-    vec![
+    let mut types = vec![
         builtin("", "v1", "Namespace", "namespaces", false, &["ns"], true),
         builtin("", "v1", "Secret", "secrets", true, &[], false),
         builtin("", "v1", "ConfigMap", "configmaps", true, &["cm"], false),
@@ -100,7 +100,14 @@ pub fn builtins() -> Vec<ResourceType> {
         builtin("coordination.k8s.io", "v1", "Lease", "leases", true, &[], false),
         builtin("events.k8s.io", "v1", "Event", "events", true, &["ev"], false),
         builtin("apiextensions.k8s.io", "v1", "CustomResourceDefinition", "customresourcedefinitions", false, &["crd", "crds"], true),
-    ]
+    ];
+    // `kubectl get all`.
+    for t in &mut types {
+        if matches!(t.kind.as_str(), "Pod" | "Service" | "Deployment" | "ReplicaSet" | "Job" | "CronJob") {
+            t.categories.push("all".to_owned());
+        }
+    }
+    types
 }
 
 /// The resource types a CRD object serves (one per served version).

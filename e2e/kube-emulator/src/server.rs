@@ -277,10 +277,18 @@ fn openapi_root(store: &Store) -> Value {
 /// which tells kubectl to leave field validation to the server.
 fn openapi_gv(store: &Store, gv: &str) -> Value {
     let mut paths = serde_json::Map::new();
+    let mut schemas = serde_json::Map::new();
     for t in store.types() {
         let key = if t.group.is_empty() { "api/v1".to_owned() } else { format!("apis/{}/{}", t.group, t.version) };
         if key != gv {
             continue;
+        }
+        // CRD schemas, so `kubectl explain` works for custom resources.
+        if let Some(schema) = &t.schema {
+            let mut s = schema.clone();
+            s["x-kubernetes-group-version-kind"] = json!([{"group": t.group, "version": t.version, "kind": t.kind}]);
+            let reversed: Vec<&str> = t.group.split('.').rev().collect();
+            schemas.insert(format!("{}.{}.{}", reversed.join("."), t.version, t.kind), s);
         }
         let prefix = if t.namespaced { format!("/{key}/namespaces/{{namespace}}/{}", t.plural) } else { format!("/{key}/{}", t.plural) };
         let op = json!({
@@ -298,7 +306,7 @@ fn openapi_gv(store: &Store, gv: &str) -> Value {
             paths.insert(format!("{prefix}/{{name}}/status"), json!({"patch": op}));
         }
     }
-    json!({"openapi": "3.0.0", "info": {"title": "Kubernetes", "version": "v1.33.0"}, "paths": paths, "components": {"schemas": {}}})
+    json!({"openapi": "3.0.0", "info": {"title": "Kubernetes", "version": "v1.33.0"}, "paths": paths, "components": {"schemas": schemas}})
 }
 
 fn label_selector_matches(labels: &Value, selector: &str) -> bool {
