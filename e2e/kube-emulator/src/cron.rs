@@ -42,7 +42,11 @@ impl Schedule {
             let mut values = Vec::new();
             for item in part.split(',') {
                 let (range, step) = match item.split_once('/') {
-                    Some((r, s)) => (r, s.parse::<u32>().map_err(|e| err(format!("step {s:?}: {e}")))?),
+                    Some((r, s)) => (
+                        r,
+                        s.parse::<u32>()
+                            .map_err(|e| err(format!("step {s:?}: {e}")))?,
+                    ),
                     None => (item, 1),
                 };
                 if step == 0 {
@@ -55,7 +59,9 @@ impl Schedule {
                     let b = b.parse::<u32>().map_err(|e| err(format!("{b:?}: {e}")))?;
                     (a, b)
                 } else {
-                    let a = range.parse::<u32>().map_err(|e| err(format!("{range:?}: {e}")))?;
+                    let a = range
+                        .parse::<u32>()
+                        .map_err(|e| err(format!("{range:?}: {e}")))?;
                     (a, if item.contains('/') { hi } else { a })
                 };
                 if a < lo || b > hi || a > b {
@@ -69,8 +75,16 @@ impl Schedule {
     }
 
     fn matches(&self, t: &DateTime<Utc>) -> bool {
-        let v = [t.minute(), t.hour(), t.day(), t.month(), t.weekday().num_days_from_sunday()];
-        v.iter().zip(&self.fields).all(|(x, allowed)| allowed.contains(x))
+        let v = [
+            t.minute(),
+            t.hour(),
+            t.day(),
+            t.month(),
+            t.weekday().num_days_from_sunday(),
+        ];
+        v.iter()
+            .zip(&self.fields)
+            .all(|(x, allowed)| allowed.contains(x))
     }
 
     /// The first scheduled minute strictly after `after`.
@@ -95,8 +109,13 @@ mod tests {
     #[test]
     fn next_tick() {
         let s = Schedule::parse("*/15 2 * * *").unwrap();
-        let t = DateTime::parse_from_rfc3339("2026-01-01T02:16:30Z").unwrap().with_timezone(&Utc);
-        assert_eq!(s.next_after(t).unwrap().to_rfc3339(), "2026-01-01T02:30:00+00:00");
+        let t = DateTime::parse_from_rfc3339("2026-01-01T02:16:30Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        assert_eq!(
+            s.next_after(t).unwrap().to_rfc3339(),
+            "2026-01-01T02:30:00+00:00"
+        );
         assert!(Schedule::parse("* * *").is_err());
         assert!(Schedule::parse("61 * * * *").is_err());
     }

@@ -38,12 +38,20 @@ pub enum KubeletError {
 enum StartError {
     #[error("CreateContainerConfigError: {0}")]
     Config(String),
-    #[error("the container has no command: the emulator cannot run an image's entrypoint; set `command`")]
+    #[error(
+        "the container has no command: the emulator cannot run an image's entrypoint; set `command`"
+    )]
     NoCommand,
     #[error("RunContainerError: starting {program}: {source}")]
-    Spawn { program: String, source: std::io::Error },
+    Spawn {
+        program: String,
+        source: std::io::Error,
+    },
     #[error("preparing the pod directory {path}: {source}")]
-    Dir { path: String, source: std::io::Error },
+    Dir {
+        path: String,
+        source: std::io::Error,
+    },
 }
 
 #[derive(Debug)]
@@ -101,8 +109,14 @@ impl Drop for Kubelet {
 impl Kubelet {
     /// Starts running the emulator's Deployments, Jobs and CronJobs; containers whose command is
     /// `wallaby-worker` run `worker_binary`.
-    pub fn start(emulator: &Emulator, worker_binary: impl Into<PathBuf>) -> Result<Self, KubeletError> {
-        let root = tempfile::Builder::new().prefix("kubelet-").tempdir().map_err(KubeletError::Root)?;
+    pub fn start(
+        emulator: &Emulator,
+        worker_binary: impl Into<PathBuf>,
+    ) -> Result<Self, KubeletError> {
+        let root = tempfile::Builder::new()
+            .prefix("kubelet-")
+            .tempdir()
+            .map_err(KubeletError::Root)?;
         let inner = Arc::new(Inner {
             shared: emulator.shared(),
             worker: worker_binary.into(),
@@ -123,12 +137,22 @@ impl Kubelet {
                 looping.reconcile().await;
             }
         });
-        Ok(Self { inner, task, _root: root })
+        Ok(Self {
+            inner,
+            task,
+            _root: root,
+        })
     }
 
     /// Where a pod's container output goes (`<dir>/container.log`), for test diagnostics.
     pub async fn log_paths(&self) -> Vec<PathBuf> {
-        self.inner.pods.lock().await.iter().map(|p| p.dir.join("container.log")).collect()
+        self.inner
+            .pods
+            .lock()
+            .await
+            .iter()
+            .map(|p| p.dir.join("container.log"))
+            .collect()
     }
 
     /// The container output of every pod so far (for test failure messages).
@@ -143,12 +167,22 @@ impl Kubelet {
 
     /// Starts a Job from a CronJob now (what `kubectl create job --from=cronjob/…` does).
     pub async fn trigger_cronjob(&self, namespace: &str, name: &str) {
-        self.inner.cron_triggers.lock().await.push((namespace.to_owned(), name.to_owned()));
+        self.inner
+            .cron_triggers
+            .lock()
+            .await
+            .push((namespace.to_owned(), name.to_owned()));
     }
 
     /// How many pod processes are running now.
     pub async fn running(&self) -> usize {
-        self.inner.pods.lock().await.iter().filter(|p| p.child.is_some()).count()
+        self.inner
+            .pods
+            .lock()
+            .await
+            .iter()
+            .filter(|p| p.child.is_some())
+            .count()
     }
 
     /// Stops every process (SIGTERM, then SIGKILL after the grace period) and the loop.
@@ -172,7 +206,9 @@ fn backoff(restarts: u32) -> Duration {
 }
 
 async fn stop_process(pod: &mut Pod) {
-    let Some(mut child) = pod.child.take() else { return };
+    let Some(mut child) = pod.child.take() else {
+        return;
+    };
     let grace = pod.template["spec"]["terminationGracePeriodSeconds"]
         .as_u64()
         .map(Duration::from_secs)
@@ -180,7 +216,11 @@ async fn stop_process(pod: &mut Pod) {
         .min(MAX_GRACE);
     if let Some(pid) = child.id() {
         // SIGTERM first, as the kubelet does, so the worker can flush and release its slot.
-        let _ = Command::new("kill").arg("-TERM").arg(pid.to_string()).status().await;
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(pid.to_string())
+            .status()
+            .await;
     }
     if tokio::time::timeout(grace, child.wait()).await.is_err() {
         let _ = child.kill().await;
@@ -189,7 +229,11 @@ async fn stop_process(pod: &mut Pod) {
 }
 
 fn pod_name(owner: &str, hash: Option<u64>) -> String {
-    let suffix: String = new_uid().chars().filter(char::is_ascii_alphanumeric).take(5).collect();
+    let suffix: String = new_uid()
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .take(5)
+        .collect();
     match hash {
         Some(h) => format!("{owner}-{:010x}-{suffix}", h & 0xff_ffff_ffff),
         None => format!("{owner}-{suffix}"),
@@ -204,9 +248,10 @@ fn free_port() -> u16 {
 }
 
 fn is_true_condition(obj: &Value, kind: &str) -> bool {
-    obj["status"]["conditions"]
-        .as_array()
-        .is_some_and(|cs| cs.iter().any(|c| c["type"] == kind && c["status"] == "True"))
+    obj["status"]["conditions"].as_array().is_some_and(|cs| {
+        cs.iter()
+            .any(|c| c["type"] == kind && c["status"] == "True")
+    })
 }
 
 /// Keeps `lastTransitionTime` of conditions whose status did not change.
@@ -241,7 +286,9 @@ impl Inner {
             return;
         }
         let mut store = self.shared.lock();
-        let Some(rt) = store.find_kind(api_version, kind) else { return };
+        let Some(rt) = store.find_kind(api_version, kind) else {
+            return;
+        };
         let mut body = obj.clone();
         body["status"] = status;
         let ns = obj["metadata"]["namespace"].as_str().unwrap_or_default();
@@ -257,10 +304,17 @@ impl Inner {
 
     fn service_account_exists(&self, ns: &str, name: &str) -> bool {
         let store = self.shared.lock();
-        store.find_kind("v1", "ServiceAccount").is_some_and(|rt| store.get(&rt, ns, name).is_some())
+        store
+            .find_kind("v1", "ServiceAccount")
+            .is_some_and(|rt| store.get(&rt, ns, name).is_some())
     }
 
-    fn secret_or_configmap(&self, kind: &str, ns: &str, name: &str) -> Option<HashMap<String, String>> {
+    fn secret_or_configmap(
+        &self,
+        kind: &str,
+        ns: &str,
+        name: &str,
+    ) -> Option<HashMap<String, String>> {
         use base64::Engine;
         let store = self.shared.lock();
         let rt = store.find_kind("v1", kind)?;
@@ -284,32 +338,61 @@ impl Inner {
     fn start(&self, pod: &mut Pod) -> Result<(), StartError> {
         let spec = &pod.template["spec"];
         let container = &spec["containers"][0];
-        let dir_err = |path: &Path, source| StartError::Dir { path: path.display().to_string(), source };
+        let dir_err = |path: &Path, source| StartError::Dir {
+            path: path.display().to_string(),
+            source,
+        };
         std::fs::create_dir_all(&pod.dir).map_err(|e| dir_err(&pod.dir, e))?;
         // The process talks to the API as its pod's ServiceAccount (RBAC applies).
-        let sa = spec["serviceAccountName"].as_str().filter(|s| !s.is_empty()).unwrap_or("default");
+        let sa = spec["serviceAccountName"]
+            .as_str()
+            .filter(|s| !s.is_empty())
+            .unwrap_or("default");
         if !self.service_account_exists(&pod.namespace, sa) {
-            return Err(StartError::Config(format!("serviceaccount \"{sa}\" not found in namespace {}", pod.namespace)));
+            return Err(StartError::Config(format!(
+                "serviceaccount \"{sa}\" not found in namespace {}",
+                pod.namespace
+            )));
         }
         let kubeconfig = pod.dir.join("kubeconfig");
-        std::fs::write(&kubeconfig, crate::kubeconfig_yaml(&self.url, Some(&crate::rbac::token_for(&pod.namespace, sa)))).map_err(|e| dir_err(&kubeconfig, e))?;
+        std::fs::write(
+            &kubeconfig,
+            crate::kubeconfig_yaml(&self.url, Some(&crate::rbac::token_for(&pod.namespace, sa))),
+        )
+        .map_err(|e| dir_err(&kubeconfig, e))?;
         // Volumes live under the pod directory; mount paths in args/env are rewritten to them.
         let mut mounts: Vec<(String, String)> = Vec::new();
         for m in container["volumeMounts"].as_array().into_iter().flatten() {
             let vname = m["name"].as_str().unwrap_or_default();
             let host = pod.dir.join("volumes").join(vname);
             std::fs::create_dir_all(&host).map_err(|e| dir_err(&host, e))?;
-            let volume = spec["volumes"].as_array().and_then(|vs| vs.iter().find(|v| v["name"] == vname)).cloned().unwrap_or(Value::Null);
-            for (kind, field, name_key) in [("Secret", "secret", "secretName"), ("ConfigMap", "configMap", "name")] {
+            let volume = spec["volumes"]
+                .as_array()
+                .and_then(|vs| vs.iter().find(|v| v["name"] == vname))
+                .cloned()
+                .unwrap_or(Value::Null);
+            for (kind, field, name_key) in [
+                ("Secret", "secret", "secretName"),
+                ("ConfigMap", "configMap", "name"),
+            ] {
                 if let Some(src) = volume.get(field) {
                     let sname = src[name_key].as_str().unwrap_or_default();
-                    let data = self.secret_or_configmap(kind, &pod.namespace, sname).ok_or_else(|| StartError::Config(format!("{kind} \"{sname}\" not found (volume {vname})")))?;
+                    let data = self
+                        .secret_or_configmap(kind, &pod.namespace, sname)
+                        .ok_or_else(|| {
+                            StartError::Config(format!(
+                                "{kind} \"{sname}\" not found (volume {vname})"
+                            ))
+                        })?;
                     for (k, v) in data {
                         std::fs::write(host.join(&k), v).map_err(|e| dir_err(&host, e))?;
                     }
                 }
             }
-            mounts.push((m["mountPath"].as_str().unwrap_or_default().to_owned(), host.display().to_string()));
+            mounts.push((
+                m["mountPath"].as_str().unwrap_or_default().to_owned(),
+                host.display().to_string(),
+            ));
         }
         mounts.sort_by_key(|(p, _)| std::cmp::Reverse(p.len()));
         let ports = &pod.ports;
@@ -337,9 +420,15 @@ impl Inner {
                 if let Some(r) = src.get(field) {
                     let name = r["name"].as_str().unwrap_or_default();
                     match self.secret_or_configmap(kind, &pod.namespace, name) {
-                        Some(data) => env.extend(data.into_iter().map(|(k, v)| (format!("{prefix}{k}"), v))),
+                        Some(data) => {
+                            env.extend(data.into_iter().map(|(k, v)| (format!("{prefix}{k}"), v)))
+                        }
                         None if r["optional"] == json!(true) => {}
-                        None => return Err(StartError::Config(format!("{kind} \"{name}\" not found (envFrom)"))),
+                        None => {
+                            return Err(StartError::Config(format!(
+                                "{kind} \"{name}\" not found (envFrom)"
+                            )));
+                        }
                     }
                 }
             }
@@ -358,7 +447,14 @@ impl Inner {
             };
             env.push((name, rewrite(&value)));
         }
-        let mut argv: Vec<String> = container["command"].as_array().into_iter().flatten().chain(container["args"].as_array().into_iter().flatten()).filter_map(Value::as_str).map(|a| rewrite(&expand(a, &env))).collect();
+        let mut argv: Vec<String> = container["command"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .chain(container["args"].as_array().into_iter().flatten())
+            .filter_map(Value::as_str)
+            .map(|a| rewrite(&expand(a, &env)))
+            .collect();
         if container["command"].as_array().is_none_or(Vec::is_empty) {
             return Err(StartError::NoCommand);
         }
@@ -369,13 +465,24 @@ impl Inner {
             program
         };
         let log_path = pod.dir.join("container.log");
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).map_err(|e| dir_err(&log_path, e))?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(|e| dir_err(&log_path, e))?;
         let log2 = log.try_clone().map_err(|e| dir_err(&log_path, e))?;
-        let workdir = container["workingDir"].as_str().map(|w| PathBuf::from(rewrite(w))).filter(|p| p.is_dir()).unwrap_or_else(|| pod.dir.clone());
+        let workdir = container["workingDir"]
+            .as_str()
+            .map(|w| PathBuf::from(rewrite(w)))
+            .filter(|p| p.is_dir())
+            .unwrap_or_else(|| pod.dir.clone());
         let mut cmd = Command::new(&program);
         cmd.args(&argv)
             .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into()))
+            .env(
+                "PATH",
+                std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into()),
+            )
             .env("HOME", &pod.dir)
             .env("HOSTNAME", &pod.name)
             .env("KUBECONFIG", &kubeconfig)
@@ -385,7 +492,10 @@ impl Inner {
             .stdout(log)
             .stderr(log2)
             .kill_on_drop(true);
-        let child = cmd.spawn().map_err(|source| StartError::Spawn { program: program.clone(), source })?;
+        let child = cmd.spawn().map_err(|source| StartError::Spawn {
+            program: program.clone(),
+            source,
+        })?;
         pod.child = Some(child);
         pod.started_at = Some(Instant::now());
         pod.waiting = None;
@@ -400,11 +510,16 @@ impl Inner {
                 let name = r["name"].as_str().unwrap_or_default();
                 let key = r["key"].as_str().unwrap_or_default();
                 let optional = r["optional"] == json!(true);
-                let value = self.secret_or_configmap(kind, &pod.namespace, name).and_then(|d| d.get(key).cloned());
+                let value = self
+                    .secret_or_configmap(kind, &pod.namespace, name)
+                    .and_then(|d| d.get(key).cloned());
                 return match value {
                     Some(v) => Ok(Some(v)),
                     None if optional => Ok(None),
-                    None => Err(StartError::Config(format!("{kind} \"{name}\" key \"{key}\" not found in namespace {}", pod.namespace))),
+                    None => Err(StartError::Config(format!(
+                        "{kind} \"{name}\" key \"{key}\" not found in namespace {}",
+                        pod.namespace
+                    ))),
                 };
             }
         }
@@ -417,11 +532,20 @@ impl Inner {
                 "metadata.namespace" => pod.namespace.clone(),
                 "metadata.uid" => pod.uid.clone(),
                 "spec.nodeName" => "emulator-node".into(),
-                "spec.serviceAccountName" => pod.template["spec"]["serviceAccountName"].as_str().unwrap_or("default").to_owned(),
+                "spec.serviceAccountName" => pod.template["spec"]["serviceAccountName"]
+                    .as_str()
+                    .unwrap_or("default")
+                    .to_owned(),
                 "status.podIP" | "status.hostIP" => "127.0.0.1".into(),
                 p => {
-                    let lookup = |prefix: &str, map: &Value| p.strip_prefix(prefix).and_then(|k| k.strip_suffix("']")).and_then(|k| map[k].as_str().map(str::to_owned));
-                    lookup("metadata.labels['", labels).or_else(|| lookup("metadata.annotations['", annotations)).unwrap_or_default()
+                    let lookup = |prefix: &str, map: &Value| {
+                        p.strip_prefix(prefix)
+                            .and_then(|k| k.strip_suffix("']"))
+                            .and_then(|k| map[k].as_str().map(str::to_owned))
+                    };
+                    lookup("metadata.labels['", labels)
+                        .or_else(|| lookup("metadata.annotations['", annotations))
+                        .unwrap_or_default()
                 }
             };
             return Ok(Some(v));
@@ -431,35 +555,38 @@ impl Inner {
 
     /// Reaps exited processes and starts the ones whose backoff elapsed.
     fn drive(&self, pod: &mut Pod, restart: bool) {
-        if let Some(child) = &mut pod.child {
-            if let Ok(Some(status)) = child.try_wait() {
-                let ran = pod.started_at.map(|s| s.elapsed()).unwrap_or_default();
-                pod.child = None;
-                pod.ready = false;
-                pod.last_exit = status.code().or(Some(137));
-                if pod.owner_kind == "Job" {
-                    if status.success() {
-                        pod.succeeded += 1;
-                        pod.finished = true;
-                    } else {
-                        pod.failed += 1;
-                    }
+        if let Some(child) = &mut pod.child
+            && let Ok(Some(status)) = child.try_wait()
+        {
+            let ran = pod.started_at.map(|s| s.elapsed()).unwrap_or_default();
+            pod.child = None;
+            pod.ready = false;
+            pod.last_exit = status.code().or(Some(137));
+            if pod.owner_kind == "Job" {
+                if status.success() {
+                    pod.succeeded += 1;
+                    pod.finished = true;
+                } else {
+                    pod.failed += 1;
                 }
-                if ran >= BACKOFF_RESET {
-                    pod.restarts = 0;
-                }
-                pod.restarts += 1;
-                pod.next_start = Instant::now() + backoff(pod.restarts);
-                pod.waiting = Some(format!("CrashLoopBackOff: exited with {:?}", pod.last_exit));
             }
+            if ran >= BACKOFF_RESET {
+                pod.restarts = 0;
+            }
+            pod.restarts += 1;
+            pod.next_start = Instant::now() + backoff(pod.restarts);
+            pod.waiting = Some(format!("CrashLoopBackOff: exited with {:?}", pod.last_exit));
         }
-        if pod.child.is_none() && restart && !pod.finished && Instant::now() >= pod.next_start {
-            if let Err(e) = self.start(pod) {
-                tracing::warn!(pod = %pod.name, error = %e, "kubelet could not start the container");
-                pod.waiting = Some(e.to_string());
-                pod.restarts += 1;
-                pod.next_start = Instant::now() + backoff(pod.restarts);
-            }
+        if pod.child.is_none()
+            && restart
+            && !pod.finished
+            && Instant::now() >= pod.next_start
+            && let Err(e) = self.start(pod)
+        {
+            tracing::warn!(pod = %pod.name, error = %e, "kubelet could not start the container");
+            pod.waiting = Some(e.to_string());
+            pod.restarts += 1;
+            pod.next_start = Instant::now() + backoff(pod.restarts);
         }
     }
 
@@ -475,14 +602,22 @@ impl Inner {
             return;
         }
         let initial = Duration::from_secs(probe["initialDelaySeconds"].as_u64().unwrap_or(0));
-        if started.elapsed() < initial || pod.last_probe.is_some_and(|t| t.elapsed() < Duration::from_millis(500)) {
+        if started.elapsed() < initial
+            || pod
+                .last_probe
+                .is_some_and(|t| t.elapsed() < Duration::from_millis(500))
+        {
             return;
         }
         pod.last_probe = Some(Instant::now());
         let port_of = |p: &Value| -> Option<u16> {
             let cport = match p {
                 Value::Number(n) => n.as_i64(),
-                Value::String(name) => container["ports"].as_array()?.iter().find(|x| x["name"] == *name)?["containerPort"].as_i64(),
+                Value::String(name) => container["ports"]
+                    .as_array()?
+                    .iter()
+                    .find(|x| x["name"] == *name)?["containerPort"]
+                    .as_i64(),
                 _ => None,
             }?;
             pod.ports.get(&cport).copied()
@@ -494,7 +629,9 @@ impl Inner {
             }
         } else if let Some(tcp) = probe.get("tcpSocket") {
             match port_of(&tcp["port"]) {
-                Some(port) => tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok(),
+                Some(port) => tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .is_ok(),
                 None => false,
             }
         } else {
@@ -504,8 +641,17 @@ impl Inner {
         pod.ready = ok;
     }
 
-    fn new_pod(&self, owner: &Value, owner_kind: &'static str, template: &Value, hash: Option<u64>) -> Pod {
-        let owner_name = owner["metadata"]["name"].as_str().unwrap_or_default().to_owned();
+    fn new_pod(
+        &self,
+        owner: &Value,
+        owner_kind: &'static str,
+        template: &Value,
+        hash: Option<u64>,
+    ) -> Pod {
+        let owner_name = owner["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
         let name = pod_name(&owner_name, hash);
         let ports = template["spec"]["containers"][0]["ports"]
             .as_array()
@@ -518,8 +664,14 @@ impl Inner {
             dir: self.root.join(&name),
             name,
             uid: new_uid(),
-            namespace: owner["metadata"]["namespace"].as_str().unwrap_or_default().to_owned(),
-            owner_uid: owner["metadata"]["uid"].as_str().unwrap_or_default().to_owned(),
+            namespace: owner["metadata"]["namespace"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+            owner_uid: owner["metadata"]["uid"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
             owner_kind,
             owner_name,
             hash: hash.unwrap_or(0),
@@ -549,7 +701,9 @@ impl Inner {
         };
         let state = match (&pod.child, &pod.waiting) {
             (Some(_), _) => json!({"running": {}}),
-            (None, Some(reason)) => json!({"waiting": {"reason": reason.split(':').next().unwrap_or_default(), "message": reason}}),
+            (None, Some(reason)) => {
+                json!({"waiting": {"reason": reason.split(':').next().unwrap_or_default(), "message": reason}})
+            }
             (None, None) => json!({"terminated": {"exitCode": pod.last_exit.unwrap_or(0)}}),
         };
         let mut meta = pod.template["metadata"].clone();
@@ -567,17 +721,22 @@ impl Inner {
             "containerStatuses": [{"name": pod.template["spec"]["containers"][0]["name"], "ready": pod.ready, "restartCount": pod.restarts.saturating_sub(1), "state": state, "image": pod.template["spec"]["containers"][0]["image"], "imageID": ""}],
         });
         let mut store = self.shared.lock();
-        let Some(rt) = store.find_kind("v1", "Pod") else { return };
-        let opts = WriteOptions { field_manager: Some("kubelet".into()), ..WriteOptions::default() };
+        let Some(rt) = store.find_kind("v1", "Pod") else {
+            return;
+        };
+        let opts = WriteOptions {
+            field_manager: Some("kubelet".into()),
+            ..WriteOptions::default()
+        };
         match store.get(&rt, &pod.namespace, &pod.name) {
             None => {
                 let obj = json!({"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": pod.template["spec"]});
-                if store.create(&rt, &pod.namespace, obj, &opts).is_ok() {
-                    if let Some(created) = store.get(&rt, &pod.namespace, &pod.name) {
-                        let mut body = created;
-                        body["status"] = status;
-                        let _ = store.update(&rt, &pod.namespace, &pod.name, body, true, &opts);
-                    }
+                if store.create(&rt, &pod.namespace, obj, &opts).is_ok()
+                    && let Some(created) = store.get(&rt, &pod.namespace, &pod.name)
+                {
+                    let mut body = created;
+                    body["status"] = status;
+                    let _ = store.update(&rt, &pod.namespace, &pod.name, body, true, &opts);
                 }
             }
             Some(existing) if existing["status"] != status => {
@@ -601,7 +760,11 @@ impl Inner {
         let deployments = self.list("apps/v1", "Deployment");
         let jobs = self.list("batch/v1", "Job");
         // Pods whose owner is gone are stopped (what garbage collection + the kubelet do).
-        let live: Vec<&str> = deployments.iter().chain(&jobs).filter_map(|o| o["metadata"]["uid"].as_str()).collect();
+        let live: Vec<&str> = deployments
+            .iter()
+            .chain(&jobs)
+            .filter_map(|o| o["metadata"]["uid"].as_str())
+            .collect();
         let mut i = 0;
         while i < pods.len() {
             if live.contains(&pods[i].owner_uid.as_str()) {
@@ -625,12 +788,19 @@ impl Inner {
     async fn reconcile_deployment(&self, d: &Value, pods: &mut Vec<Pod>) {
         let uid = d["metadata"]["uid"].as_str().unwrap_or_default();
         let deleting = d["metadata"].get("deletionTimestamp").is_some();
-        let desired = if deleting { 0 } else { d["spec"]["replicas"].as_u64().unwrap_or(1) as usize };
+        let desired = if deleting {
+            0
+        } else {
+            d["spec"]["replicas"].as_u64().unwrap_or(1) as usize
+        };
         let template = &d["spec"]["template"];
         let hash = hash_of(template);
         // Recreate: every pod of an older template stops before a new one starts.
         let mut i = 0;
-        let mut count = pods.iter().filter(|p| p.owner_uid == uid && p.hash == hash).count();
+        let mut count = pods
+            .iter()
+            .filter(|p| p.owner_uid == uid && p.hash == hash)
+            .count();
         while i < pods.len() {
             let stale = pods[i].owner_uid == uid && (pods[i].hash != hash || count > desired);
             if stale {
@@ -666,7 +836,13 @@ impl Inner {
                 ("Progressing", "True", if available { "NewReplicaSetAvailable" } else { "ReplicaSetUpdated" }, format!("ReplicaSet \"{}-{:010x}\" is progressing.", d["metadata"]["name"].as_str().unwrap_or_default(), hash & 0xff_ffff_ffff)),
             ]),
         });
-        for (k, v) in [("replicas", replicas), ("updatedReplicas", replicas), ("readyReplicas", ready), ("availableReplicas", ready), ("unavailableReplicas", replicas.saturating_sub(ready))] {
+        for (k, v) in [
+            ("replicas", replicas),
+            ("updatedReplicas", replicas),
+            ("readyReplicas", ready),
+            ("availableReplicas", ready),
+            ("unavailableReplicas", replicas.saturating_sub(ready)),
+        ] {
             if v > 0 {
                 status[k] = json!(v);
             }
@@ -684,7 +860,9 @@ impl Inner {
         }
         let backoff_limit = j["spec"]["backoffLimit"].as_u64().unwrap_or(6) as u32;
         let completions = j["spec"]["completions"].as_u64().unwrap_or(1) as u32;
-        let Some(pod) = pods.iter_mut().find(|p| p.owner_uid == uid) else { return };
+        let Some(pod) = pods.iter_mut().find(|p| p.owner_uid == uid) else {
+            return;
+        };
         if suspended || done {
             stop_process(pod).await;
         }
@@ -695,7 +873,11 @@ impl Inner {
         let old = &j["status"];
         let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
         let mut status = json!({});
-        if let Some(start) = old.get("startTime").cloned().or_else(|| pod.started_at.map(|_| json!(now))) {
+        if let Some(start) = old
+            .get("startTime")
+            .cloned()
+            .or_else(|| pod.started_at.map(|_| json!(now)))
+        {
             status["startTime"] = start;
         }
         if pod.child.is_some() {
@@ -711,17 +893,46 @@ impl Inner {
         }
         if pod.succeeded >= completions {
             status["completionTime"] = old.get("completionTime").cloned().unwrap_or(json!(now));
-            status["conditions"] = conditions(old, vec![
-                ("SuccessCriteriaMet", "True", "CompletionsReached", "Reached expected number of succeeded pods".into()),
-                ("Complete", "True", "CompletionsReached", "Reached expected number of succeeded pods".into()),
-            ]);
+            status["conditions"] = conditions(
+                old,
+                vec![
+                    (
+                        "SuccessCriteriaMet",
+                        "True",
+                        "CompletionsReached",
+                        "Reached expected number of succeeded pods".into(),
+                    ),
+                    (
+                        "Complete",
+                        "True",
+                        "CompletionsReached",
+                        "Reached expected number of succeeded pods".into(),
+                    ),
+                ],
+            );
         } else if pod.failed > backoff_limit {
-            status["conditions"] = conditions(old, vec![
-                ("FailureTarget", "True", "BackoffLimitExceeded", "Job has reached the specified backoff limit".into()),
-                ("Failed", "True", "BackoffLimitExceeded", "Job has reached the specified backoff limit".into()),
-            ]);
+            status["conditions"] = conditions(
+                old,
+                vec![
+                    (
+                        "FailureTarget",
+                        "True",
+                        "BackoffLimitExceeded",
+                        "Job has reached the specified backoff limit".into(),
+                    ),
+                    (
+                        "Failed",
+                        "True",
+                        "BackoffLimitExceeded",
+                        "Job has reached the specified backoff limit".into(),
+                    ),
+                ],
+            );
         } else if suspended {
-            status["conditions"] = conditions(old, vec![("Suspended", "True", "JobSuspended", "Job suspended".into())]);
+            status["conditions"] = conditions(
+                old,
+                vec![("Suspended", "True", "JobSuspended", "Job suspended".into())],
+            );
         }
         self.write_status("batch/v1", "Job", j, status);
     }
@@ -733,16 +944,43 @@ impl Inner {
         let mut ticks = self.cron_ticks.lock().await;
         for cj in &cronjobs {
             let meta = &cj["metadata"];
-            let (ns, name, uid) = (meta["namespace"].as_str().unwrap_or_default(), meta["name"].as_str().unwrap_or_default(), meta["uid"].as_str().unwrap_or_default());
-            let owned: Vec<&Value> = jobs.iter().filter(|j| j["metadata"]["ownerReferences"].as_array().is_some_and(|r| r.iter().any(|o| o["uid"] == uid))).collect();
-            let active: Vec<&&Value> = owned.iter().filter(|j| !is_true_condition(j, "Complete") && !is_true_condition(j, "Failed")).collect();
+            let (ns, name, uid) = (
+                meta["namespace"].as_str().unwrap_or_default(),
+                meta["name"].as_str().unwrap_or_default(),
+                meta["uid"].as_str().unwrap_or_default(),
+            );
+            let owned: Vec<&Value> = jobs
+                .iter()
+                .filter(|j| {
+                    j["metadata"]["ownerReferences"]
+                        .as_array()
+                        .is_some_and(|r| r.iter().any(|o| o["uid"] == uid))
+                })
+                .collect();
+            let active: Vec<&&Value> = owned
+                .iter()
+                .filter(|j| !is_true_condition(j, "Complete") && !is_true_condition(j, "Failed"))
+                .collect();
             let manual = triggers.iter().any(|(n, m)| n == ns && m == name);
-            let created_at = meta["creationTimestamp"].as_str().and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok()).map(|t| t.with_timezone(&chrono::Utc)).unwrap_or(now);
+            let created_at = meta["creationTimestamp"]
+                .as_str()
+                .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                .map(|t| t.with_timezone(&chrono::Utc))
+                .unwrap_or(now);
             let last = *ticks.entry(uid.to_owned()).or_insert_with(|| {
-                cj["status"]["lastScheduleTime"].as_str().and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok()).map(|t| t.with_timezone(&chrono::Utc)).unwrap_or(created_at)
+                cj["status"]["lastScheduleTime"]
+                    .as_str()
+                    .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                    .map(|t| t.with_timezone(&chrono::Utc))
+                    .unwrap_or(created_at)
             });
-            let schedule = cj["spec"]["schedule"].as_str().and_then(|s| crate::cron::Schedule::parse(s).ok());
-            let due = schedule.as_ref().and_then(|s| s.next_after(last)).filter(|t| *t <= now);
+            let schedule = cj["spec"]["schedule"]
+                .as_str()
+                .and_then(|s| crate::cron::Schedule::parse(s).ok());
+            let due = schedule
+                .as_ref()
+                .and_then(|s| s.next_after(last))
+                .filter(|t| *t <= now);
             let suspended = cj["spec"]["suspend"] == json!(true);
             let mut status = cj["status"].clone();
             if !status.is_object() {
@@ -754,7 +992,10 @@ impl Inner {
             if (due.is_some() && !suspended) || manual {
                 let forbid = cj["spec"]["concurrencyPolicy"] == "Forbid";
                 if forbid && !active.is_empty() && !manual {
-                    tracing::info!(cronjob = name, "skipping a scheduled run: concurrencyPolicy Forbid and a Job is still active");
+                    tracing::info!(
+                        cronjob = name,
+                        "skipping a scheduled run: concurrencyPolicy Forbid and a Job is still active"
+                    );
                 } else {
                     let job_name = match due {
                         Some(t) if !manual => format!("{name}-{}", t.timestamp() / 60),
@@ -771,34 +1012,60 @@ impl Inner {
                     let job = json!({"apiVersion": "batch/v1", "kind": "Job", "metadata": job_meta, "spec": template["spec"]});
                     let mut store = self.shared.lock();
                     if let Some(rt) = store.find_kind("batch/v1", "Job") {
-                        match store.create(&rt, ns, job, &WriteOptions { field_manager: Some("cronjob-controller".into()), ..WriteOptions::default() }) {
+                        match store.create(
+                            &rt,
+                            ns,
+                            job,
+                            &WriteOptions {
+                                field_manager: Some("cronjob-controller".into()),
+                                ..WriteOptions::default()
+                            },
+                        ) {
                             Ok(w) => {
                                 let m = &w.object["metadata"];
-                                let mut list = status["active"].as_array().cloned().unwrap_or_default();
+                                let mut list =
+                                    status["active"].as_array().cloned().unwrap_or_default();
                                 list.push(json!({"apiVersion": "batch/v1", "kind": "Job", "name": m["name"], "namespace": ns, "uid": m["uid"], "resourceVersion": m["resourceVersion"]}));
                                 status["active"] = json!(list);
                             }
-                            Err(e) => tracing::warn!(cronjob = name, error = %e, "creating a Job for a CronJob failed"),
+                            Err(e) => {
+                                tracing::warn!(cronjob = name, error = %e, "creating a Job for a CronJob failed")
+                            }
                         }
                     }
                 }
                 if let Some(t) = due {
-                    status["lastScheduleTime"] = json!(t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
+                    status["lastScheduleTime"] =
+                        json!(t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
                 } else {
-                    status["lastScheduleTime"] = json!(now.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
+                    status["lastScheduleTime"] =
+                        json!(now.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
                 }
             }
             // Keep `active` to the Jobs still running; remember the last success.
-            let active_names: Vec<&str> = active.iter().filter_map(|j| j["metadata"]["name"].as_str()).collect();
+            let active_names: Vec<&str> = active
+                .iter()
+                .filter_map(|j| j["metadata"]["name"].as_str())
+                .collect();
             if let Some(list) = status["active"].as_array_mut() {
-                list.retain(|r| r["name"].as_str().is_some_and(|n| active_names.contains(&n) || !owned.iter().any(|j| j["metadata"]["name"] == n)));
-                if list.is_empty() {
-                    if let Some(m) = status.as_object_mut() {
-                        m.remove("active");
-                    }
+                list.retain(|r| {
+                    r["name"].as_str().is_some_and(|n| {
+                        active_names.contains(&n)
+                            || !owned.iter().any(|j| j["metadata"]["name"] == n)
+                    })
+                });
+                if list.is_empty()
+                    && let Some(m) = status.as_object_mut()
+                {
+                    m.remove("active");
                 }
             }
-            if let Some(t) = owned.iter().filter(|j| is_true_condition(j, "Complete")).filter_map(|j| j["status"]["completionTime"].as_str()).max() {
+            if let Some(t) = owned
+                .iter()
+                .filter(|j| is_true_condition(j, "Complete"))
+                .filter_map(|j| j["status"]["completionTime"].as_str())
+                .max()
+            {
                 status["lastSuccessfulTime"] = json!(t);
             }
             self.write_status("batch/v1", "CronJob", cj, status);
@@ -809,11 +1076,24 @@ impl Inner {
     /// Deletes finished Jobs beyond the CronJob's history limits (oldest first).
     fn prune_history(&self, cj: &Value, owned: &[&Value]) {
         let mut store = self.shared.lock();
-        let Some(rt) = store.find_kind("batch/v1", "Job") else { return };
-        for (cond, limit_key, default) in [("Complete", "successfulJobsHistoryLimit", 3), ("Failed", "failedJobsHistoryLimit", 1)] {
+        let Some(rt) = store.find_kind("batch/v1", "Job") else {
+            return;
+        };
+        for (cond, limit_key, default) in [
+            ("Complete", "successfulJobsHistoryLimit", 3),
+            ("Failed", "failedJobsHistoryLimit", 1),
+        ] {
             let limit = cj["spec"][limit_key].as_u64().unwrap_or(default) as usize;
-            let mut finished: Vec<&&Value> = owned.iter().filter(|j| is_true_condition(j, cond)).collect();
-            finished.sort_by_key(|j| j["metadata"]["creationTimestamp"].as_str().unwrap_or_default().to_owned());
+            let mut finished: Vec<&&Value> = owned
+                .iter()
+                .filter(|j| is_true_condition(j, cond))
+                .collect();
+            finished.sort_by_key(|j| {
+                j["metadata"]["creationTimestamp"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned()
+            });
             let excess = finished.len().saturating_sub(limit);
             for j in finished.into_iter().take(excess) {
                 let ns = j["metadata"]["namespace"].as_str().unwrap_or_default();
@@ -835,8 +1115,11 @@ fn expand(s: &str, env: &[(String, String)]) -> String {
 
 async fn http_ok(port: u16, path: &str) -> bool {
     let attempt = async {
-        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
-        let req = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n");
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .ok()?;
+        let req =
+            format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n");
         stream.write_all(req.as_bytes()).await.ok()?;
         let mut buf = [0u8; 32];
         let n = stream.read(&mut buf).await.ok()?;
@@ -844,5 +1127,9 @@ async fn http_ok(port: u16, path: &str) -> bool {
         let code: u16 = head.split_whitespace().nth(1)?.parse().ok()?;
         Some((200..400).contains(&code))
     };
-    tokio::time::timeout(Duration::from_secs(1), attempt).await.ok().flatten().unwrap_or(false)
+    tokio::time::timeout(Duration::from_secs(1), attempt)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or(false)
 }

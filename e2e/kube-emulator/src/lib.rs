@@ -27,11 +27,17 @@ pub use store::{ApiError, PatchKind, WatchEvent, WriteOptions};
 #[derive(Debug, thiserror::Error)]
 pub enum EmulatorError {
     #[error("binding the emulator's listener on {addr}: {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("reading the emulator's listener address: {0}")]
     LocalAddr(std::io::Error),
     #[error("writing the kubeconfig {path}: {source}")]
-    Kubeconfig { path: String, source: std::io::Error },
+    Kubeconfig {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("no resource type {api_version} {kind} is served (install its CRD first)")]
     UnknownKind { api_version: String, kind: String },
     #[error(transparent)]
@@ -137,33 +143,60 @@ impl Emulator {
     pub fn create(&self, object: Value) -> Result<Value, EmulatorError> {
         let mut store = self.shared.lock();
         let rt = kind_of(&store, &object)?;
-        let ns = object["metadata"]["namespace"].as_str().unwrap_or("default").to_owned();
-        Ok(store.create(&rt, &ns, object, &WriteOptions::default())?.object)
+        let ns = object["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or("default")
+            .to_owned();
+        Ok(store
+            .create(&rt, &ns, object, &WriteOptions::default())?
+            .object)
     }
 
     /// Patches an object (or its status subresource) as `manager`.
     #[allow(clippy::too_many_arguments)]
-    pub fn patch(&self, api_version: &str, kind: &str, namespace: &str, name: &str, patch_kind: PatchKind, body: &Value, status: bool, manager: &str) -> Result<Value, EmulatorError> {
+    pub fn patch(
+        &self,
+        api_version: &str,
+        kind: &str,
+        namespace: &str,
+        name: &str,
+        patch_kind: PatchKind,
+        body: &Value,
+        status: bool,
+        manager: &str,
+    ) -> Result<Value, EmulatorError> {
         let mut store = self.shared.lock();
-        let rt = store.find_kind(api_version, kind).ok_or_else(|| EmulatorError::UnknownKind {
-            api_version: api_version.to_owned(),
-            kind: kind.to_owned(),
-        })?;
+        let rt = store
+            .find_kind(api_version, kind)
+            .ok_or_else(|| EmulatorError::UnknownKind {
+                api_version: api_version.to_owned(),
+                kind: kind.to_owned(),
+            })?;
         let opts = WriteOptions {
             field_manager: Some(manager.to_owned()),
             force: true,
             ..WriteOptions::default()
         };
-        Ok(store.patch(&rt, namespace, name, patch_kind, body, status, &opts)?.object)
+        Ok(store
+            .patch(&rt, namespace, name, patch_kind, body, status, &opts)?
+            .object)
     }
 
     /// Deletes an object (finalizers and garbage collection apply).
-    pub fn delete(&self, api_version: &str, kind: &str, namespace: &str, name: &str) -> Result<Value, EmulatorError> {
+    pub fn delete(
+        &self,
+        api_version: &str,
+        kind: &str,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Value, EmulatorError> {
         let mut store = self.shared.lock();
-        let rt = store.find_kind(api_version, kind).ok_or_else(|| EmulatorError::UnknownKind {
-            api_version: api_version.to_owned(),
-            kind: kind.to_owned(),
-        })?;
+        let rt = store
+            .find_kind(api_version, kind)
+            .ok_or_else(|| EmulatorError::UnknownKind {
+                api_version: api_version.to_owned(),
+                kind: kind.to_owned(),
+            })?;
         Ok(store.delete(&rt, namespace, name, false)?)
     }
 }
@@ -182,8 +215,10 @@ pub fn kubeconfig_yaml(url: &str, token: Option<&str>) -> String {
 fn kind_of(store: &store::Store, object: &Value) -> Result<resources::ResourceType, EmulatorError> {
     let api_version = object["apiVersion"].as_str().unwrap_or_default();
     let kind = object["kind"].as_str().unwrap_or_default();
-    store.find_kind(api_version, kind).ok_or_else(|| EmulatorError::UnknownKind {
-        api_version: api_version.to_owned(),
-        kind: kind.to_owned(),
-    })
+    store
+        .find_kind(api_version, kind)
+        .ok_or_else(|| EmulatorError::UnknownKind {
+            api_version: api_version.to_owned(),
+            kind: kind.to_owned(),
+        })
 }

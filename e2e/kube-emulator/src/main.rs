@@ -21,7 +21,9 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow_free::Result {
-    tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .init();
     let args = Args::parse();
     let emulator = kube_emulator::Emulator::start_on(args.port).await?;
     emulator.write_kubeconfig(&args.kubeconfig)?;
@@ -29,8 +31,14 @@ async fn main() -> anyhow_free::Result {
         Some(bin) => Some(kube_emulator::Kubelet::start(&emulator, bin.clone())?),
         None => None,
     };
-    println!("kube-emulator listening on {} (kubeconfig: {})", emulator.url(), args.kubeconfig.display());
-    tokio::signal::ctrl_c().await.map_err(anyhow_free::Error::Signal)?;
+    println!(
+        "kube-emulator listening on {} (kubeconfig: {})",
+        emulator.url(),
+        args.kubeconfig.display()
+    );
+    tokio::signal::ctrl_c()
+        .await
+        .map_err(anyhow_free::Error::Signal)?;
     Ok(())
 }
 

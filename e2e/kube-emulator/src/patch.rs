@@ -15,7 +15,11 @@ pub type Managers = BTreeMap<String, BTreeSet<FieldPath>>;
 /// List-map keys of built-in kinds (their strategic-merge `patchMergeKey`s), by field name.
 fn builtin_list_keys(field: &str) -> Option<Vec<String>> {
     let key = match field {
-        "containers" | "initContainers" | "ephemeralContainers" | "volumes" | "env"
+        "containers"
+        | "initContainers"
+        | "ephemeralContainers"
+        | "volumes"
+        | "env"
         | "imagePullSecrets" => "name",
         "ports" => "containerPort",
         "volumeMounts" | "volumeDevices" => "mountPath",
@@ -35,7 +39,12 @@ fn list_keys(schema: Option<&Value>, field: &str) -> Option<Vec<String>> {
             if s.get("x-kubernetes-list-type").and_then(Value::as_str) == Some("map") {
                 s.get("x-kubernetes-list-map-keys")
                     .and_then(Value::as_array)
-                    .map(|k| k.iter().filter_map(Value::as_str).map(str::to_owned).collect())
+                    .map(|k| {
+                        k.iter()
+                            .filter_map(Value::as_str)
+                            .map(str::to_owned)
+                            .collect()
+                    })
             } else {
                 None
             }
@@ -64,8 +73,10 @@ fn key_of(item: &Value, keys: &[String]) -> Value {
 }
 
 fn matches_key(item: &Value, key: &Value) -> bool {
-    key.as_object()
-        .is_some_and(|m| m.iter().all(|(k, v)| item.get(k).unwrap_or(&Value::Null) == v))
+    key.as_object().is_some_and(|m| {
+        m.iter()
+            .all(|(k, v)| item.get(k).unwrap_or(&Value::Null) == v)
+    })
 }
 
 /// RFC 7386 JSON merge patch.
@@ -143,7 +154,11 @@ fn add_at(doc: &mut Value, path: &str, value: Value, op: &str) -> Result<(), Jso
             if last == "-" {
                 a.push(value);
             } else {
-                let i = last.parse::<usize>().ok().filter(|i| *i <= a.len()).ok_or_else(missing)?;
+                let i = last
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|i| *i <= a.len())
+                    .ok_or_else(missing)?;
                 a.insert(i, value);
             }
         }
@@ -162,7 +177,11 @@ fn remove_at(doc: &mut Value, path: &str, op: &str) -> Result<Value, JsonPatchEr
     match parent_mut(doc, parents).ok_or_else(missing)? {
         Value::Object(m) => m.remove(last).ok_or_else(missing),
         Value::Array(a) => {
-            let i = last.parse::<usize>().ok().filter(|i| *i < a.len()).ok_or_else(missing)?;
+            let i = last
+                .parse::<usize>()
+                .ok()
+                .filter(|i| *i < a.len())
+                .ok_or_else(missing)?;
             Ok(a.remove(i))
         }
         _ => Err(missing()),
@@ -202,10 +221,12 @@ pub fn json_patch(doc: &mut Value, ops: &Value) -> Result<(), JsonPatchError> {
                 let v = if kind == "move" {
                     remove_at(doc, from, kind)?
                 } else {
-                    doc.pointer(from).cloned().ok_or_else(|| JsonPatchError::Missing {
-                        op: kind.to_owned(),
-                        path: from.to_owned(),
-                    })?
+                    doc.pointer(from)
+                        .cloned()
+                        .ok_or_else(|| JsonPatchError::Missing {
+                            op: kind.to_owned(),
+                            path: from.to_owned(),
+                        })?
                 };
                 add_at(doc, path, v, kind)?;
             }
@@ -280,7 +301,9 @@ pub fn strategic_merge(target: &mut Value, patch: &Value) {
                     }
                 }
             }
-            (Some(existing @ Value::Object(_)), Value::Object(_), _) => strategic_merge(existing, pv),
+            (Some(existing @ Value::Object(_)), Value::Object(_), _) => {
+                strategic_merge(existing, pv)
+            }
             _ => {
                 t.insert(k.clone(), strip_directives(pv));
             }
@@ -306,7 +329,13 @@ pub fn strategic_merge(target: &mut Value, patch: &Value) {
 
 /// Leaf fields of `v` (maps recurse, list-maps recurse per entry and own the entry itself,
 /// everything else is a leaf).
-pub fn collect_leaves(v: &Value, schema: Option<&Value>, field: &str, prefix: &mut FieldPath, out: &mut BTreeSet<FieldPath>) {
+pub fn collect_leaves(
+    v: &Value,
+    schema: Option<&Value>,
+    field: &str,
+    prefix: &mut FieldPath,
+    out: &mut BTreeSet<FieldPath>,
+) {
     match v {
         Value::Object(m) if !m.is_empty() => {
             for (k, c) in m {
@@ -350,13 +379,17 @@ pub fn get_path<'a>(v: &'a Value, path: &[String]) -> Option<&'a Value> {
 
 /// Removes the field at a managed-fields path (a no-op when it is already gone).
 pub fn remove_path(v: &mut Value, path: &[String]) {
-    let Some((last, parents)) = path.split_last() else { return };
+    let Some((last, parents)) = path.split_last() else {
+        return;
+    };
     let mut cur = v;
     for seg in parents {
         let next = if let Some(k) = seg.strip_prefix("f:") {
             cur.get_mut(k)
         } else {
-            let key: Option<Value> = seg.strip_prefix("k:").and_then(|s| serde_json::from_str(s).ok());
+            let key: Option<Value> = seg
+                .strip_prefix("k:")
+                .and_then(|s| serde_json::from_str(s).ok());
             match (cur.as_array_mut(), key) {
                 (Some(a), Some(key)) => a.iter_mut().find(|x| matches_key(x, &key)),
                 _ => None,
@@ -373,7 +406,8 @@ pub fn remove_path(v: &mut Value, path: &[String]) {
         }
     } else if let (Some(a), Some(key)) = (
         cur.as_array_mut(),
-        last.strip_prefix("k:").and_then(|s| serde_json::from_str::<Value>(s).ok()),
+        last.strip_prefix("k:")
+            .and_then(|s| serde_json::from_str::<Value>(s).ok()),
     ) {
         a.retain(|x| !matches_key(x, &key));
     }
@@ -466,7 +500,9 @@ pub fn apply(
     }
     let previous = managers.remove(manager).unwrap_or_default();
     for gone in previous.difference(&leaves) {
-        let shared = managers.values().any(|o| o.iter().any(|p| p.starts_with(gone)));
+        let shared = managers
+            .values()
+            .any(|o| o.iter().any(|p| p.starts_with(gone)));
         if !shared {
             remove_path(live, gone);
         }
@@ -479,7 +515,13 @@ pub fn apply(
 
 /// A non-apply write by `manager`: it takes ownership of the fields it changed; fields it
 /// removed are no longer owned by anybody.
-pub fn record_update(old: &Value, new: &Value, schema: Option<&Value>, managers: &mut Managers, manager: &str) {
+pub fn record_update(
+    old: &Value,
+    new: &Value,
+    schema: Option<&Value>,
+    managers: &mut Managers,
+    manager: &str,
+) {
     let mut new_leaves = BTreeSet::new();
     collect_leaves(new, schema, "", &mut Vec::new(), &mut new_leaves);
     let mut old_leaves = BTreeSet::new();
@@ -493,7 +535,10 @@ pub fn record_update(old: &Value, new: &Value, schema: Option<&Value>, managers:
         owned.retain(|p| new_leaves.contains(p) && !changed.contains(p));
     }
     if !changed.is_empty() {
-        managers.entry(manager.to_owned()).or_default().extend(changed);
+        managers
+            .entry(manager.to_owned())
+            .or_default()
+            .extend(changed);
     }
     managers.retain(|_, o| !o.is_empty());
 }
@@ -517,22 +562,68 @@ mod tests {
 
     #[test]
     fn strategic_merge_keeps_containers_by_name() {
-        let mut live = json!({"spec":{"containers":[{"name":"a","image":"1"},{"name":"b","image":"1"}]}});
-        strategic_merge(&mut live, &json!({"spec":{"containers":[{"name":"b","image":"2"},{"name":"a","$patch":"delete"}]}}));
-        assert_eq!(live, json!({"spec":{"containers":[{"name":"b","image":"2"}]}}));
+        let mut live =
+            json!({"spec":{"containers":[{"name":"a","image":"1"},{"name":"b","image":"1"}]}});
+        strategic_merge(
+            &mut live,
+            &json!({"spec":{"containers":[{"name":"b","image":"2"},{"name":"a","$patch":"delete"}]}}),
+        );
+        assert_eq!(
+            live,
+            json!({"spec":{"containers":[{"name":"b","image":"2"}]}})
+        );
     }
 
     #[test]
     fn apply_removes_fields_the_manager_stopped_applying() {
         let mut live = json!({});
         let mut managers = Managers::new();
-        apply(&mut live, &json!({"spec":{"a":1,"b":2}}), None, &mut managers, "m1", false).unwrap();
-        apply(&mut live, &json!({"spec":{"c":3}}), None, &mut managers, "m2", false).unwrap();
-        apply(&mut live, &json!({"spec":{"a":1}}), None, &mut managers, "m1", false).unwrap();
+        apply(
+            &mut live,
+            &json!({"spec":{"a":1,"b":2}}),
+            None,
+            &mut managers,
+            "m1",
+            false,
+        )
+        .unwrap();
+        apply(
+            &mut live,
+            &json!({"spec":{"c":3}}),
+            None,
+            &mut managers,
+            "m2",
+            false,
+        )
+        .unwrap();
+        apply(
+            &mut live,
+            &json!({"spec":{"a":1}}),
+            None,
+            &mut managers,
+            "m1",
+            false,
+        )
+        .unwrap();
         assert_eq!(live, json!({"spec":{"a":1,"c":3}}));
-        let conflict = apply(&mut live, &json!({"spec":{"c":4}}), None, &mut managers, "m1", false);
+        let conflict = apply(
+            &mut live,
+            &json!({"spec":{"c":4}}),
+            None,
+            &mut managers,
+            "m1",
+            false,
+        );
         assert!(conflict.is_err());
-        apply(&mut live, &json!({"spec":{"c":4}}), None, &mut managers, "m1", true).unwrap();
+        apply(
+            &mut live,
+            &json!({"spec":{"c":4}}),
+            None,
+            &mut managers,
+            "m1",
+            true,
+        )
+        .unwrap();
         assert_eq!(live["spec"]["c"], 4);
     }
 
@@ -540,7 +631,15 @@ mod tests {
     fn apply_merges_conditions_by_type() {
         let mut live = json!({"status":{"conditions":[{"type":"Ready","status":"True"}]}});
         let mut managers = Managers::new();
-        apply(&mut live, &json!({"status":{"conditions":[{"type":"SlotHealthy","status":"True"}]}}), None, &mut managers, "w", true).unwrap();
+        apply(
+            &mut live,
+            &json!({"status":{"conditions":[{"type":"SlotHealthy","status":"True"}]}}),
+            None,
+            &mut managers,
+            "w",
+            true,
+        )
+        .unwrap();
         assert_eq!(live["status"]["conditions"].as_array().unwrap().len(), 2);
     }
 }

@@ -64,7 +64,15 @@ impl ResourceType {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn builtin(group: &str, version: &str, kind: &str, plural: &str, namespaced: bool, short: &[&str], status: bool) -> ResourceType {
+fn builtin(
+    group: &str,
+    version: &str,
+    kind: &str,
+    plural: &str,
+    namespaced: bool,
+    short: &[&str],
+    status: bool,
+) -> ResourceType {
     ResourceType {
         group: group.to_owned(),
         version: version.to_owned(),
@@ -85,25 +93,108 @@ pub fn builtins() -> Vec<ResourceType> {
         builtin("", "v1", "Namespace", "namespaces", false, &["ns"], true),
         builtin("", "v1", "Secret", "secrets", true, &[], false),
         builtin("", "v1", "ConfigMap", "configmaps", true, &["cm"], false),
-        builtin("", "v1", "ServiceAccount", "serviceaccounts", true, &["sa"], false),
+        builtin(
+            "",
+            "v1",
+            "ServiceAccount",
+            "serviceaccounts",
+            true,
+            &["sa"],
+            false,
+        ),
         builtin("", "v1", "Event", "events", true, &["ev"], false),
         builtin("", "v1", "Pod", "pods", true, &["po"], true),
         builtin("", "v1", "Service", "services", true, &["svc"], true),
-        builtin("apps", "v1", "Deployment", "deployments", true, &["deploy"], true),
-        builtin("apps", "v1", "ReplicaSet", "replicasets", true, &["rs"], true),
+        builtin(
+            "apps",
+            "v1",
+            "Deployment",
+            "deployments",
+            true,
+            &["deploy"],
+            true,
+        ),
+        builtin(
+            "apps",
+            "v1",
+            "ReplicaSet",
+            "replicasets",
+            true,
+            &["rs"],
+            true,
+        ),
         builtin("batch", "v1", "Job", "jobs", true, &[], true),
         builtin("batch", "v1", "CronJob", "cronjobs", true, &["cj"], true),
-        builtin("rbac.authorization.k8s.io", "v1", "Role", "roles", true, &[], false),
-        builtin("rbac.authorization.k8s.io", "v1", "RoleBinding", "rolebindings", true, &[], false),
-        builtin("rbac.authorization.k8s.io", "v1", "ClusterRole", "clusterroles", false, &[], false),
-        builtin("rbac.authorization.k8s.io", "v1", "ClusterRoleBinding", "clusterrolebindings", false, &[], false),
-        builtin("coordination.k8s.io", "v1", "Lease", "leases", true, &[], false),
-        builtin("events.k8s.io", "v1", "Event", "events", true, &["ev"], false),
-        builtin("apiextensions.k8s.io", "v1", "CustomResourceDefinition", "customresourcedefinitions", false, &["crd", "crds"], true),
+        builtin(
+            "rbac.authorization.k8s.io",
+            "v1",
+            "Role",
+            "roles",
+            true,
+            &[],
+            false,
+        ),
+        builtin(
+            "rbac.authorization.k8s.io",
+            "v1",
+            "RoleBinding",
+            "rolebindings",
+            true,
+            &[],
+            false,
+        ),
+        builtin(
+            "rbac.authorization.k8s.io",
+            "v1",
+            "ClusterRole",
+            "clusterroles",
+            false,
+            &[],
+            false,
+        ),
+        builtin(
+            "rbac.authorization.k8s.io",
+            "v1",
+            "ClusterRoleBinding",
+            "clusterrolebindings",
+            false,
+            &[],
+            false,
+        ),
+        builtin(
+            "coordination.k8s.io",
+            "v1",
+            "Lease",
+            "leases",
+            true,
+            &[],
+            false,
+        ),
+        builtin(
+            "events.k8s.io",
+            "v1",
+            "Event",
+            "events",
+            true,
+            &["ev"],
+            false,
+        ),
+        builtin(
+            "apiextensions.k8s.io",
+            "v1",
+            "CustomResourceDefinition",
+            "customresourcedefinitions",
+            false,
+            &["crd", "crds"],
+            true,
+        ),
     ];
     // `kubectl get all`.
     for t in &mut types {
-        if matches!(t.kind.as_str(), "Pod" | "Service" | "Deployment" | "ReplicaSet" | "Job" | "CronJob") {
+        if matches!(
+            t.kind.as_str(),
+            "Pod" | "Service" | "Deployment" | "ReplicaSet" | "Job" | "CronJob"
+        ) {
             t.categories.push("all".to_owned());
         }
     }
@@ -116,7 +207,12 @@ pub fn from_crd(crd: &Value) -> Vec<ResourceType> {
     let names = &spec["names"];
     let strings = |v: &Value| -> Vec<String> {
         v.as_array()
-            .map(|a| a.iter().filter_map(Value::as_str).map(str::to_owned).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(Value::as_str)
+                    .map(str::to_owned)
+                    .collect()
+            })
             .unwrap_or_default()
     };
     let kind = names["kind"].as_str().unwrap_or_default().to_owned();
@@ -141,7 +237,10 @@ pub fn from_crd(crd: &Value) -> Vec<ResourceType> {
             categories: strings(&names["categories"]),
             status: v["subresources"].get("status").is_some(),
             schema: v["schema"].get("openAPIV3Schema").cloned(),
-            columns: v["additionalPrinterColumns"].as_array().cloned().unwrap_or_default(),
+            columns: v["additionalPrinterColumns"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default(),
         });
     }
     out

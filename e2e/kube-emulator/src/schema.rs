@@ -82,8 +82,8 @@ pub fn prune(schema: &Value, value: &mut Value, path: &str, unknown: &mut Vec<St
                 .or(additional.filter(|a| a.is_object()));
             match child_schema {
                 Some(cs) => {
-                    let drop_null = map.get(&key).is_some_and(Value::is_null)
-                        && !is_true(cs, "nullable");
+                    let drop_null =
+                        map.get(&key).is_some_and(Value::is_null) && !is_true(cs, "nullable");
                     if drop_null {
                         map.remove(&key);
                     } else if let Some(child) = map.get_mut(&key) {
@@ -99,11 +99,11 @@ pub fn prune(schema: &Value, value: &mut Value, path: &str, unknown: &mut Vec<St
                 }
             }
         }
-    } else if let Value::Array(items) = value {
-        if let Some(item_schema) = schema.get("items") {
-            for (i, item) in items.iter_mut().enumerate() {
-                prune(item_schema, item, &format!("{path}[{i}]"), unknown);
-            }
+    } else if let Value::Array(items) = value
+        && let Some(item_schema) = schema.get("items")
+    {
+        for (i, item) in items.iter_mut().enumerate() {
+            prune(item_schema, item, &format!("{path}[{i}]"), unknown);
         }
     }
 }
@@ -116,7 +116,13 @@ pub fn validate(schema: &Value, value: &Value, path: &str, errors: &mut Vec<Fiel
             errors.push(FieldError::new(
                 shown,
                 "FieldValueInvalid",
-                format!("Invalid value: \"null\": {shown} in body must be of type {}: \"null\"", schema.get("type").and_then(Value::as_str).unwrap_or("object")),
+                format!(
+                    "Invalid value: \"null\": {shown} in body must be of type {}: \"null\"",
+                    schema
+                        .get("type")
+                        .and_then(Value::as_str)
+                        .unwrap_or("object")
+                ),
             ));
         }
         return;
@@ -146,15 +152,18 @@ pub fn validate(schema: &Value, value: &Value, path: &str, errors: &mut Vec<Fiel
             return;
         }
     }
-    if let Some(allowed) = schema.get("enum").and_then(Value::as_array) {
-        if !allowed.contains(value) {
-            let list: Vec<String> = allowed.iter().map(Value::to_string).collect();
-            errors.push(FieldError::new(
-                shown,
-                "FieldValueNotSupported",
-                format!("Unsupported value: {value}: supported values: {}", list.join(", ")),
-            ));
-        }
+    if let Some(allowed) = schema.get("enum").and_then(Value::as_array)
+        && !allowed.contains(value)
+    {
+        let list: Vec<String> = allowed.iter().map(Value::to_string).collect();
+        errors.push(FieldError::new(
+            shown,
+            "FieldValueNotSupported",
+            format!(
+                "Unsupported value: {value}: supported values: {}",
+                list.join(", ")
+            ),
+        ));
     }
     match value {
         Value::Object(map) => validate_object(schema, map, path, errors),
@@ -165,11 +174,20 @@ pub fn validate(schema: &Value, value: &Value, path: &str, errors: &mut Vec<Fiel
     }
 }
 
-fn validate_object(schema: &Value, map: &Map<String, Value>, path: &str, errors: &mut Vec<FieldError>) {
+fn validate_object(
+    schema: &Value,
+    map: &Map<String, Value>,
+    path: &str,
+    errors: &mut Vec<FieldError>,
+) {
     if let Some(required) = schema.get("required").and_then(Value::as_array) {
         for r in required.iter().filter_map(Value::as_str) {
             if !map.contains_key(r) {
-                errors.push(FieldError::new(&join(path, r), "FieldValueRequired", "Required value".into()));
+                errors.push(FieldError::new(
+                    &join(path, r),
+                    "FieldValueRequired",
+                    "Required value".into(),
+                ));
             }
         }
     }
@@ -184,15 +202,26 @@ fn validate_object(schema: &Value, map: &Map<String, Value>, path: &str, errors:
         }
     }
     let shown = if path.is_empty() { "<root>" } else { path };
-    if let Some(max) = schema.get("maxProperties").and_then(Value::as_u64) {
-        if map.len() as u64 > max {
-            errors.push(FieldError::new(shown, "FieldValueTooMany", format!("Too many: {}: must have at most {max} items", map.len())));
-        }
+    if let Some(max) = schema.get("maxProperties").and_then(Value::as_u64)
+        && map.len() as u64 > max
+    {
+        errors.push(FieldError::new(
+            shown,
+            "FieldValueTooMany",
+            format!("Too many: {}: must have at most {max} items", map.len()),
+        ));
     }
-    if let Some(min) = schema.get("minProperties").and_then(Value::as_u64) {
-        if (map.len() as u64) < min {
-            errors.push(FieldError::new(shown, "FieldValueInvalid", format!("Invalid value: {}: {shown} in body should have at least {min} properties", map.len())));
-        }
+    if let Some(min) = schema.get("minProperties").and_then(Value::as_u64)
+        && (map.len() as u64) < min
+    {
+        errors.push(FieldError::new(
+            shown,
+            "FieldValueInvalid",
+            format!(
+                "Invalid value: {}: {shown} in body should have at least {min} properties",
+                map.len()
+            ),
+        ));
     }
 }
 
@@ -210,15 +239,26 @@ fn validate_array(schema: &Value, items: &[Value], path: &str, errors: &mut Vec<
             validate(item_schema, item, &format!("{path}[{i}]"), errors);
         }
     }
-    if let Some(max) = schema.get("maxItems").and_then(Value::as_u64) {
-        if items.len() as u64 > max {
-            errors.push(FieldError::new(path, "FieldValueTooMany", format!("Too many: {}: must have at most {max} items", items.len())));
-        }
+    if let Some(max) = schema.get("maxItems").and_then(Value::as_u64)
+        && items.len() as u64 > max
+    {
+        errors.push(FieldError::new(
+            path,
+            "FieldValueTooMany",
+            format!("Too many: {}: must have at most {max} items", items.len()),
+        ));
     }
-    if let Some(min) = schema.get("minItems").and_then(Value::as_u64) {
-        if (items.len() as u64) < min {
-            errors.push(FieldError::new(path, "FieldValueInvalid", format!("Invalid value: {}: {path} in body should have at least {min} items", items.len())));
-        }
+    if let Some(min) = schema.get("minItems").and_then(Value::as_u64)
+        && (items.len() as u64) < min
+    {
+        errors.push(FieldError::new(
+            path,
+            "FieldValueInvalid",
+            format!(
+                "Invalid value: {}: {path} in body should have at least {min} items",
+                items.len()
+            ),
+        ));
     }
     match schema.get("x-kubernetes-list-type").and_then(Value::as_str) {
         Some("map") => {
@@ -231,14 +271,22 @@ fn validate_array(schema: &Value, items: &[Value], path: &str, errors: &mut Vec<
             for (i, item) in items.iter().enumerate() {
                 let key = list_map_key(item, &keys);
                 if !seen.insert(key.clone()) {
-                    errors.push(FieldError::new(&format!("{path}[{i}]"), "FieldValueDuplicate", format!("Duplicate value: {{{key}}}")));
+                    errors.push(FieldError::new(
+                        &format!("{path}[{i}]"),
+                        "FieldValueDuplicate",
+                        format!("Duplicate value: {{{key}}}"),
+                    ));
                 }
             }
         }
         Some("set") => {
             for (i, item) in items.iter().enumerate() {
                 if items[..i].contains(item) {
-                    errors.push(FieldError::new(&format!("{path}[{i}]"), "FieldValueDuplicate", format!("Duplicate value: {item}")));
+                    errors.push(FieldError::new(
+                        &format!("{path}[{i}]"),
+                        "FieldValueDuplicate",
+                        format!("Duplicate value: {item}"),
+                    ));
                 }
             }
         }
@@ -248,15 +296,23 @@ fn validate_array(schema: &Value, items: &[Value], path: &str, errors: &mut Vec<
 
 fn validate_string(schema: &Value, s: &str, shown: &str, errors: &mut Vec<FieldError>) {
     let len = s.chars().count() as u64;
-    if let Some(max) = schema.get("maxLength").and_then(Value::as_u64) {
-        if len > max {
-            errors.push(FieldError::new(shown, "FieldValueTooLong", format!("Too long: may not be more than {max} bytes")));
-        }
+    if let Some(max) = schema.get("maxLength").and_then(Value::as_u64)
+        && len > max
+    {
+        errors.push(FieldError::new(
+            shown,
+            "FieldValueTooLong",
+            format!("Too long: may not be more than {max} bytes"),
+        ));
     }
-    if let Some(min) = schema.get("minLength").and_then(Value::as_u64) {
-        if len < min {
-            errors.push(FieldError::new(shown, "FieldValueInvalid", format!("Invalid value: \"{s}\": {shown} in body should be at least {min} chars long")));
-        }
+    if let Some(min) = schema.get("minLength").and_then(Value::as_u64)
+        && len < min
+    {
+        errors.push(FieldError::new(
+            shown,
+            "FieldValueInvalid",
+            format!("Invalid value: \"{s}\": {shown} in body should be at least {min} chars long"),
+        ));
     }
     if let Some(pattern) = schema.get("pattern").and_then(Value::as_str) {
         match regex::Regex::new(pattern) {
@@ -266,39 +322,78 @@ fn validate_string(schema: &Value, s: &str, shown: &str, errors: &mut Vec<FieldE
                 format!("Invalid value: \"{s}\": {shown} in body should match '{pattern}'"),
             )),
             Ok(_) => {}
-            Err(e) => errors.push(FieldError::new(shown, "InternalError", format!("the CRD pattern {pattern:?} does not compile: {e}"))),
+            Err(e) => errors.push(FieldError::new(
+                shown,
+                "InternalError",
+                format!("the CRD pattern {pattern:?} does not compile: {e}"),
+            )),
         }
     }
     if schema.get("format").and_then(Value::as_str) == Some("date-time")
         && chrono::DateTime::parse_from_rfc3339(s).is_err()
     {
-        errors.push(FieldError::new(shown, "FieldValueInvalid", format!("Invalid value: \"{s}\": {shown} in body must be of type date-time: \"{s}\"")));
+        errors.push(FieldError::new(
+            shown,
+            "FieldValueInvalid",
+            format!("Invalid value: \"{s}\": {shown} in body must be of type date-time: \"{s}\""),
+        ));
     }
 }
 
-fn validate_number(schema: &Value, n: &serde_json::Number, value: &Value, shown: &str, errors: &mut Vec<FieldError>) {
+fn validate_number(
+    schema: &Value,
+    n: &serde_json::Number,
+    value: &Value,
+    shown: &str,
+    errors: &mut Vec<FieldError>,
+) {
     let Some(x) = n.as_f64() else { return };
     if let Some(min) = schema.get("minimum").and_then(Value::as_f64) {
         let exclusive = is_true(schema, "exclusiveMinimum");
         if x < min || (exclusive && x <= min) {
-            let rel = if exclusive { "greater than" } else { "greater than or equal to" };
-            errors.push(FieldError::new(shown, "FieldValueInvalid", format!("Invalid value: {value}: {shown} in body should be {rel} {min}")));
+            let rel = if exclusive {
+                "greater than"
+            } else {
+                "greater than or equal to"
+            };
+            errors.push(FieldError::new(
+                shown,
+                "FieldValueInvalid",
+                format!("Invalid value: {value}: {shown} in body should be {rel} {min}"),
+            ));
         }
     }
     if let Some(max) = schema.get("maximum").and_then(Value::as_f64) {
         let exclusive = is_true(schema, "exclusiveMaximum");
         if x > max || (exclusive && x >= max) {
-            let rel = if exclusive { "less than" } else { "less than or equal to" };
-            errors.push(FieldError::new(shown, "FieldValueInvalid", format!("Invalid value: {value}: {shown} in body should be {rel} {max}")));
+            let rel = if exclusive {
+                "less than"
+            } else {
+                "less than or equal to"
+            };
+            errors.push(FieldError::new(
+                shown,
+                "FieldValueInvalid",
+                format!("Invalid value: {value}: {shown} in body should be {rel} {max}"),
+            ));
         }
     }
 }
 
 /// Evaluates the schema's `x-kubernetes-validations` rules; `old` enables transition rules.
-pub fn validate_cel(schema: &Value, object: &Value, old: Option<&Value>, errors: &mut Vec<FieldError>) {
+pub fn validate_cel(
+    schema: &Value,
+    object: &Value,
+    old: Option<&Value>,
+    errors: &mut Vec<FieldError>,
+) {
     if let Err(failures) = kube_cel::validate(schema, object, old) {
         for f in failures.into_vec() {
-            let field = if f.field_path.is_empty() { "<root>".to_owned() } else { f.field_path.clone() };
+            let field = if f.field_path.is_empty() {
+                "<root>".to_owned()
+            } else {
+                f.field_path.clone()
+            };
             errors.push(FieldError {
                 field,
                 reason: "FieldValueInvalid",
@@ -344,7 +439,16 @@ mod tests {
         validate(&schema(), &v, "", &mut errors);
         let mut fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
         fields.sort_unstable();
-        assert_eq!(fields, vec!["spec.items", "spec.mode", "spec.n", "spec.name", "spec.name"]);
+        assert_eq!(
+            fields,
+            vec![
+                "spec.items",
+                "spec.mode",
+                "spec.n",
+                "spec.name",
+                "spec.name"
+            ]
+        );
     }
 
     #[test]

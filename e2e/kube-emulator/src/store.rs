@@ -47,13 +47,20 @@ impl ApiError {
     }
 
     pub fn not_found(rt: &ResourceType, name: &str) -> Self {
-        let mut e = Self::new(404, "NotFound", format!("{} \"{name}\" not found", rt.qualified()));
+        let mut e = Self::new(
+            404,
+            "NotFound",
+            format!("{} \"{name}\" not found", rt.qualified()),
+        );
         e.details = json!({"name": name, "group": rt.group, "kind": rt.plural});
         e
     }
 
     pub fn invalid(rt: &ResourceType, name: &str, errors: &[FieldError]) -> Self {
-        let rendered: Vec<String> = errors.iter().map(|e| format!("{}: {}", e.field, e.message)).collect();
+        let rendered: Vec<String> = errors
+            .iter()
+            .map(|e| format!("{}: {}", e.field, e.message))
+            .collect();
         let list = if rendered.len() == 1 {
             rendered.concat()
         } else {
@@ -68,7 +75,11 @@ impl ApiError {
             .iter()
             .map(|e| json!({"reason": e.reason, "message": e.message, "field": e.field}))
             .collect();
-        let mut err = Self::new(422, "Invalid", format!("{kind_group} \"{name}\" is invalid: {list}"));
+        let mut err = Self::new(
+            422,
+            "Invalid",
+            format!("{kind_group} \"{name}\" is invalid: {list}"),
+        );
         err.details = json!({"name": name, "group": rt.group, "kind": rt.kind, "causes": causes});
         err
     }
@@ -159,7 +170,14 @@ pub fn new_uid() -> String {
     let mut rng = rand::rng();
     let b: [u8; 16] = rng.random();
     let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
 }
 
 /// The object without metadata and status: what `generation` tracks.
@@ -187,7 +205,12 @@ fn owned_part(obj: &Value, rt: &ResourceType, status: bool) -> Value {
                         .as_object()
                         .into_iter()
                         .flatten()
-                        .filter(|(k, _)| matches!(k.as_str(), "labels" | "annotations" | "finalizers" | "ownerReferences"))
+                        .filter(|(k, _)| {
+                            matches!(
+                                k.as_str(),
+                                "labels" | "annotations" | "finalizers" | "ownerReferences"
+                            )
+                        })
                         .map(|(k, v)| (k.clone(), v.clone()))
                         .collect();
                     if !kept.is_empty() {
@@ -261,10 +284,11 @@ impl Store {
         if rv < self.compacted {
             return None;
         }
-        if let Some(first) = self.history.front() {
-            if rv + 1 < first.rv && rv < self.rv {
-                return None;
-            }
+        if let Some(first) = self.history.front()
+            && rv + 1 < first.rv
+            && rv < self.rv
+        {
+            return None;
         }
         Some(self.history.iter().filter(|e| e.rv > rv).cloned().collect())
     }
@@ -289,10 +313,20 @@ impl Store {
             .unwrap_or_default()
     }
 
-    fn commit(&mut self, rt: &ResourceType, ns: &str, name: &str, mut obj: Value, kind: &'static str) -> Value {
+    fn commit(
+        &mut self,
+        rt: &ResourceType,
+        ns: &str,
+        name: &str,
+        mut obj: Value,
+        kind: &'static str,
+    ) -> Value {
         self.rv += 1;
         obj["metadata"]["resourceVersion"] = json!(self.rv.to_string());
-        let map = self.objects.entry((rt.group.clone(), rt.plural.clone())).or_default();
+        let map = self
+            .objects
+            .entry((rt.group.clone(), rt.plural.clone()))
+            .or_default();
         let key = (ns.to_owned(), name.to_owned());
         if kind == "DELETED" {
             map.remove(&key);
@@ -317,7 +351,14 @@ impl Store {
     }
 
     /// Schema pruning/defaulting/validation, CEL and built-in rules for a write.
-    fn admit(&self, rt: &ResourceType, old: Option<&Value>, obj: &mut Value, opts: &WriteOptions, warnings: &mut Vec<String>) -> Result<(), ApiError> {
+    fn admit(
+        &self,
+        rt: &ResourceType,
+        old: Option<&Value>,
+        obj: &mut Value,
+        opts: &WriteOptions,
+        warnings: &mut Vec<String>,
+    ) -> Result<(), ApiError> {
         let name = meta_str(obj, "name").to_owned();
         let mut errors = Vec::new();
         if let Some(schema) = &rt.schema {
@@ -326,10 +367,19 @@ impl Store {
             if !unknown.is_empty() {
                 match opts.field_validation {
                     FieldValidation::Strict => {
-                        let fields: Vec<String> = unknown.iter().map(|u| format!("unknown field \"{u}\"")).collect();
-                        return Err(ApiError::new(400, "BadRequest", format!("strict decoding error: {}", fields.join(", "))));
+                        let fields: Vec<String> = unknown
+                            .iter()
+                            .map(|u| format!("unknown field \"{u}\""))
+                            .collect();
+                        return Err(ApiError::new(
+                            400,
+                            "BadRequest",
+                            format!("strict decoding error: {}", fields.join(", ")),
+                        ));
                     }
-                    FieldValidation::Warn => warnings.extend(unknown.iter().map(|u| format!("unknown field \"{u}\""))),
+                    FieldValidation::Warn => {
+                        warnings.extend(unknown.iter().map(|u| format!("unknown field \"{u}\"")))
+                    }
                     FieldValidation::Ignore => {}
                 }
             }
@@ -348,9 +398,19 @@ impl Store {
         }
     }
 
-    pub fn create(&mut self, rt: &ResourceType, ns: &str, mut obj: Value, opts: &WriteOptions) -> Result<Written, ApiError> {
+    pub fn create(
+        &mut self,
+        rt: &ResourceType,
+        ns: &str,
+        mut obj: Value,
+        opts: &WriteOptions,
+    ) -> Result<Written, ApiError> {
         if !obj.is_object() {
-            return Err(ApiError::new(400, "BadRequest", "the request body is not a JSON object"));
+            return Err(ApiError::new(
+                400,
+                "BadRequest",
+                "the request body is not a JSON object",
+            ));
         }
         obj["apiVersion"] = json!(rt.api_version());
         obj["kind"] = json!(rt.kind);
@@ -361,7 +421,15 @@ impl Store {
         if name.is_empty() {
             let prefix = meta_str(&obj, "generateName").to_owned();
             if prefix.is_empty() {
-                return Err(ApiError::invalid(rt, "", &[FieldError { field: "metadata.name".into(), reason: "FieldValueRequired", message: "Required value: name or generateName is required".into() }]));
+                return Err(ApiError::invalid(
+                    rt,
+                    "",
+                    &[FieldError {
+                        field: "metadata.name".into(),
+                        reason: "FieldValueRequired",
+                        message: "Required value: name or generateName is required".into(),
+                    }],
+                ));
             }
             name = format!("{prefix}{}", random_suffix(5));
             obj["metadata"]["name"] = json!(name);
@@ -369,25 +437,37 @@ impl Store {
         if rt.namespaced {
             let body_ns = meta_str(&obj, "namespace");
             if !body_ns.is_empty() && body_ns != ns {
-                return Err(ApiError::new(400, "BadRequest", format!("the namespace of the provided object ({body_ns}) does not match the namespace sent on the request ({ns})")));
+                return Err(ApiError::new(
+                    400,
+                    "BadRequest",
+                    format!(
+                        "the namespace of the provided object ({body_ns}) does not match the namespace sent on the request ({ns})"
+                    ),
+                ));
             }
             obj["metadata"]["namespace"] = json!(ns);
             if !self.namespace_active(ns) {
-                let mut e = ApiError::new(404, "NotFound", format!("namespaces \"{ns}\" not found"));
+                let mut e =
+                    ApiError::new(404, "NotFound", format!("namespaces \"{ns}\" not found"));
                 e.details = json!({"name": ns, "kind": "namespaces"});
                 return Err(e);
             }
         }
         let key_ns = if rt.namespaced { ns } else { "" };
         if self.get(rt, key_ns, &name).is_some() {
-            let mut e = ApiError::new(409, "AlreadyExists", format!("{} \"{name}\" already exists", rt.qualified()));
+            let mut e = ApiError::new(
+                409,
+                "AlreadyExists",
+                format!("{} \"{name}\" already exists", rt.qualified()),
+            );
             e.details = json!({"name": name, "group": rt.group, "kind": rt.plural});
             return Err(e);
         }
-        if rt.status && rt.kind != "Namespace" {
-            if let Some(m) = obj.as_object_mut() {
-                m.remove("status");
-            }
+        if rt.status
+            && rt.kind != "Namespace"
+            && let Some(m) = obj.as_object_mut()
+        {
+            m.remove("status");
         }
         let mut warnings = Vec::new();
         self.admit(rt, None, &mut obj, opts, &mut warnings)?;
@@ -401,12 +481,26 @@ impl Store {
             m.remove("managedFields");
         }
         if opts.dry_run {
-            return Ok(Written { object: obj, created: true, warnings });
+            return Ok(Written {
+                object: obj,
+                created: true,
+                warnings,
+            });
         }
         let mut managers = Managers::new();
-        let manager = opts.field_manager.clone().unwrap_or_else(|| "unknown".to_owned());
-        patch::record_update(&json!({}), &owned_part(&obj, rt, false), rt.schema.as_ref(), &mut managers, &manager);
-        self.managers.insert(meta_str(&obj, "uid").to_owned(), managers);
+        let manager = opts
+            .field_manager
+            .clone()
+            .unwrap_or_else(|| "unknown".to_owned());
+        patch::record_update(
+            &json!({}),
+            &owned_part(&obj, rt, false),
+            rt.schema.as_ref(),
+            &mut managers,
+            &manager,
+        );
+        self.managers
+            .insert(meta_str(&obj, "uid").to_owned(), managers);
         let stored = self.commit(rt, key_ns, &name, obj, "ADDED");
         if rt.kind == "Namespace" {
             // What the ServiceAccount controller does for every namespace.
@@ -416,9 +510,17 @@ impl Store {
             }
         }
         if rt.kind == "CustomResourceDefinition" {
-            return Ok(Written { object: self.establish_crd(stored), created: true, warnings });
+            return Ok(Written {
+                object: self.establish_crd(stored),
+                created: true,
+                warnings,
+            });
         }
-        Ok(Written { object: with_version(&stored, rt), created: true, warnings })
+        Ok(Written {
+            object: with_version(&stored, rt),
+            created: true,
+            warnings,
+        })
     }
 
     fn namespace_active(&self, ns: &str) -> bool {
@@ -432,7 +534,11 @@ impl Store {
     fn establish_crd(&mut self, mut crd: Value) -> Value {
         let name = meta_str(&crd, "name").to_owned();
         let served = resources::from_crd(&crd);
-        self.types.retain(|t| !served.iter().any(|s| s.group == t.group && s.plural == t.plural));
+        self.types.retain(|t| {
+            !served
+                .iter()
+                .any(|s| s.group == t.group && s.plural == t.plural)
+        });
         self.types.extend(served);
         let names = crd["spec"]["names"].clone();
         crd["status"] = json!({
@@ -451,23 +557,48 @@ impl Store {
     }
 
     /// Replaces an object (PUT), on the main resource or its status subresource.
-    pub fn update(&mut self, rt: &ResourceType, ns: &str, name: &str, body: Value, status: bool, opts: &WriteOptions) -> Result<Written, ApiError> {
+    pub fn update(
+        &mut self,
+        rt: &ResourceType,
+        ns: &str,
+        name: &str,
+        body: Value,
+        status: bool,
+        opts: &WriteOptions,
+    ) -> Result<Written, ApiError> {
         let key_ns = if rt.namespaced { ns } else { "" };
-        let old = self.get(rt, key_ns, name).ok_or_else(|| ApiError::not_found(rt, name))?;
+        let old = self
+            .get(rt, key_ns, name)
+            .ok_or_else(|| ApiError::not_found(rt, name))?;
         let body_rv = meta_str(&body, "resourceVersion");
         if !body_rv.is_empty() && body_rv != meta_str(&old, "resourceVersion") {
             return Err(conflict(rt, name));
         }
         let body_name = meta_str(&body, "name");
         if !body_name.is_empty() && body_name != name {
-            return Err(ApiError::new(400, "BadRequest", format!("the name of the object ({body_name}) does not match the name on the URL ({name})")));
+            return Err(ApiError::new(
+                400,
+                "BadRequest",
+                format!(
+                    "the name of the object ({body_name}) does not match the name on the URL ({name})"
+                ),
+            ));
         }
         self.write(rt, key_ns, name, old, body, status, opts, None)
     }
 
     /// Patches an object; server-side apply creates it when missing.
     #[allow(clippy::too_many_arguments)]
-    pub fn patch(&mut self, rt: &ResourceType, ns: &str, name: &str, kind: PatchKind, body: &Value, status: bool, opts: &WriteOptions) -> Result<Written, ApiError> {
+    pub fn patch(
+        &mut self,
+        rt: &ResourceType,
+        ns: &str,
+        name: &str,
+        kind: PatchKind,
+        body: &Value,
+        status: bool,
+        opts: &WriteOptions,
+    ) -> Result<Written, ApiError> {
         let key_ns = if rt.namespaced { ns } else { "" };
         let existing = self.get(rt, key_ns, name);
         if kind == PatchKind::Apply {
@@ -477,7 +608,13 @@ impl Store {
                 .ok_or_else(|| ApiError::new(400, "BadRequest", "PATCH with application/apply-patch+yaml requires the fieldManager query parameter"))?;
             let applied_name = meta_str(body, "name");
             if !applied_name.is_empty() && applied_name != name {
-                return Err(ApiError::new(400, "BadRequest", format!("the name of the object ({applied_name}) does not match the name on the URL ({name})")));
+                return Err(ApiError::new(
+                    400,
+                    "BadRequest",
+                    format!(
+                        "the name of the object ({applied_name}) does not match the name on the URL ({name})"
+                    ),
+                ));
             }
             let Some(old) = existing else {
                 if status {
@@ -490,7 +627,14 @@ impl Store {
                     let uid = meta_str(&created.object, "uid").to_owned();
                     let mut managers = Managers::new();
                     let mut scratch = json!({});
-                    let _ = patch::apply(&mut scratch, &owned_part(body, rt, false), rt.schema.as_ref(), &mut managers, &manager, true);
+                    let _ = patch::apply(
+                        &mut scratch,
+                        &owned_part(body, rt, false),
+                        rt.schema.as_ref(),
+                        &mut managers,
+                        &manager,
+                        true,
+                    );
                     self.managers.insert(uid, managers);
                 }
                 created.created = true;
@@ -500,22 +644,55 @@ impl Store {
             let mut managers = self.managers.get(&uid).cloned().unwrap_or_default();
             let mut candidate = old.clone();
             let applied = owned_part(body, rt, status);
-            if let Err(conflicts) = patch::apply(&mut candidate, &applied, rt.schema.as_ref(), &mut managers, &manager, opts.force) {
-                let lines: Vec<String> = conflicts.iter().map(|c| format!("conflict with \"{}\": {}", c.manager, c.field)).collect();
-                let mut e = ApiError::new(409, "Conflict", format!("Apply failed with {} conflict{}: {}", conflicts.len(), if conflicts.len() == 1 { "" } else { "s" }, lines.join("\n")));
+            if let Err(conflicts) = patch::apply(
+                &mut candidate,
+                &applied,
+                rt.schema.as_ref(),
+                &mut managers,
+                &manager,
+                opts.force,
+            ) {
+                let lines: Vec<String> = conflicts
+                    .iter()
+                    .map(|c| format!("conflict with \"{}\": {}", c.manager, c.field))
+                    .collect();
+                let mut e = ApiError::new(
+                    409,
+                    "Conflict",
+                    format!(
+                        "Apply failed with {} conflict{}: {}",
+                        conflicts.len(),
+                        if conflicts.len() == 1 { "" } else { "s" },
+                        lines.join("\n")
+                    ),
+                );
                 e.details = json!({"causes": conflicts.iter().map(|c| json!({"reason": "FieldManagerConflict", "message": format!("conflict with \"{}\"", c.manager), "field": c.field})).collect::<Vec<_>>()});
                 return Err(e);
             }
-            return self.write(rt, key_ns, name, old, candidate, status, opts, Some(managers));
+            return self.write(
+                rt,
+                key_ns,
+                name,
+                old,
+                candidate,
+                status,
+                opts,
+                Some(managers),
+            );
         }
         let old = existing.ok_or_else(|| ApiError::not_found(rt, name))?;
         let mut candidate = old.clone();
         match kind {
             PatchKind::Merge => patch::merge_patch(&mut candidate, body),
-            PatchKind::Json => patch::json_patch(&mut candidate, body).map_err(|e| ApiError::new(422, "Invalid", e.to_string()))?,
+            PatchKind::Json => patch::json_patch(&mut candidate, body)
+                .map_err(|e| ApiError::new(422, "Invalid", e.to_string()))?,
             PatchKind::Strategic => {
                 if rt.schema.is_some() {
-                    return Err(ApiError::new(415, "UnsupportedMediaType", "the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml"));
+                    return Err(ApiError::new(
+                        415,
+                        "UnsupportedMediaType",
+                        "the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml",
+                    ));
                 }
                 patch::strategic_merge(&mut candidate, body);
             }
@@ -531,14 +708,24 @@ impl Store {
     /// The common tail of every update: status-subresource rules, immutable metadata,
     /// generation, admission, no-op detection, finalizer-driven removal.
     #[allow(clippy::too_many_arguments)]
-    fn write(&mut self, rt: &ResourceType, ns: &str, name: &str, old: Value, candidate: Value, status: bool, opts: &WriteOptions, managers: Option<Managers>) -> Result<Written, ApiError> {
+    fn write(
+        &mut self,
+        rt: &ResourceType,
+        ns: &str,
+        name: &str,
+        old: Value,
+        candidate: Value,
+        status: bool,
+        opts: &WriteOptions,
+        managers: Option<Managers>,
+    ) -> Result<Written, ApiError> {
         let mut new = if status {
             let mut n = old.clone();
             n["status"] = candidate.get("status").cloned().unwrap_or(Value::Null);
-            if n["status"].is_null() {
-                if let Some(m) = n.as_object_mut() {
-                    m.remove("status");
-                }
+            if n["status"].is_null()
+                && let Some(m) = n.as_object_mut()
+            {
+                m.remove("status");
             }
             n
         } else {
@@ -560,7 +747,15 @@ impl Store {
         if !new["metadata"].is_object() {
             new["metadata"] = json!({});
         }
-        for keep in ["name", "namespace", "uid", "creationTimestamp", "deletionTimestamp", "generation", "resourceVersion"] {
+        for keep in [
+            "name",
+            "namespace",
+            "uid",
+            "creationTimestamp",
+            "deletionTimestamp",
+            "generation",
+            "resourceVersion",
+        ] {
             match old["metadata"].get(keep) {
                 Some(v) => new["metadata"][keep] = v.clone(),
                 None => {
@@ -574,10 +769,23 @@ impl Store {
             m.remove("managedFields");
         }
         if old["metadata"].get("deletionTimestamp").is_some() {
-            let old_f = old["metadata"]["finalizers"].as_array().cloned().unwrap_or_default();
-            let new_f = new["metadata"]["finalizers"].as_array().cloned().unwrap_or_default();
+            let old_f = old["metadata"]["finalizers"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            let new_f = new["metadata"]["finalizers"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
             if new_f.iter().any(|f| !old_f.contains(f)) {
-                return Err(ApiError::new(422, "Forbidden", format!("{} \"{name}\" is being deleted: no new finalizers can be added", rt.qualified())));
+                return Err(ApiError::new(
+                    422,
+                    "Forbidden",
+                    format!(
+                        "{} \"{name}\" is being deleted: no new finalizers can be added",
+                        rt.qualified()
+                    ),
+                ));
             }
         }
         let mut warnings = Vec::new();
@@ -587,40 +795,81 @@ impl Store {
             new["metadata"]["generation"] = json!(generation);
         }
         if new == old {
-            return Ok(Written { object: old, created: false, warnings });
+            return Ok(Written {
+                object: old,
+                created: false,
+                warnings,
+            });
         }
         if opts.dry_run {
-            return Ok(Written { object: new, created: false, warnings });
+            return Ok(Written {
+                object: new,
+                created: false,
+                warnings,
+            });
         }
         let uid = meta_str(&old, "uid").to_owned();
         let managers = match managers {
             Some(m) => m,
             None => {
                 let mut m = self.managers.get(&uid).cloned().unwrap_or_default();
-                let manager = opts.field_manager.clone().unwrap_or_else(|| "unknown".to_owned());
-                patch::record_update(&owned_part(&old, rt, status), &owned_part(&new, rt, status), rt.schema.as_ref(), &mut m, &manager);
+                let manager = opts
+                    .field_manager
+                    .clone()
+                    .unwrap_or_else(|| "unknown".to_owned());
+                patch::record_update(
+                    &owned_part(&old, rt, status),
+                    &owned_part(&new, rt, status),
+                    rt.schema.as_ref(),
+                    &mut m,
+                    &manager,
+                );
                 m
             }
         };
         self.managers.insert(uid, managers);
         let finalized = new["metadata"].get("deletionTimestamp").is_some()
-            && new["metadata"]["finalizers"].as_array().is_none_or(Vec::is_empty);
+            && new["metadata"]["finalizers"]
+                .as_array()
+                .is_none_or(Vec::is_empty);
         if finalized {
             let object = self.remove(rt, ns, name, new, false);
-            return Ok(Written { object, created: false, warnings });
+            return Ok(Written {
+                object,
+                created: false,
+                warnings,
+            });
         }
         let stored = self.commit(rt, ns, name, new, "MODIFIED");
         if rt.kind == "CustomResourceDefinition" && !status {
-            return Ok(Written { object: self.establish_crd(stored), created: false, warnings });
+            return Ok(Written {
+                object: self.establish_crd(stored),
+                created: false,
+                warnings,
+            });
         }
-        Ok(Written { object: with_version(&stored, rt), created: false, warnings })
+        Ok(Written {
+            object: with_version(&stored, rt),
+            created: false,
+            warnings,
+        })
     }
 
     /// DELETE: marks objects with finalizers, removes the others (and collects dependents).
-    pub fn delete(&mut self, rt: &ResourceType, ns: &str, name: &str, orphan: bool) -> Result<Value, ApiError> {
+    pub fn delete(
+        &mut self,
+        rt: &ResourceType,
+        ns: &str,
+        name: &str,
+        orphan: bool,
+    ) -> Result<Value, ApiError> {
         let key_ns = if rt.namespaced { ns } else { "" };
-        let mut obj = self.get(rt, key_ns, name).ok_or_else(|| ApiError::not_found(rt, name))?;
-        let has_finalizers = obj["metadata"]["finalizers"].as_array().is_some_and(|f| !f.is_empty());
+        let mut obj = self
+            .get(rt, key_ns, name)
+            .ok_or_else(|| ApiError::not_found(rt, name))?;
+        let has_finalizers = obj["metadata"]["finalizers"]
+            .as_array()
+            .is_some_and(|f| !f.is_empty());
         if has_finalizers {
             if obj["metadata"].get("deletionTimestamp").is_none() {
                 obj["metadata"]["deletionTimestamp"] = json!(now());
@@ -655,7 +904,14 @@ impl Store {
     }
 
     /// Removes an object for good, then garbage-collects what it owned.
-    fn remove(&mut self, rt: &ResourceType, ns: &str, name: &str, obj: Value, orphan: bool) -> Value {
+    fn remove(
+        &mut self,
+        rt: &ResourceType,
+        ns: &str,
+        name: &str,
+        obj: Value,
+        orphan: bool,
+    ) -> Value {
         let uid = meta_str(&obj, "uid").to_owned();
         let gone = self.commit(rt, ns, name, obj, "DELETED");
         if rt.kind == "CustomResourceDefinition" {
@@ -667,7 +923,9 @@ impl Store {
                 for ((dns, dname), o) in m {
                     let owned = o["metadata"]["ownerReferences"]
                         .as_array()
-                        .is_some_and(|refs| refs.iter().any(|r| r["uid"].as_str() == Some(uid.as_str())));
+                        .is_some_and(|refs| {
+                            refs.iter().any(|r| r["uid"].as_str() == Some(uid.as_str()))
+                        });
                     if owned {
                         dependents.push((t.clone(), dns.clone(), dname.clone()));
                     }
@@ -701,7 +959,8 @@ impl Store {
                     self.remove(&t, &ns, &name, obj, false);
                 }
             }
-            self.types.retain(|x| !(x.group == t.group && x.plural == t.plural));
+            self.types
+                .retain(|x| !(x.group == t.group && x.plural == t.plural));
         }
     }
 }
@@ -713,7 +972,14 @@ impl Default for Store {
 }
 
 fn conflict(rt: &ResourceType, name: &str) -> ApiError {
-    let mut e = ApiError::new(409, "Conflict", format!("Operation cannot be fulfilled on {} \"{name}\": the object has been modified; please apply your changes to the latest version and try again", rt.qualified()));
+    let mut e = ApiError::new(
+        409,
+        "Conflict",
+        format!(
+            "Operation cannot be fulfilled on {} \"{name}\": the object has been modified; please apply your changes to the latest version and try again",
+            rt.qualified()
+        ),
+    );
     e.details = json!({"name": name, "group": rt.group, "kind": rt.plural});
     e
 }
@@ -726,18 +992,32 @@ fn with_version(obj: &Value, rt: &ResourceType) -> Value {
 }
 
 fn field_error(field: &str, reason: &'static str, message: String) -> FieldError {
-    FieldError { field: field.to_owned(), reason, message }
+    FieldError {
+        field: field.to_owned(),
+        reason,
+        message,
+    }
 }
 
 /// Defaults and validation of the built-in kinds the project uses (the parts that matter to
 /// the operator: Secret stringData, Deployment/Job defaults, immutable fields).
-fn builtin_admission(rt: &ResourceType, old: Option<&Value>, obj: &mut Value, errors: &mut Vec<FieldError>) {
+fn builtin_admission(
+    rt: &ResourceType,
+    old: Option<&Value>,
+    obj: &mut Value,
+    errors: &mut Vec<FieldError>,
+) {
     match (rt.group.as_str(), rt.kind.as_str()) {
         ("", "Secret") => {
-            if let Some(Value::Object(string_data)) = obj.as_object_mut().and_then(|m| m.remove("stringData")) {
+            if let Some(Value::Object(string_data)) =
+                obj.as_object_mut().and_then(|m| m.remove("stringData"))
+            {
                 use base64::Engine;
                 for (k, v) in string_data {
-                    let text = v.as_str().map(str::to_owned).unwrap_or_else(|| v.to_string());
+                    let text = v
+                        .as_str()
+                        .map(str::to_owned)
+                        .unwrap_or_else(|| v.to_string());
                     obj["data"][k] = json!(base64::engine::general_purpose::STANDARD.encode(text));
                 }
             }
@@ -753,24 +1033,45 @@ fn builtin_admission(rt: &ResourceType, old: Option<&Value>, obj: &mut Value, er
             if spec.get("strategy").is_none() {
                 spec["strategy"] = json!({"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": "25%", "maxSurge": "25%"}});
             }
-            for (k, v) in [("revisionHistoryLimit", 10), ("progressDeadlineSeconds", 600)] {
+            for (k, v) in [
+                ("revisionHistoryLimit", 10),
+                ("progressDeadlineSeconds", 600),
+            ] {
                 if spec.get(k).is_none() {
                     spec[k] = json!(v);
                 }
             }
             pod_template_defaults(&mut spec["template"], "Always");
-            let selector = spec["selector"]["matchLabels"].as_object().cloned().unwrap_or_default();
+            let selector = spec["selector"]["matchLabels"]
+                .as_object()
+                .cloned()
+                .unwrap_or_default();
             if selector.is_empty() {
-                errors.push(field_error("spec.selector", "FieldValueRequired", "Required value".into()));
+                errors.push(field_error(
+                    "spec.selector",
+                    "FieldValueRequired",
+                    "Required value".into(),
+                ));
             }
             let labels = &spec["template"]["metadata"]["labels"];
             if selector.iter().any(|(k, v)| labels.get(k) != Some(v)) {
-                errors.push(field_error("spec.template.metadata.labels", "FieldValueInvalid", "Invalid value: `selector` does not match template `labels`".into()));
+                errors.push(field_error(
+                    "spec.template.metadata.labels",
+                    "FieldValueInvalid",
+                    "Invalid value: `selector` does not match template `labels`".into(),
+                ));
             }
-            if let Some(old) = old {
-                if old["spec"]["selector"] != obj["spec"]["selector"] {
-                    errors.push(field_error("spec.selector", "FieldValueInvalid", format!("Invalid value: {}: field is immutable", obj["spec"]["selector"])));
-                }
+            if let Some(old) = old
+                && old["spec"]["selector"] != obj["spec"]["selector"]
+            {
+                errors.push(field_error(
+                    "spec.selector",
+                    "FieldValueInvalid",
+                    format!(
+                        "Invalid value: {}: field is immutable",
+                        obj["spec"]["selector"]
+                    ),
+                ));
             }
         }
         ("batch", "Job") => {
@@ -781,14 +1082,26 @@ fn builtin_admission(rt: &ResourceType, old: Option<&Value>, obj: &mut Value, er
                 }
             }
             pod_template_defaults(&mut spec["template"], "");
-            let policy = spec["template"]["spec"]["restartPolicy"].as_str().unwrap_or_default();
+            let policy = spec["template"]["spec"]["restartPolicy"]
+                .as_str()
+                .unwrap_or_default();
             if !matches!(policy, "Never" | "OnFailure") {
-                errors.push(field_error("spec.template.spec.restartPolicy", "FieldValueRequired", format!("Required value: valid values: \"OnFailure\", \"Never\" (got {policy:?})")));
+                errors.push(field_error(
+                    "spec.template.spec.restartPolicy",
+                    "FieldValueRequired",
+                    format!(
+                        "Required value: valid values: \"OnFailure\", \"Never\" (got {policy:?})"
+                    ),
+                ));
             }
-            if let Some(old) = old {
-                if old["spec"]["template"] != obj["spec"]["template"] {
-                    errors.push(field_error("spec.template", "FieldValueInvalid", "Invalid value: field is immutable".into()));
-                }
+            if let Some(old) = old
+                && old["spec"]["template"] != obj["spec"]["template"]
+            {
+                errors.push(field_error(
+                    "spec.template",
+                    "FieldValueInvalid",
+                    "Invalid value: field is immutable".into(),
+                ));
             }
         }
         ("batch", "CronJob") => {
@@ -799,15 +1112,28 @@ fn builtin_admission(rt: &ResourceType, old: Option<&Value>, obj: &mut Value, er
             if spec.get("suspend").is_none() {
                 spec["suspend"] = json!(false);
             }
-            if spec["schedule"].as_str().is_none_or(|s| crate::cron::Schedule::parse(s).is_err()) {
-                errors.push(field_error("spec.schedule", "FieldValueInvalid", format!("Invalid value: {}: not a standard 5-field cron schedule", spec["schedule"])));
+            if spec["schedule"]
+                .as_str()
+                .is_none_or(|s| crate::cron::Schedule::parse(s).is_err())
+            {
+                errors.push(field_error(
+                    "spec.schedule",
+                    "FieldValueInvalid",
+                    format!(
+                        "Invalid value: {}: not a standard 5-field cron schedule",
+                        spec["schedule"]
+                    ),
+                ));
             }
             pod_template_defaults(&mut spec["jobTemplate"]["spec"]["template"], "");
         }
         ("apiextensions.k8s.io", "CustomResourceDefinition") => crd_admission(obj, errors),
         _ => {}
     }
-    if obj["metadata"]["name"].as_str().is_some_and(|n| !valid_dns_subdomain(n)) {
+    if obj["metadata"]["name"]
+        .as_str()
+        .is_some_and(|n| !valid_dns_subdomain(n))
+    {
         errors.push(field_error("metadata.name", "FieldValueInvalid", format!("Invalid value: {}: a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.'", obj["metadata"]["name"])));
     }
 }
@@ -820,14 +1146,34 @@ fn crd_admission(crd: &Value, errors: &mut Vec<FieldError>) {
     let plural = spec["names"]["plural"].as_str().unwrap_or_default();
     let expected = format!("{plural}.{group}");
     if crd["metadata"]["name"].as_str() != Some(expected.as_str()) {
-        errors.push(field_error("metadata.name", "FieldValueInvalid", format!("Invalid value: {}: must be spec.names.plural+\".\"+spec.group", crd["metadata"]["name"])));
+        errors.push(field_error(
+            "metadata.name",
+            "FieldValueInvalid",
+            format!(
+                "Invalid value: {}: must be spec.names.plural+\".\"+spec.group",
+                crd["metadata"]["name"]
+            ),
+        ));
     }
     if spec["names"]["kind"].as_str().is_none_or(str::is_empty) {
-        errors.push(field_error("spec.names.kind", "FieldValueRequired", "Required value".into()));
+        errors.push(field_error(
+            "spec.names.kind",
+            "FieldValueRequired",
+            "Required value".into(),
+        ));
     }
-    for (i, version) in spec["versions"].as_array().into_iter().flatten().enumerate() {
+    for (i, version) in spec["versions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
         if let Some(schema) = version["schema"].get("openAPIV3Schema") {
-            check_defaults(schema, &format!("spec.versions[{i}].schema.openAPIV3Schema"), errors);
+            check_defaults(
+                schema,
+                &format!("spec.versions[{i}].schema.openAPIV3Schema"),
+                errors,
+            );
         }
     }
 }
@@ -837,7 +1183,11 @@ fn check_defaults(node: &Value, path: &str, errors: &mut Vec<FieldError>) {
         let mut found = Vec::new();
         schema::validate(node, default, &format!("{path}.default"), &mut found);
         for e in found {
-            errors.push(field_error(&format!("{path}.default"), "FieldValueInvalid", format!("Invalid value: {default}: {}", e.message)));
+            errors.push(field_error(
+                &format!("{path}.default"),
+                "FieldValueInvalid",
+                format!("Invalid value: {default}: {}", e.message),
+            ));
         }
     }
     if let Some(props) = node.get("properties").and_then(Value::as_object) {
@@ -867,7 +1217,9 @@ fn pod_template_defaults(template: &mut Value, restart: &str) {
     if let Some(containers) = spec["containers"].as_array_mut() {
         for c in containers {
             if c.get("imagePullPolicy").is_none() {
-                let latest = c["image"].as_str().is_some_and(|i| !i.contains(':') || i.ends_with(":latest"));
+                let latest = c["image"]
+                    .as_str()
+                    .is_some_and(|i| !i.contains(':') || i.ends_with(":latest"));
                 c["imagePullPolicy"] = json!(if latest { "Always" } else { "IfNotPresent" });
             }
             if c.get("terminationMessagePath").is_none() {
@@ -880,7 +1232,9 @@ fn pod_template_defaults(template: &mut Value, restart: &str) {
 fn valid_dns_subdomain(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 253
-        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
         && name.starts_with(|c: char| c.is_ascii_alphanumeric())
         && name.ends_with(|c: char| c.is_ascii_alphanumeric())
 }

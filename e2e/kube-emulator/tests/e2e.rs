@@ -3,6 +3,8 @@
 //! collection, watches, the kubelet), and the operator → worker → status loop with the real
 //! PostgreSQL. They run against the emulator, or against the cluster `KUBECONFIG` points at.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::time::Duration;
@@ -23,7 +25,9 @@ fn flow_yaml(edit: impl Fn(&mut Value)) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crds_install_with_plain_kubectl_apply() {
     let c = Cluster::start("crds").await;
-    let out = c.kubectl(&["apply", "-f", common::repo().join("crds").to_str().unwrap()]).await;
+    let out = c
+        .kubectl(&["apply", "-f", common::repo().join("crds").to_str().unwrap()])
+        .await;
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     c.cleanup().await;
     assert!(
@@ -36,25 +40,56 @@ async fn crds_install_with_plain_kubectl_apply() {
 async fn crd_discovery_shortnames_and_printer_columns() {
     let c = Cluster::start("discovery").await;
     c.install_crds(true).await;
-    let resources = c.ok(&["api-resources", "--api-group=wallaby.dev", "-o", "wide"]).await;
+    let resources = c
+        .ok(&["api-resources", "--api-group=wallaby.dev", "-o", "wide"])
+        .await;
     for expected in ["flows", "flw", "destinations", "ddlapprovals", "Flow"] {
-        assert!(resources.contains(expected), "api-resources lacks {expected}: {resources}");
+        assert!(
+            resources.contains(expected),
+            "api-resources lacks {expected}: {resources}"
+        );
     }
     c.apply_text(&example("secret.yaml", |_| {})).await;
     c.apply_text(&example("destination.yaml", |_| {})).await;
     c.apply_text(&flow_yaml(|_| {})).await;
     // The worker's status write (status subresource), then the printer columns show it.
-    c.ok(&["patch", "flow", "orders", "--subresource=status", "--type=merge", "-p", r#"{"status":{"checkpoint":{"lsn":"0/16B3748"}}}"#]).await;
+    c.ok(&[
+        "patch",
+        "flow",
+        "orders",
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        r#"{"status":{"checkpoint":{"lsn":"0/16B3748"}}}"#,
+    ])
+    .await;
     let table = c.ok(&["get", "flw"]).await;
-    assert!(table.contains("CHECKPOINT") && table.contains("PHASE"), "printer columns missing: {table}");
-    assert!(table.contains("0/16B3748"), "checkpoint column not rendered: {table}");
+    assert!(
+        table.contains("CHECKPOINT") && table.contains("PHASE"),
+        "printer columns missing: {table}"
+    );
+    assert!(
+        table.contains("0/16B3748"),
+        "checkpoint column not rendered: {table}"
+    );
     // A status write does not change the spec generation; a spec write does.
     let flow = c.get(&["flow", "orders"]).await.unwrap();
     assert_eq!(flow["metadata"]["generation"], 1);
-    c.ok(&["patch", "flow", "orders", "--type=merge", "-p", r#"{"spec":{"suspend":true},"status":{"checkpoint":{"lsn":"0/0"}}}"#]).await;
+    c.ok(&[
+        "patch",
+        "flow",
+        "orders",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"suspend":true},"status":{"checkpoint":{"lsn":"0/0"}}}"#,
+    ])
+    .await;
     let flow = c.get(&["flow", "orders"]).await.unwrap();
     assert_eq!(flow["metadata"]["generation"], 2);
-    assert_eq!(flow["status"]["checkpoint"]["lsn"], "0/16B3748", "the main resource must ignore status");
+    assert_eq!(
+        flow["status"]["checkpoint"]["lsn"], "0/16B3748",
+        "the main resource must ignore status"
+    );
     c.cleanup().await;
 }
 
@@ -63,29 +98,61 @@ async fn flow_validation_cel_schema_pruning_and_defaults() {
     let c = Cluster::start("validation").await;
     c.install_crds(true).await;
     // CEL rule on spec.
-    let err = c.apply_fails(&flow_yaml(|f| f["spec"]["ackPolicy"] = json!("primary")), &[]).await;
-    assert!(err.contains("primaryDestination is required when ackPolicy is primary"), "{err}");
+    let err = c
+        .apply_fails(
+            &flow_yaml(|f| f["spec"]["ackPolicy"] = json!("primary")),
+            &[],
+        )
+        .await;
+    assert!(
+        err.contains("primaryDestination is required when ackPolicy is primary"),
+        "{err}"
+    );
     // OpenAPI bounds and enums.
-    let err = c.apply_fails(&flow_yaml(|f| f["spec"]["parallelism"] = json!(0)), &[]).await;
+    let err = c
+        .apply_fails(&flow_yaml(|f| f["spec"]["parallelism"] = json!(0)), &[])
+        .await;
     assert!(err.contains("spec.parallelism"), "{err}");
-    let err = c.apply_fails(&flow_yaml(|f| f["spec"]["mode"] = json!("sometimes")), &[]).await;
-    assert!(err.contains("Unsupported value") && err.contains("spec.mode"), "{err}");
-    let err = c.apply_fails(&flow_yaml(|f| f["spec"]["source"]["postgres"]["slot"] = json!("Bad-Slot")), &[]).await;
+    let err = c
+        .apply_fails(&flow_yaml(|f| f["spec"]["mode"] = json!("sometimes")), &[])
+        .await;
+    assert!(
+        err.contains("Unsupported value") && err.contains("spec.mode"),
+        "{err}"
+    );
+    let err = c
+        .apply_fails(
+            &flow_yaml(|f| f["spec"]["source"]["postgres"]["slot"] = json!("Bad-Slot")),
+            &[],
+        )
+        .await;
     assert!(err.contains("spec.source.postgres.slot"), "{err}");
     // Unknown fields: kubectl asks for strict validation by default…
-    let err = c.apply_fails(&flow_yaml(|f| f["spec"]["bogus"] = json!(1)), &[]).await;
+    let err = c
+        .apply_fails(&flow_yaml(|f| f["spec"]["bogus"] = json!(1)), &[])
+        .await;
     assert!(err.contains("unknown field \"spec.bogus\""), "{err}");
     // …and without it the server prunes them and applies schema defaults.
     let path = c.dir.path().join("lenient.json");
     std::fs::write(&path, flow_yaml(|f| f["spec"]["bogus"] = json!(1))).unwrap();
-    c.ok(&["apply", "--validate=false", "-f", path.to_str().unwrap()]).await;
+    c.ok(&["apply", "--validate=false", "-f", path.to_str().unwrap()])
+        .await;
     let flow = c.get(&["flow", "orders"]).await.expect("flow created");
-    assert!(flow["spec"].get("bogus").is_none(), "unknown field kept: {}", flow["spec"]);
+    assert!(
+        flow["spec"].get("bogus").is_none(),
+        "unknown field kept: {}",
+        flow["spec"]
+    );
     assert_eq!(flow["spec"]["parallelism"], 1);
     assert_eq!(flow["spec"]["mode"], "stream");
     assert_eq!(flow["spec"]["source"]["postgres"]["syncPublication"], "off");
     // Transition rule (self == oldSelf): the slot is immutable.
-    let err = c.apply_fails(&flow_yaml(|f| f["spec"]["source"]["postgres"]["slot"] = json!("other_slot")), &[]).await;
+    let err = c
+        .apply_fails(
+            &flow_yaml(|f| f["spec"]["source"]["postgres"]["slot"] = json!("other_slot")),
+            &[],
+        )
+        .await;
     assert!(err.contains("immutable"), "{err}");
     c.cleanup().await;
 }
@@ -93,23 +160,49 @@ async fn flow_validation_cel_schema_pruning_and_defaults() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_side_apply_ownership_and_conflicts() {
     let c = Cluster::start("ssa").await;
-    let cm = |data: &str| format!("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: owned\ndata: {data}\n");
-    let out = c.server_apply(&cm("{x: '1', y: '2'}"), "alpha", false).await;
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let cm = |data: &str| {
+        format!("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: owned\ndata: {data}\n")
+    };
+    let out = c
+        .server_apply(&cm("{x: '1', y: '2'}"), "alpha", false)
+        .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = c.server_apply(&cm("{z: '3'}"), "beta", false).await;
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // alpha stops applying y: it is removed; beta's z stays.
     let out = c.server_apply(&cm("{x: '1'}"), "alpha", false).await;
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let got = c.get(&["configmap", "owned"]).await.unwrap();
     assert_eq!(got["data"], json!({"x": "1", "z": "3"}));
     // beta changing alpha's field conflicts without --force-conflicts.
     let out = c.server_apply(&cm("{x: '9', z: '3'}"), "beta", false).await;
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("conflict"), "expected a conflict: {err}");
+    assert!(
+        !out.status.success() && err.contains("conflict"),
+        "expected a conflict: {err}"
+    );
     let out = c.server_apply(&cm("{x: '9', z: '3'}"), "beta", true).await;
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(c.get(&["configmap", "owned"]).await.unwrap()["data"]["x"], "9");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        c.get(&["configmap", "owned"]).await.unwrap()["data"]["x"],
+        "9"
+    );
     c.cleanup().await;
 }
 
@@ -117,22 +210,55 @@ async fn server_side_apply_ownership_and_conflicts() {
 async fn finalizers_and_owner_garbage_collection() {
     let c = Cluster::start("gc").await;
     c.apply_text("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: owner\n  finalizers: [example.com/hold]\ndata: {a: b}\n").await;
-    let uid = c.get(&["configmap", "owner"]).await.unwrap()["metadata"]["uid"].as_str().unwrap().to_owned();
+    let uid = c.get(&["configmap", "owner"]).await.unwrap()["metadata"]["uid"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     c.apply_text(&format!(
         "apiVersion: v1\nkind: Secret\nmetadata:\n  name: dependent\n  ownerReferences:\n  - {{apiVersion: v1, kind: ConfigMap, name: owner, uid: {uid}}}\nstringData: {{k: v}}\n"
     ))
     .await;
-    assert_eq!(c.get(&["secret", "dependent"]).await.unwrap()["data"]["k"], "dg==", "stringData becomes base64 data");
-    c.ok(&["delete", "configmap", "owner", "--wait=false"]).await;
-    let owner = c.get(&["configmap", "owner"]).await.expect("held by its finalizer");
+    assert_eq!(
+        c.get(&["secret", "dependent"]).await.unwrap()["data"]["k"],
+        "dg==",
+        "stringData becomes base64 data"
+    );
+    c.ok(&["delete", "configmap", "owner", "--wait=false"])
+        .await;
+    let owner = c
+        .get(&["configmap", "owner"])
+        .await
+        .expect("held by its finalizer");
     assert!(owner["metadata"]["deletionTimestamp"].is_string());
-    assert!(c.get(&["secret", "dependent"]).await.is_some(), "dependent deleted before its owner");
-    c.ok(&["patch", "configmap", "owner", "--type=json", "-p", r#"[{"op":"remove","path":"/metadata/finalizers"}]"#]).await;
-    wait_for("the owner to go", T, async || c.get(&["configmap", "owner"]).await.is_none().then_some(())).await;
-    wait_for("the dependent to be collected", T, async || c.get(&["secret", "dependent"]).await.is_none().then_some(())).await;
+    assert!(
+        c.get(&["secret", "dependent"]).await.is_some(),
+        "dependent deleted before its owner"
+    );
+    c.ok(&[
+        "patch",
+        "configmap",
+        "owner",
+        "--type=json",
+        "-p",
+        r#"[{"op":"remove","path":"/metadata/finalizers"}]"#,
+    ])
+    .await;
+    wait_for("the owner to go", T, async || {
+        c.get(&["configmap", "owner"]).await.is_none().then_some(())
+    })
+    .await;
+    wait_for("the dependent to be collected", T, async || {
+        c.get(&["secret", "dependent"])
+            .await
+            .is_none()
+            .then_some(())
+    })
+    .await;
     // `kubectl delete` waits through a watch with a metadata.name field selector.
-    c.apply_text("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: plain\n").await;
-    c.ok(&["delete", "configmap", "plain", "--timeout=30s"]).await;
+    c.apply_text("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: plain\n")
+        .await;
+    c.ok(&["delete", "configmap", "plain", "--timeout=30s"])
+        .await;
     assert!(c.get(&["configmap", "plain"]).await.is_none());
     c.cleanup().await;
 }
@@ -145,23 +271,50 @@ async fn kubectl_watch_sees_changes() {
         .arg(&c.kubeconfig)
         .arg("--cache-dir")
         .arg(c.dir.path().join("kube-cache"))
-        .args(["-n", &c.ns, "get", "configmaps", "--watch", "--output-watch-events"])
+        .args([
+            "-n",
+            &c.ns,
+            "get",
+            "configmaps",
+            "--watch",
+            "--output-watch-events",
+        ])
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .expect("kubectl get -w");
     let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
-    c.apply_text("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: watched\ndata: {a: '1'}\n").await;
-    c.ok(&["patch", "configmap", "watched", "--type=merge", "-p", r#"{"data":{"a":"2"}}"#]).await;
+    c.apply_text("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: watched\ndata: {a: '1'}\n")
+        .await;
+    c.ok(&[
+        "patch",
+        "configmap",
+        "watched",
+        "--type=merge",
+        "-p",
+        r#"{"data":{"a":"2"}}"#,
+    ])
+    .await;
     c.ok(&["delete", "configmap", "watched"]).await;
     let mut seen: Vec<String> = Vec::new();
     let deadline = tokio::time::Instant::now() + T;
     let is_watched = |l: &String| l.split_whitespace().nth(1) == Some("watched");
-    while !seen.iter().any(|l| l.starts_with("DELETED") && is_watched(l)) {
-        let line = tokio::time::timeout_at(deadline, lines.next_line()).await.expect("watch events in time").unwrap().expect("watch output");
+    while !seen
+        .iter()
+        .any(|l| l.starts_with("DELETED") && is_watched(l))
+    {
+        let line = tokio::time::timeout_at(deadline, lines.next_line())
+            .await
+            .expect("watch events in time")
+            .unwrap()
+            .expect("watch output");
         seen.push(line);
     }
-    let kinds: Vec<&str> = seen.iter().filter(|l| is_watched(l)).filter_map(|l| l.split_whitespace().next()).collect();
+    let kinds: Vec<&str> = seen
+        .iter()
+        .filter(|l| is_watched(l))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
     assert_eq!(kinds, vec!["ADDED", "MODIFIED", "DELETED"], "{seen:?}");
     c.cleanup().await;
 }
@@ -172,15 +325,36 @@ async fn kubectl_watch_sees_changes() {
 async fn watch_bookmarks_and_gone() {
     let c = Cluster::start("gone").await;
     let Some(emulator) = &c.emulator else { return };
-    c.apply_text("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: a\n").await;
-    let rv = c.get(&["configmap", "a"]).await.unwrap()["metadata"]["resourceVersion"].as_str().unwrap().to_owned();
-    c.ok(&["patch", "configmap", "a", "--type=merge", "-p", r#"{"data":{"k":"v"}}"#]).await;
-    let base = format!("/api/v1/namespaces/{}/configmaps?watch=true&allowWatchBookmarks=true&resourceVersion={rv}", c.ns);
+    c.apply_text("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: a\n")
+        .await;
+    let rv = c.get(&["configmap", "a"]).await.unwrap()["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    c.ok(&[
+        "patch",
+        "configmap",
+        "a",
+        "--type=merge",
+        "-p",
+        r#"{"data":{"k":"v"}}"#,
+    ])
+    .await;
+    let base = format!(
+        "/api/v1/namespaces/{}/configmaps?watch=true&allowWatchBookmarks=true&resourceVersion={rv}",
+        c.ns
+    );
     let body = raw_get(emulator.addr(), &base, "BOOKMARK", T).await;
-    assert!(body.contains("\"MODIFIED\"") && body.contains("BOOKMARK"), "{body}");
+    assert!(
+        body.contains("\"MODIFIED\"") && body.contains("BOOKMARK"),
+        "{body}"
+    );
     emulator.compact();
     let body = raw_get(emulator.addr(), &base, "\"code\":410", T).await;
-    assert!(body.contains("\"ERROR\"") && body.contains("\"code\":410"), "{body}");
+    assert!(
+        body.contains("\"ERROR\"") && body.contains("\"code\":410"),
+        "{body}"
+    );
     c.cleanup().await;
 }
 
@@ -193,33 +367,90 @@ async fn rbac_limits_service_accounts() {
     let token = kube_emulator::rbac::token_for(&c.ns, "reader");
     c.apply_text("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: mine\n---\napiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: other\n").await;
     let get = |name: &str| format!("/api/v1/namespaces/{}/configmaps/{name}", c.ns);
-    let body = common::raw_request(emulator.addr(), "GET", &get("mine"), Some(&token), "\"code\":403", T).await;
-    assert!(body.starts_with("HTTP/1.1 403") && body.contains("cannot get resource") && body.contains("system:serviceaccount:"), "{body}");
+    let body = common::raw_request(
+        emulator.addr(),
+        "GET",
+        &get("mine"),
+        Some(&token),
+        "\"code\":403",
+        T,
+    )
+    .await;
+    assert!(
+        body.starts_with("HTTP/1.1 403")
+            && body.contains("cannot get resource")
+            && body.contains("system:serviceaccount:"),
+        "{body}"
+    );
     c.apply_text(&format!(
         "apiVersion: rbac.authorization.k8s.io/v1\nkind: Role\nmetadata:\n  name: reader\nrules:\n- {{apiGroups: [''], resources: [configmaps], verbs: [get], resourceNames: [mine]}}\n---\napiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata:\n  name: reader\nroleRef: {{apiGroup: rbac.authorization.k8s.io, kind: Role, name: reader}}\nsubjects:\n- {{kind: ServiceAccount, name: reader, namespace: {}}}\n",
         c.ns
     ))
     .await;
-    let body = common::raw_request(emulator.addr(), "GET", &get("mine"), Some(&token), "\"mine\"", T).await;
+    let body = common::raw_request(
+        emulator.addr(),
+        "GET",
+        &get("mine"),
+        Some(&token),
+        "\"mine\"",
+        T,
+    )
+    .await;
     assert!(body.starts_with("HTTP/1.1 200"), "{body}");
-    let body = common::raw_request(emulator.addr(), "GET", &get("other"), Some(&token), "\"code\":403", T).await;
-    assert!(body.starts_with("HTTP/1.1 403"), "resourceNames not enforced: {body}");
-    let body = common::raw_request(emulator.addr(), "DELETE", &get("mine"), Some(&token), "\"code\":403", T).await;
-    assert!(body.starts_with("HTTP/1.1 403"), "verbs not enforced: {body}");
+    let body = common::raw_request(
+        emulator.addr(),
+        "GET",
+        &get("other"),
+        Some(&token),
+        "\"code\":403",
+        T,
+    )
+    .await;
+    assert!(
+        body.starts_with("HTTP/1.1 403"),
+        "resourceNames not enforced: {body}"
+    );
+    let body = common::raw_request(
+        emulator.addr(),
+        "DELETE",
+        &get("mine"),
+        Some(&token),
+        "\"code\":403",
+        T,
+    )
+    .await;
+    assert!(
+        body.starts_with("HTTP/1.1 403"),
+        "verbs not enforced: {body}"
+    );
     c.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn immutable_fields_are_rejected() {
     let c = Cluster::start("immutable").await;
-    let job = |cmd: &str| format!("apiVersion: batch/v1\nkind: Job\nmetadata:\n  name: once\nspec:\n  suspend: true\n  template:\n    spec:\n      restartPolicy: Never\n      containers:\n      - name: main\n        image: busybox\n        command: [sh, -c, '{cmd}']\n");
+    let job = |cmd: &str| {
+        format!(
+            "apiVersion: batch/v1\nkind: Job\nmetadata:\n  name: once\nspec:\n  suspend: true\n  template:\n    spec:\n      restartPolicy: Never\n      containers:\n      - name: main\n        image: busybox\n        command: [sh, -c, '{cmd}']\n"
+        )
+    };
     c.apply_text(&job("exit 0")).await;
     let err = c.apply_fails(&job("exit 1"), &[]).await;
-    assert!(err.contains("field is immutable") && err.contains("spec.template"), "{err}");
-    let deploy = |app: &str| format!("apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: d\nspec:\n  replicas: 0\n  selector: {{matchLabels: {{app: {app}}}}}\n  template:\n    metadata: {{labels: {{app: {app}}}}}\n    spec:\n      containers: [{{name: main, image: busybox, command: [sleep, '1']}}]\n");
+    assert!(
+        err.contains("field is immutable") && err.contains("spec.template"),
+        "{err}"
+    );
+    let deploy = |app: &str| {
+        format!(
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: d\nspec:\n  replicas: 0\n  selector: {{matchLabels: {{app: {app}}}}}\n  template:\n    metadata: {{labels: {{app: {app}}}}}\n    spec:\n      containers: [{{name: main, image: busybox, command: [sleep, '1']}}]\n"
+        )
+    };
     c.apply_text(&deploy("one")).await;
     let err = c.apply_fails(&deploy("two"), &[]).await;
-    assert!(err.contains("field is immutable") && err.contains("spec.selector"), "{err}");
+    assert!(
+        err.contains("field is immutable") && err.contains("spec.selector"),
+        "{err}"
+    );
     c.cleanup().await;
 }
 
@@ -253,7 +484,10 @@ spec:
 }
 
 fn started_pids(logs: &str) -> Vec<u32> {
-    logs.lines().filter_map(|l| l.split("pid=").nth(1)).filter_map(|p| p.trim().parse().ok()).collect()
+    logs.lines()
+        .filter_map(|l| l.split("pid=").nth(1))
+        .filter_map(|p| p.trim().parse().ok())
+        .collect()
 }
 
 /// The kubelet runs pod templates as processes: env from Secrets and the downward API,
@@ -267,7 +501,10 @@ async fn kubelet_runs_deployments_with_recreate() {
     }
     let c = c.with_kubelet(std::path::Path::new("/bin/false"));
     let kubelet = c.kubelet.as_ref().unwrap();
-    c.apply_text("apiVersion: v1\nkind: Secret\nmetadata:\n  name: sleeper\nstringData: {token: s3cret}\n").await;
+    c.apply_text(
+        "apiVersion: v1\nkind: Secret\nmetadata:\n  name: sleeper\nstringData: {token: s3cret}\n",
+    )
+    .await;
     c.apply_text(&sleeper("hello")).await;
     wait_for("the Deployment to be ready", T, async || {
         let d = c.get(&["deployment", "sleeper"]).await?;
@@ -287,28 +524,66 @@ async fn kubelet_runs_deployments_with_recreate() {
     // Client-side apply of a changed template: strategic merge keeps both containers.
     c.apply_text(&sleeper("bye")).await;
     let d = c.get(&["deployment", "sleeper"]).await.unwrap();
-    assert_eq!(d["spec"]["template"]["spec"]["containers"].as_array().unwrap().len(), 2, "containers merged by name: {d}");
+    assert_eq!(
+        d["spec"]["template"]["spec"]["containers"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2,
+        "containers merged by name: {d}"
+    );
     let logs = wait_for("the recreated container", T, async || {
         let logs = kubelet.logs().await;
         logs.contains("bye s3cret").then_some(logs)
     })
     .await;
-    assert!(!std::path::Path::new(&format!("/proc/{}", first[0])).exists(), "the old process survived the template change: {logs}");
+    assert!(
+        !std::path::Path::new(&format!("/proc/{}", first[0])).exists(),
+        "the old process survived the template change: {logs}"
+    );
     assert_eq!(kubelet.running().await, 1);
-    c.ok(&["patch", "deployment", "sleeper", "--type=merge", "-p", r#"{"spec":{"replicas":0}}"#]).await;
-    wait_for("scale to zero", T, async || (kubelet.running().await == 0).then_some(())).await;
+    c.ok(&[
+        "patch",
+        "deployment",
+        "sleeper",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"replicas":0}}"#,
+    ])
+    .await;
+    wait_for("scale to zero", T, async || {
+        (kubelet.running().await == 0).then_some(())
+    })
+    .await;
     wait_for("status without ready replicas", T, async || {
         let d = c.get(&["deployment", "sleeper"]).await?;
         d["status"].get("readyReplicas").is_none().then_some(())
     })
     .await;
-    c.ok(&["patch", "deployment", "sleeper", "--type=merge", "-p", r#"{"spec":{"replicas":1}}"#]).await;
-    wait_for("scale back up", T, async || (kubelet.running().await == 1).then_some(())).await;
+    c.ok(&[
+        "patch",
+        "deployment",
+        "sleeper",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"replicas":1}}"#,
+    ])
+    .await;
+    wait_for("scale back up", T, async || {
+        (kubelet.running().await == 1).then_some(())
+    })
+    .await;
     c.ok(&["delete", "deployment", "sleeper"]).await;
-    wait_for("deletion to stop the process", T, async || (kubelet.running().await == 0).then_some(())).await;
+    wait_for("deletion to stop the process", T, async || {
+        (kubelet.running().await == 0).then_some(())
+    })
+    .await;
     wait_for("pods collected", T, async || {
         let pods = c.get(&["pods"]).await?;
-        pods["items"].as_array().is_some_and(Vec::is_empty).then_some(())
+        pods["items"]
+            .as_array()
+            .is_some_and(Vec::is_empty)
+            .then_some(())
     })
     .await;
     c.cleanup().await;
@@ -321,24 +596,67 @@ async fn kubelet_runs_jobs_and_cronjobs() {
         return;
     }
     let c = c.with_kubelet(std::path::Path::new("/bin/false"));
-    let job = |name: &str, code: u8| format!("apiVersion: batch/v1\nkind: Job\nmetadata:\n  name: {name}\nspec:\n  backoffLimit: 1\n  template:\n    spec:\n      restartPolicy: Never\n      containers:\n      - name: main\n        image: busybox\n        command: [sh, -c, 'exit {code}']\n");
+    let job = |name: &str, code: u8| {
+        format!(
+            "apiVersion: batch/v1\nkind: Job\nmetadata:\n  name: {name}\nspec:\n  backoffLimit: 1\n  template:\n    spec:\n      restartPolicy: Never\n      containers:\n      - name: main\n        image: busybox\n        command: [sh, -c, 'exit {code}']\n"
+        )
+    };
     c.apply_text(&job("passes", 0)).await;
     c.apply_text(&job("fails", 3)).await;
-    c.ok(&["wait", "--for=condition=complete", "job/passes", "--timeout=30s"]).await;
-    c.ok(&["wait", "--for=condition=failed", "job/fails", "--timeout=60s"]).await;
+    c.ok(&[
+        "wait",
+        "--for=condition=complete",
+        "job/passes",
+        "--timeout=30s",
+    ])
+    .await;
+    c.ok(&[
+        "wait",
+        "--for=condition=failed",
+        "job/fails",
+        "--timeout=60s",
+    ])
+    .await;
     let failed = c.get(&["job", "fails"]).await.unwrap();
-    assert_eq!(failed["status"]["failed"], 2, "backoffLimit 1 means two attempts: {}", failed["status"]);
+    assert_eq!(
+        failed["status"]["failed"], 2,
+        "backoffLimit 1 means two attempts: {}",
+        failed["status"]
+    );
     c.apply_text("apiVersion: batch/v1\nkind: CronJob\nmetadata:\n  name: tick\nspec:\n  schedule: '0 0 1 1 *'\n  concurrencyPolicy: Forbid\n  jobTemplate:\n    spec:\n      template:\n        spec:\n          restartPolicy: Never\n          containers:\n          - {name: main, image: busybox, command: [sh, -c, 'exit 0']}\n").await;
-    c.kubelet.as_ref().unwrap().trigger_cronjob(&c.ns, "tick").await;
+    c.kubelet
+        .as_ref()
+        .unwrap()
+        .trigger_cronjob(&c.ns, "tick")
+        .await;
     let name = wait_for("a Job from the CronJob", T, async || {
         let jobs = c.get(&["jobs"]).await?;
-        jobs["items"].as_array()?.iter().find_map(|j| j["metadata"]["name"].as_str().filter(|n| n.starts_with("tick-")).map(str::to_owned))
+        jobs["items"].as_array()?.iter().find_map(|j| {
+            j["metadata"]["name"]
+                .as_str()
+                .filter(|n| n.starts_with("tick-"))
+                .map(str::to_owned)
+        })
     })
     .await;
-    c.ok(&["wait", "--for=condition=complete", &format!("job/{name}"), "--timeout=30s"]).await;
-    wait_for("lastSuccessfulTime on the CronJob", T, async || c.get(&["cronjob", "tick"]).await?["status"]["lastSuccessfulTime"].as_str().map(|_| ())).await;
+    c.ok(&[
+        "wait",
+        "--for=condition=complete",
+        &format!("job/{name}"),
+        "--timeout=30s",
+    ])
+    .await;
+    wait_for("lastSuccessfulTime on the CronJob", T, async || {
+        c.get(&["cronjob", "tick"]).await?["status"]["lastSuccessfulTime"]
+            .as_str()
+            .map(|_| ())
+    })
+    .await;
     c.ok(&["delete", "cronjob", "tick"]).await;
-    wait_for("the CronJob's Job collected", T, async || c.get(&["job", &name]).await.is_none().then_some(())).await;
+    wait_for("the CronJob's Job collected", T, async || {
+        c.get(&["job", &name]).await.is_none().then_some(())
+    })
+    .await;
     c.cleanup().await;
 }
 
@@ -387,7 +705,9 @@ impl Operator {
 }
 
 async fn files_contain(dir: &std::path::Path, needle: &str) -> bool {
-    let Ok(entries) = std::fs::read_dir(dir) else { return false };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return false;
+    };
     for e in entries.flatten() {
         let p = e.path();
         if p.is_dir() {
@@ -402,22 +722,39 @@ async fn files_contain(dir: &std::path::Path, needle: &str) -> bool {
 }
 
 async fn checkpoint(c: &Cluster) -> Option<u64> {
-    let out = c.ok(&["get", "flows", "orders", "--no-headers", "-o", "custom-columns=CHECKPOINT:.status.checkpoint.lsn"]).await;
+    let out = c
+        .ok(&[
+            "get",
+            "flows",
+            "orders",
+            "--no-headers",
+            "-o",
+            "custom-columns=CHECKPOINT:.status.checkpoint.lsn",
+        ])
+        .await;
     let lsn = out.trim();
     (lsn.contains('/')).then(|| parse_lsn(lsn))
 }
 
 async fn flow_lifecycle(cleanup_policy: &str) {
     let worker = workspace_binary("wallaby-worker");
-    let c = Cluster::start(&format!("flow-{cleanup_policy}")).await.with_kubelet(&worker);
+    let c = Cluster::start(&format!("flow-{cleanup_policy}"))
+        .await
+        .with_kubelet(&worker);
     c.install_crds(true).await;
     let operator = Operator::start(&c);
     let db = TestDb::create("k8s").await;
     let client = db.client().await;
-    client.batch_execute("CREATE TABLE public.orders (id int PRIMARY KEY, note text)").await.unwrap();
+    client
+        .batch_execute("CREATE TABLE public.orders (id int PRIMARY KEY, note text)")
+        .await
+        .unwrap();
     let slot = db.name.clone();
     let out = c.dir.path().join("out");
-    c.apply_text(&example("secret.yaml", |s| s["stringData"]["dsn"] = json!(db.dsn))).await;
+    c.apply_text(&example("secret.yaml", |s| {
+        s["stringData"]["dsn"] = json!(db.dsn)
+    }))
+    .await;
     c.apply_text(&example("destination.yaml", |d| {
         if c.is_emulator() {
             d["spec"]["file"]["path"] = json!(out.display().to_string());
@@ -430,24 +767,43 @@ async fn flow_lifecycle(cleanup_policy: &str) {
         f["spec"]["cleanupPolicy"] = json!(cleanup_policy);
     }))
     .await;
-    let diagnostics = async || format!("operator:\n{}\npods:\n{}", operator.as_ref().map(Operator::logs).unwrap_or_default(), c.pod_logs().await);
+    let diagnostics = async || {
+        format!(
+            "operator:\n{}\npods:\n{}",
+            operator.as_ref().map(Operator::logs).unwrap_or_default(),
+            c.pod_logs().await
+        )
+    };
 
-    let deployment = wait_for("the worker Deployment to be ready", Duration::from_secs(90), async || {
-        let d = c.get(&["deployment", "wallaby-orders"]).await?;
-        (d["status"]["readyReplicas"] == 1).then_some(d)
-    })
+    let deployment = wait_for(
+        "the worker Deployment to be ready",
+        Duration::from_secs(90),
+        async || {
+            let d = c.get(&["deployment", "wallaby-orders"]).await?;
+            (d["status"]["readyReplicas"] == 1).then_some(d)
+        },
+    )
     .await;
-    assert_eq!(deployment["metadata"]["labels"]["wallaby.dev/flow"], "orders");
+    assert_eq!(
+        deployment["metadata"]["labels"]["wallaby.dev/flow"],
+        "orders"
+    );
     assert_eq!(deployment["metadata"]["ownerReferences"][0]["kind"], "Flow");
     assert_eq!(deployment["spec"]["strategy"]["type"], "Recreate");
     // The worker runs as its own ServiceAccount: on the emulator RBAC then holds it to the
     // operator's least-privilege Role.
-    assert_eq!(deployment["spec"]["template"]["spec"]["serviceAccountName"], "wallaby-orders");
+    assert_eq!(
+        deployment["spec"]["template"]["spec"]["serviceAccountName"],
+        "wallaby-orders"
+    );
     let args = deployment["spec"]["template"]["spec"]["containers"][0]["args"].clone();
     assert_eq!(args[0], "run");
     assert_eq!(args[2], format!("{}/orders", c.ns));
 
-    client.execute("INSERT INTO public.orders VALUES (1, 'hello-k8s')", &[]).await.unwrap();
+    client
+        .execute("INSERT INTO public.orders VALUES (1, 'hello-k8s')", &[])
+        .await
+        .unwrap();
     if c.is_emulator() {
         let seen = tokio::time::timeout(Duration::from_secs(60), async {
             while !files_contain(&out, "hello-k8s").await {
@@ -455,33 +811,81 @@ async fn flow_lifecycle(cleanup_policy: &str) {
             }
         })
         .await;
-        assert!(seen.is_ok(), "the row never reached the file destination\n{}", diagnostics().await);
+        assert!(
+            seen.is_ok(),
+            "the row never reached the file destination\n{}",
+            diagnostics().await
+        );
     }
-    let first = wait_for("a checkpoint in `kubectl get flows`", Duration::from_secs(60), async || checkpoint(&c).await).await;
-    client.execute("INSERT INTO public.orders VALUES (2, 'second')", &[]).await.unwrap();
-    wait_for("the checkpoint to advance", Duration::from_secs(60), async || checkpoint(&c).await.filter(|l| *l > first)).await;
+    let first = wait_for(
+        "a checkpoint in `kubectl get flows`",
+        Duration::from_secs(60),
+        async || checkpoint(&c).await,
+    )
+    .await;
+    client
+        .execute("INSERT INTO public.orders VALUES (2, 'second')", &[])
+        .await
+        .unwrap();
+    wait_for(
+        "the checkpoint to advance",
+        Duration::from_secs(60),
+        async || checkpoint(&c).await.filter(|l| *l > first),
+    )
+    .await;
 
     // Suspend: the worker stops, the slot (and its WAL) stays.
-    c.ok(&["patch", "flow", "orders", "--type", "merge", "-p", r#"{"spec":{"suspend":true}}"#]).await;
+    c.ok(&[
+        "patch",
+        "flow",
+        "orders",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec":{"suspend":true}}"#,
+    ])
+    .await;
     wait_for("the worker to stop", Duration::from_secs(60), async || {
         let stopped = match &c.kubelet {
             Some(k) => k.running().await == 0,
-            None => c.get(&["deployment", "wallaby-orders"]).await.is_none_or(|d| d["status"].get("readyReplicas").is_none()),
+            None => c
+                .get(&["deployment", "wallaby-orders"])
+                .await
+                .is_none_or(|d| d["status"].get("readyReplicas").is_none()),
         };
         stopped.then_some(())
     })
     .await;
-    let (_, active) = wait_for("the slot to be released", T, async || db.slot(&slot).await.filter(|(_, active)| !active)).await;
+    let (_, active) = wait_for("the slot to be released", T, async || {
+        db.slot(&slot).await.filter(|(_, active)| !active)
+    })
+    .await;
     assert!(!active);
 
     // Resume: the worker comes back and streams again.
-    c.ok(&["patch", "flow", "orders", "--type", "merge", "-p", r#"{"spec":{"suspend":false}}"#]).await;
-    wait_for("the worker to be ready again", Duration::from_secs(60), async || {
-        let d = c.get(&["deployment", "wallaby-orders"]).await?;
-        (d["status"]["readyReplicas"] == 1).then_some(())
-    })
+    c.ok(&[
+        "patch",
+        "flow",
+        "orders",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec":{"suspend":false}}"#,
+    ])
     .await;
-    client.execute("INSERT INTO public.orders VALUES (3, 'after-resume')", &[]).await.unwrap();
+    wait_for(
+        "the worker to be ready again",
+        Duration::from_secs(60),
+        async || {
+            let d = c.get(&["deployment", "wallaby-orders"]).await?;
+            (d["status"]["readyReplicas"] == 1).then_some(())
+        },
+    )
+    .await;
+    client
+        .execute("INSERT INTO public.orders VALUES (3, 'after-resume')", &[])
+        .await
+        .unwrap();
     if c.is_emulator() {
         let seen = tokio::time::timeout(Duration::from_secs(60), async {
             while !files_contain(&out, "after-resume").await {
@@ -489,18 +893,34 @@ async fn flow_lifecycle(cleanup_policy: &str) {
             }
         })
         .await;
-        assert!(seen.is_ok(), "no rows after resume\n{}", diagnostics().await);
+        assert!(
+            seen.is_ok(),
+            "no rows after resume\n{}",
+            diagnostics().await
+        );
     }
 
     // Delete: children go; the slot follows cleanupPolicy.
     c.ok(&["delete", "flow", "orders", "--timeout=90s"]).await;
     for kind in ["deployment", "serviceaccount", "role", "rolebinding"] {
-        wait_for(&format!("the {kind} to be deleted"), T, async || c.get(&[kind, "wallaby-orders"]).await.is_none().then_some(())).await;
+        wait_for(&format!("the {kind} to be deleted"), T, async || {
+            c.get(&[kind, "wallaby-orders"])
+                .await
+                .is_none()
+                .then_some(())
+        })
+        .await;
     }
     if cleanup_policy == "delete" {
-        wait_for("the slot to be dropped", T, async || db.slot(&slot).await.is_none().then_some(())).await;
+        wait_for("the slot to be dropped", T, async || {
+            db.slot(&slot).await.is_none().then_some(())
+        })
+        .await;
     } else {
-        assert!(db.slot(&slot).await.is_some(), "cleanupPolicy retain dropped the slot");
+        assert!(
+            db.slot(&slot).await.is_some(),
+            "cleanupPolicy retain dropped the slot"
+        );
     }
     c.cleanup().await;
     db.drop_all().await;

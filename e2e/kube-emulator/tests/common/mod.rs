@@ -19,16 +19,23 @@ pub fn repo() -> PathBuf {
 
 /// The kubeconfig of a real cluster to run against instead of the emulator.
 pub fn real_cluster() -> Option<PathBuf> {
-    std::env::var_os("KUBECONFIG").filter(|v| !v.is_empty()).map(PathBuf::from)
+    std::env::var_os("KUBECONFIG")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
 }
 
 /// A binary of this workspace (override with `WALLABY_E2E_<NAME>_BIN`).
 pub fn workspace_binary(name: &str) -> PathBuf {
-    let var = format!("WALLABY_E2E_{}_BIN", name.trim_start_matches("wallaby-").to_uppercase());
+    let var = format!(
+        "WALLABY_E2E_{}_BIN",
+        name.trim_start_matches("wallaby-").to_uppercase()
+    );
     if let Some(p) = std::env::var_os(&var) {
         return PathBuf::from(p);
     }
-    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| repo().join("target"));
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("target"));
     let path = target.join("debug").join(name);
     assert!(
         path.exists(),
@@ -52,7 +59,10 @@ static COUNTER: AtomicUsize = AtomicUsize::new(0);
 impl Cluster {
     /// The emulator (or the real cluster) with the test namespace created.
     pub async fn start(test: &str) -> Self {
-        let dir = tempfile::Builder::new().prefix("kube-e2e-").tempdir().expect("temp dir");
+        let dir = tempfile::Builder::new()
+            .prefix("kube-e2e-")
+            .tempdir()
+            .expect("temp dir");
         let (kubeconfig, emulator) = match real_cluster() {
             Some(path) => (path, None),
             None => {
@@ -62,10 +72,24 @@ impl Cluster {
                 (path, Some(emulator))
             }
         };
-        let ns = format!("e2e-{}-{}-{}", test.replace('_', "-"), std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed));
-        let cluster = Self { dir, kubeconfig, ns, emulator, kubelet: None };
+        let ns = format!(
+            "e2e-{}-{}-{}",
+            test.replace('_', "-"),
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        let cluster = Self {
+            dir,
+            kubeconfig,
+            ns,
+            emulator,
+            kubelet: None,
+        };
         cluster
-            .apply_text(&format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {}\n", cluster.ns))
+            .apply_text(&format!(
+                "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {}\n",
+                cluster.ns
+            ))
             .await;
         cluster
     }
@@ -133,7 +157,10 @@ impl Cluster {
         let out = self.kubectl(&args).await;
         if !out.status.success() {
             let err = String::from_utf8_lossy(&out.stderr);
-            assert!(err.contains("NotFound") || err.contains("not found"), "kubectl get {what:?}: {err}");
+            assert!(
+                err.contains("NotFound") || err.contains("not found"),
+                "kubectl get {what:?}: {err}"
+            );
             return None;
         }
         Some(serde_json::from_slice(&out.stdout).expect("kubectl -o json"))
@@ -164,7 +191,15 @@ impl Cluster {
     pub async fn server_apply(&self, text: &str, manager: &str, force: bool) -> Output {
         let path = self.write("ssa.yaml", text);
         let manager_arg = format!("--field-manager={manager}");
-        let mut args = vec!["-n", self.ns.as_str(), "apply", "--server-side", manager_arg.as_str(), "-f", path.to_str().unwrap()];
+        let mut args = vec![
+            "-n",
+            self.ns.as_str(),
+            "apply",
+            "--server-side",
+            manager_arg.as_str(),
+            "-f",
+            path.to_str().unwrap(),
+        ];
         if force {
             args.push("--force-conflicts");
         }
@@ -177,25 +212,50 @@ impl Cluster {
         let dir = repo().join("crds");
         if !via_json {
             let out = self.kubectl(&["apply", "-f", dir.to_str().unwrap()]).await;
-            assert!(out.status.success(), "kubectl apply -f crds/ failed: {}", String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success(),
+                "kubectl apply -f crds/ failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         } else {
             for file in ["flow.yaml", "destination.yaml", "ddlapproval.yaml"] {
                 let text = std::fs::read_to_string(dir.join(file)).expect("read CRD");
                 let value: Value = serde_norway::from_str(&text).expect("CRD YAML");
                 let path = self.write(&file.replace(".yaml", ".json"), &value.to_string());
                 let out = self.kubectl(&["apply", "-f", path.to_str().unwrap()]).await;
-                assert!(out.status.success(), "kubectl apply {file} (as JSON) failed: {}", String::from_utf8_lossy(&out.stderr));
+                assert!(
+                    out.status.success(),
+                    "kubectl apply {file} (as JSON) failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
             }
         }
-        for crd in ["flows.wallaby.dev", "destinations.wallaby.dev", "ddlapprovals.wallaby.dev"] {
-            let out = self.kubectl(&["wait", "--for=condition=Established", "--timeout=60s", &format!("crd/{crd}")]).await;
-            assert!(out.status.success(), "CRD {crd} not Established: {}", String::from_utf8_lossy(&out.stderr));
+        for crd in [
+            "flows.wallaby.dev",
+            "destinations.wallaby.dev",
+            "ddlapprovals.wallaby.dev",
+        ] {
+            let out = self
+                .kubectl(&[
+                    "wait",
+                    "--for=condition=Established",
+                    "--timeout=60s",
+                    &format!("crd/{crd}"),
+                ])
+                .await;
+            assert!(
+                out.status.success(),
+                "CRD {crd} not Established: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
     }
 
     /// Deletes the namespace (in the background: a real cluster takes its time).
     pub async fn cleanup(&self) {
-        let _ = self.kubectl(&["delete", "namespace", &self.ns, "--wait=false"]).await;
+        let _ = self
+            .kubectl(&["delete", "namespace", &self.ns, "--wait=false"])
+            .await;
     }
 
     /// Kubelet container logs (emulator), for failure messages.
@@ -208,13 +268,20 @@ impl Cluster {
 }
 
 /// Polls `check` until it returns `Some`, failing after `timeout`.
-pub async fn wait_for<T>(what: &str, timeout: Duration, mut check: impl AsyncFnMut() -> Option<T>) -> T {
+pub async fn wait_for<T>(
+    what: &str,
+    timeout: Duration,
+    mut check: impl AsyncFnMut() -> Option<T>,
+) -> T {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(v) = check().await {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -229,9 +296,19 @@ pub fn superuser_dsn() -> &'static str {
     static DSN: OnceLock<String> = OnceLock::new();
     DSN.get_or_init(|| {
         let pg = repo().join("e2e/pg.sh");
-        let start = std::process::Command::new(&pg).arg("start").output().expect("running e2e/pg.sh start");
-        assert!(start.status.success(), "e2e/pg.sh start failed: {}", String::from_utf8_lossy(&start.stderr));
-        let env = std::process::Command::new(&pg).arg("env").output().expect("running e2e/pg.sh env");
+        let start = std::process::Command::new(&pg)
+            .arg("start")
+            .output()
+            .expect("running e2e/pg.sh start");
+        assert!(
+            start.status.success(),
+            "e2e/pg.sh start failed: {}",
+            String::from_utf8_lossy(&start.stderr)
+        );
+        let env = std::process::Command::new(&pg)
+            .arg("env")
+            .output()
+            .expect("running e2e/pg.sh env");
         let text = String::from_utf8_lossy(&env.stdout);
         text.split_whitespace()
             .find_map(|w| w.strip_prefix("WALLABY_PG_SUPERUSER_DSN="))
@@ -241,7 +318,9 @@ pub fn superuser_dsn() -> &'static str {
 }
 
 pub async fn connect(dsn: &str) -> tokio_postgres::Client {
-    let (client, conn) = tokio_postgres::connect(dsn, tokio_postgres::NoTls).await.expect("connect");
+    let (client, conn) = tokio_postgres::connect(dsn, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
     tokio::spawn(async move {
         let _ = conn.await;
     });
@@ -258,11 +337,21 @@ pub struct TestDb {
 
 impl TestDb {
     pub async fn create(prefix: &str) -> Self {
-        let name = format!("wt_{prefix}_{}_{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed));
+        let name = format!(
+            "wt_{prefix}_{}_{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
         let admin = connect(superuser_dsn()).await;
-        admin.batch_execute(&format!("CREATE DATABASE {name} OWNER wallaby")).await.expect("create database");
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name} OWNER wallaby"))
+            .await
+            .expect("create database");
         let base = superuser_dsn().replace("postgres:postgres@", "wallaby:wallaby@");
-        let dsn = format!("{}/{name}", base.rsplit_once('/').expect("dsn has a database").0);
+        let dsn = format!(
+            "{}/{name}",
+            base.rsplit_once('/').expect("dsn has a database").0
+        );
         Self { admin, name, dsn }
     }
 
@@ -284,30 +373,58 @@ impl TestDb {
             .admin
             .execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = $1 AND NOT active", &[&self.name])
             .await;
-        let _ = self.admin.batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name)).await;
+        let _ = self
+            .admin
+            .batch_execute(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            ))
+            .await;
     }
 }
 
 /// Reads a manifest from examples/k8s/ and applies `edit` to each document.
 pub fn example(file: &str, edit: impl Fn(&mut Value)) -> String {
-    let text = std::fs::read_to_string(repo().join("examples/k8s").join(file)).expect("read example");
+    let text =
+        std::fs::read_to_string(repo().join("examples/k8s").join(file)).expect("read example");
     let mut value: Value = serde_norway::from_str(&text).expect("example YAML");
     edit(&mut value);
     value.to_string()
 }
 
 /// A raw HTTP/1.1 GET against the emulator, read until `until` appears (or the deadline).
-pub async fn raw_get(addr: std::net::SocketAddr, path: &str, until: &str, timeout: Duration) -> String {
+pub async fn raw_get(
+    addr: std::net::SocketAddr,
+    path: &str,
+    until: &str,
+    timeout: Duration,
+) -> String {
     raw_request(addr, "GET", path, None, until, timeout).await
 }
 
 /// A raw HTTP/1.1 request (optionally with a bearer token), read until `until` appears.
-pub async fn raw_request(addr: std::net::SocketAddr, method: &str, path: &str, token: Option<&str>, until: &str, timeout: Duration) -> String {
+pub async fn raw_request(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    until: &str,
+    timeout: Duration,
+) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect to the emulator");
-    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
-    let req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: application/json\r\n{auth}Content-Length: 0\r\n\r\n");
-    stream.write_all(req.as_bytes()).await.expect("send request");
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect to the emulator");
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: application/json\r\n{auth}Content-Length: 0\r\n\r\n"
+    );
+    stream
+        .write_all(req.as_bytes())
+        .await
+        .expect("send request");
     let mut buf = Vec::new();
     let deadline = Instant::now() + timeout;
     let mut chunk = [0u8; 4096];
