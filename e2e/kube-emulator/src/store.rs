@@ -446,11 +446,24 @@ impl Store {
                 ));
             }
             obj["metadata"]["namespace"] = json!(ns);
-            if !self.namespace_active(ns) {
-                let mut e =
-                    ApiError::new(404, "NotFound", format!("namespaces \"{ns}\" not found"));
-                e.details = json!({"name": ns, "kind": "namespaces"});
-                return Err(e);
+            match self.namespace(ns) {
+                None => {
+                    let mut e =
+                        ApiError::new(404, "NotFound", format!("namespaces \"{ns}\" not found"));
+                    e.details = json!({"name": ns, "kind": "namespaces"});
+                    return Err(e);
+                }
+                Some(n) if n["metadata"].get("deletionTimestamp").is_some() => {
+                    return Err(ApiError::new(
+                        403,
+                        "Forbidden",
+                        format!(
+                            "{} \"{name}\" is forbidden: unable to create new content in namespace {ns} because it is being terminated",
+                            rt.qualified()
+                        ),
+                    ));
+                }
+                Some(_) => {}
             }
         }
         let key_ns = if rt.namespaced { ns } else { "" };
@@ -523,11 +536,31 @@ impl Store {
         })
     }
 
-    fn namespace_active(&self, ns: &str) -> bool {
+    fn namespace(&self, ns: &str) -> Option<&Value> {
         self.objects
             .get(&(String::new(), "namespaces".to_owned()))
             .and_then(|m| m.get(&(String::new(), ns.to_owned())))
-            .is_some_and(|n| n["metadata"].get("deletionTimestamp").is_none())
+    }
+
+    /// A terminating namespace goes once nothing is left in it (the namespace controller).
+    fn finish_namespace(&mut self, ns: &str) {
+        let Some(obj) = self.namespace(ns).cloned() else {
+            return;
+        };
+        if obj["metadata"].get("deletionTimestamp").is_none() {
+            return;
+        }
+        let occupied = self.types.iter().filter(|t| t.namespaced).any(|t| {
+            self.objects
+                .get(&(t.group.clone(), t.plural.clone()))
+                .is_some_and(|m| m.keys().any(|(n, _)| n == ns))
+        });
+        if occupied {
+            return;
+        }
+        if let Some(rt) = self.find_kind("v1", "Namespace") {
+            self.remove(&rt, "", ns, obj, false);
+        }
     }
 
     /// Registers a CRD's resources and marks it Established.
@@ -867,6 +900,17 @@ impl Store {
         let mut obj = self
             .get(rt, key_ns, name)
             .ok_or_else(|| ApiError::not_found(rt, name))?;
+        if rt.kind == "Namespace" {
+            // Terminating until its content is gone; content with finalizers keeps it there.
+            if obj["metadata"].get("deletionTimestamp").is_none() {
+                obj["metadata"]["deletionTimestamp"] = json!(now());
+                obj["status"]["phase"] = json!("Terminating");
+                obj = self.commit(rt, "", name, obj, "MODIFIED");
+            }
+            self.delete_namespace_contents(name);
+            self.finish_namespace(name);
+            return Ok(with_version(&obj, rt));
+        }
         let has_finalizers = obj["metadata"]["finalizers"]
             .as_array()
             .is_some_and(|f| !f.is_empty());
@@ -880,9 +924,6 @@ impl Store {
                 return Ok(with_version(&stored, rt));
             }
             return Ok(obj);
-        }
-        if rt.kind == "Namespace" {
-            self.delete_namespace_contents(name);
         }
         Ok(self.remove(rt, key_ns, name, obj, orphan))
     }
@@ -943,6 +984,9 @@ impl Store {
             } else {
                 let _ = self.delete(&t, &dns, &dname, false);
             }
+        }
+        if rt.namespaced {
+            self.finish_namespace(ns);
         }
         with_version(&gone, rt)
     }

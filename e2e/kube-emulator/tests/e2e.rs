@@ -264,6 +264,56 @@ async fn finalizers_and_owner_garbage_collection() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn namespace_terminates_after_its_content() {
+    let c = Cluster::start("terminating").await;
+    let ns = c.ns.as_str();
+    c.apply_text("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: held\n  finalizers: [example.com/hold]\n").await;
+    c.apply_text("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: free\n")
+        .await;
+    let out = c
+        .kubectl(&["delete", "namespace", ns, "--wait=false"])
+        .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_for("the free ConfigMap to go", T, async || {
+        c.get(&["configmap", "free"]).await.is_none().then_some(())
+    })
+    .await;
+    let phase = c
+        .kubectl(&["get", "namespace", ns, "-o", "jsonpath={.status.phase}"])
+        .await;
+    assert_eq!(String::from_utf8_lossy(&phase.stdout), "Terminating");
+    let err = c
+        .apply_fails(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: late\n",
+            &[],
+        )
+        .await;
+    assert!(err.contains("being terminated"), "{err}");
+    c.ok(&[
+        "patch",
+        "configmap",
+        "held",
+        "--type=merge",
+        "-p",
+        r#"{"metadata":{"finalizers":null}}"#,
+    ])
+    .await;
+    wait_for(
+        "the namespace to go",
+        Duration::from_secs(120),
+        async || {
+            let out = c.kubectl(&["get", "namespace", ns]).await;
+            (!out.status.success()).then_some(())
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubectl_watch_sees_changes() {
     let c = Cluster::start("watch").await;
     let mut child = tokio::process::Command::new("kubectl")
