@@ -850,6 +850,19 @@ async fn flow_lifecycle(cleanup_policy: &str) {
     assert_eq!(args[0], "run");
     assert_eq!(args[2], format!("{}/orders", c.ns));
 
+    // Ready means "serves /healthz"; rows count from the slot's creation, so wait for the
+    // worker to hold its slot before the first insert.
+    wait_for(
+        "the worker to hold its slot",
+        Duration::from_secs(60),
+        async || {
+            db.slot(&slot)
+                .await
+                .filter(|(_, active)| *active)
+                .map(|_| ())
+        },
+    )
+    .await;
     client
         .execute("INSERT INTO public.orders VALUES (1, 'hello-k8s')", &[])
         .await
