@@ -40,6 +40,11 @@ impl ResourceType {
         }
     }
 
+    /// Deployments and ReplicaSets serve `scale`.
+    pub fn has_scale(&self) -> bool {
+        self.group == "apps" && matches!(self.kind.as_str(), "Deployment" | "ReplicaSet")
+    }
+
     pub fn discovery(&self) -> Vec<Value> {
         let mut out = vec![json!({
             "name": self.plural,
@@ -56,6 +61,17 @@ impl ResourceType {
                 "singularName": "",
                 "namespaced": self.namespaced,
                 "kind": self.kind,
+                "verbs": ["get", "patch", "update"],
+            }));
+        }
+        if self.has_scale() {
+            out.push(json!({
+                "name": format!("{}/scale", self.plural),
+                "singularName": "",
+                "namespaced": self.namespaced,
+                "group": "autoscaling",
+                "version": "v1",
+                "kind": "Scale",
                 "verbs": ["get", "patch", "update"],
             }));
         }

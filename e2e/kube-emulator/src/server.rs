@@ -183,7 +183,7 @@ pub async fn handle(
     let name = tail.first().copied();
     let sub = tail.get(1).copied();
     if let Some(sub) = sub
-        && (sub != "status" || !rt.status)
+        && !((sub == "status" && rt.status) || (sub == "scale" && rt.has_scale()))
     {
         return error_response(&ApiError::new(
             404,
@@ -194,7 +194,7 @@ pub async fn handle(
             ),
         ));
     }
-    let status = sub.is_some();
+    let status = sub == Some("status");
     let ns_str = ns.clone().unwrap_or_default();
     if rt.namespaced && ns.is_none() && (name.is_some() || method != Method::GET) {
         return error_response(&ApiError::new(
@@ -280,6 +280,28 @@ pub async fn handle(
                 )
             })
     };
+    if sub == Some("scale") {
+        let body = if method == Method::GET {
+            Ok(Value::Null)
+        } else {
+            parse_body()
+        };
+        return body
+            .and_then(|b| {
+                scale(
+                    &shared,
+                    &rt,
+                    &ns_str,
+                    name.unwrap_or_default(),
+                    &method,
+                    &content_type,
+                    &b,
+                    &opts,
+                )
+            })
+            .map(|v| json_response(200, &v, &[]))
+            .unwrap_or_else(|e| error_response(&e));
+    }
     let result: Result<Response, ApiError> = (|| match (method.clone(), name) {
         (Method::GET, None) => {
             if query.get("watch").is_some_and(|w| w == "true" || w == "1") {
@@ -373,6 +395,70 @@ pub async fn handle(
         )),
     })();
     result.unwrap_or_else(|e| error_response(&e))
+}
+
+fn scale_of(obj: &Value) -> Value {
+    let selector: Vec<String> = obj["spec"]["selector"]["matchLabels"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
+        .collect();
+    let m = &obj["metadata"];
+    json!({
+        "kind": "Scale", "apiVersion": "autoscaling/v1",
+        "metadata": {"name": m["name"], "namespace": m["namespace"], "uid": m["uid"], "resourceVersion": m["resourceVersion"], "creationTimestamp": m["creationTimestamp"]},
+        "spec": {"replicas": obj["spec"]["replicas"].as_i64().unwrap_or(1)},
+        "status": {"replicas": obj["status"]["replicas"].as_i64().unwrap_or(0), "selector": selector.join(",")},
+    })
+}
+
+/// The `scale` subresource of Deployments and ReplicaSets (`kubectl scale`).
+#[allow(clippy::too_many_arguments)]
+fn scale(
+    shared: &Shared,
+    rt: &ResourceType,
+    ns: &str,
+    name: &str,
+    method: &Method,
+    content_type: &str,
+    body: &Value,
+    opts: &WriteOptions,
+) -> Result<Value, ApiError> {
+    let mut store = shared.lock();
+    let obj = store
+        .get(rt, ns, name)
+        .ok_or_else(|| ApiError::not_found(rt, name))?;
+    let mut scale = scale_of(&obj);
+    match *method {
+        Method::GET => return Ok(scale),
+        Method::PUT => scale = body.clone(),
+        Method::PATCH if content_type.starts_with("application/json-patch+json") => {
+            crate::patch::json_patch(&mut scale, body)
+                .map_err(|e| ApiError::new(422, "Invalid", e.to_string()))?;
+        }
+        Method::PATCH => crate::patch::merge_patch(&mut scale, body),
+        _ => {
+            return Err(ApiError::new(
+                405,
+                "MethodNotAllowed",
+                format!("{method} is not supported on scale"),
+            ));
+        }
+    }
+    let replicas = scale["spec"]["replicas"]
+        .as_i64()
+        .ok_or_else(|| ApiError::new(422, "Invalid", "Scale.spec.replicas must be an integer"))?;
+    let w = store.patch(
+        rt,
+        ns,
+        name,
+        PatchKind::Merge,
+        &json!({"spec": {"replicas": replicas}}),
+        false,
+        opts,
+    )?;
+    Ok(scale_of(&w.object))
 }
 
 fn version() -> Value {

@@ -592,15 +592,7 @@ async fn kubelet_runs_deployments_with_recreate() {
         "the old process survived the template change: {logs}"
     );
     assert_eq!(kubelet.running().await, 1);
-    c.ok(&[
-        "patch",
-        "deployment",
-        "sleeper",
-        "--type=merge",
-        "-p",
-        r#"{"spec":{"replicas":0}}"#,
-    ])
-    .await;
+    c.ok(&["scale", "deployment/sleeper", "--replicas=0"]).await;
     wait_for("scale to zero", T, async || {
         (kubelet.running().await == 0).then_some(())
     })
