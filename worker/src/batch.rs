@@ -10,7 +10,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use wallaby_codec::{Change, Op as CodecOp, Row, TableSchema, Value};
+use wallaby_codec::{Change, Row, TableSchema, Value};
 
 use crate::change::{Cell, Op, Relation, RowChange};
 use crate::lsn::Lsn;
@@ -305,12 +305,7 @@ impl Batcher {
         self.charge(bytes).await;
 
         let decoded = Change {
-            op: match change.op {
-                Op::Insert => CodecOp::Insert,
-                Op::Update => CodecOp::Update,
-                Op::Delete => CodecOp::Delete,
-                Op::Truncate => CodecOp::Truncate,
-            },
+            op: change.op,
             commit_lsn: commit_lsn.0,
             lsn: lsn.0,
             commit_time_micros: commit_time.timestamp_micros(),

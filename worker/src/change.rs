@@ -50,30 +50,8 @@ pub enum Cell {
     UnchangedToast,
 }
 
-/// Operation of a change.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Op {
-    /// INSERT.
-    Insert,
-    /// UPDATE.
-    Update,
-    /// DELETE.
-    Delete,
-    /// TRUNCATE.
-    Truncate,
-}
-
-impl Op {
-    /// Name used in records.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Insert => "insert",
-            Self::Update => "update",
-            Self::Delete => "delete",
-            Self::Truncate => "truncate",
-        }
-    }
-}
+/// Operation of a change (the codec's, so records and events share one type).
+pub use wallaby_codec::Op;
 
 /// A row-level change.
 #[derive(Debug, Clone)]

@@ -626,7 +626,7 @@ impl SpoolHandle {
     }
 }
 
-fn count(op_counts: &mut Vec<(String, String, u64)>, schema: &TableSchema, op: wallaby_codec::Op) {
+fn count(op_counts: &mut Vec<(String, String, u64)>, schema: &TableSchema, op: Op) {
     let table = schema.qualified_name();
     let op = op.as_str();
     match op_counts
@@ -908,11 +908,7 @@ mod tests {
             },
         ];
         Change {
-            op: if id % 2 == 0 {
-                wallaby_codec::Op::Update
-            } else {
-                wallaby_codec::Op::Insert
-            },
+            op: if id % 2 == 0 { Op::Update } else { Op::Insert },
             commit_lsn,
             lsn: commit_lsn - 10 + id as u64 % 5,
             commit_time_micros: 1_700_000_000_000_000,

@@ -116,7 +116,7 @@ pub enum RangeValue {
 }
 
 /// Operation of a change.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Op {
     /// INSERT.
     Insert,
