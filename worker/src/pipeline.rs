@@ -175,7 +175,6 @@ enum AckEvent {
     Durable {
         dest: usize,
         lsn: Lsn,
-        rows: u64,
         bytes: u64,
         transactions: u64,
         counts: Vec<(String, Op, u64)>,
@@ -617,7 +616,6 @@ impl Flow<'_> {
             AckEvent::Durable {
                 dest,
                 lsn,
-                rows,
                 bytes,
                 transactions,
                 counts,
@@ -635,7 +633,6 @@ impl Flow<'_> {
                 // what was made durable there once.
                 if self.tracker.is_required(dest) && is_first_required(self.tracker, dest) {
                     // A truncate is counted apart, not as a row.
-                    let _ = rows;
                     p.counters.rows += counts
                         .iter()
                         .filter(|(_, op, _)| *op != Op::Truncate)
@@ -841,7 +838,6 @@ async fn run_destination(
         // Any accepted (not yet durable) write since the last flush needs one, whatever
         // the later writes said.
         pending.accepted |= ack == WriteAck::Accepted;
-        pending.rows += batch.rows;
         pending.bytes += batch.bytes;
         pending.transactions += batch.transactions;
         for (t, op, n) in &batch.op_counts {
@@ -887,7 +883,6 @@ async fn run_destination(
             let _ = acks.send(AckEvent::Durable {
                 dest: index,
                 lsn,
-                rows: p.rows,
                 bytes: p.bytes,
                 transactions: p.transactions,
                 counts: p.counts,
@@ -903,7 +898,6 @@ struct Pending {
     accepted: bool,
     /// Spool position after the last batch (secondaries).
     spooled: Option<u64>,
-    rows: u64,
     bytes: u64,
     transactions: u64,
     counts: Vec<(String, Op, u64)>,
