@@ -120,9 +120,11 @@ fn open_destinations_with(
         let overrides = TypeOverrides::new(spec.type_mappings.clone());
         let kafka = spec.kafka.as_ref().or(spec.bufstream.as_ref());
         let sink: Box<dyn crate::destination::Destination> = match (&spec.file, kafka) {
-            (Some(file), _) => Box::new(FileDestination::open(file, format, overrides).map_err(
-                |e| anyhow::anyhow!("Destination/{name}: cannot open {}: {e}", file.path),
-            )?),
+            (Some(file), _) => {
+                Box::new(FileDestination::open(file, format, overrides).map_err(|e| {
+                    anyhow::anyhow!("Destination/{name}: cannot open {}: {e}", file.path)
+                })?)
+            }
             (None, Some(k)) => {
                 let secrets = kafka_secrets.get(name).cloned().unwrap_or_default();
                 Box::new(

@@ -285,7 +285,10 @@ fn kafka_check(
     match (&spec.sasl, &spec.secret_ref) {
         (Some(_), Some(secret_ref)) => {
             let data = secrets.secret(&secret_ref.name, &SASL_SECRET_KEYS);
-            match data.as_ref().and_then(|d| Some((d.get("username")?, d.get("password")?))) {
+            match data
+                .as_ref()
+                .and_then(|d| Some((d.get("username")?, d.get("password")?)))
+            {
                 Some((u, p)) => out.sasl = Some((u.clone(), p.clone())),
                 None => problems.push(format!(
                     "{}: Secret {:?} with keys username and password not found: {}",
@@ -325,10 +328,16 @@ fn kafka_check(
     }
     if problems.is_empty() {
         if let Err(e) = kafka::client_config(spec, &out) {
-            problems.push(format!("Destination/{name} {e}").replace("spec.kafka.", &format!("spec.{kind}.")));
+            problems.push(
+                format!("Destination/{name} {e}").replace("spec.kafka.", &format!("spec.{kind}.")),
+            );
         }
     }
-    if problems.is_empty() { Ok(out) } else { Err(problems) }
+    if problems.is_empty() {
+        Ok(out)
+    } else {
+        Err(problems)
+    }
 }
 
 fn env_name(secret: &str, key: &str) -> String {

@@ -19,6 +19,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
+use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use wallaby_codec::{Change, ColumnSchema, Op, TableSchema, Value, WireFormat};
 use wallaby_worker::run::{RunOptions, open_resolved, run_with};
@@ -353,7 +354,14 @@ async fn records_read_back_equal_the_source_rows_per_table_topic() {
         .unwrap();
     assert_eq!(first_delete.key.as_deref(), Some(r#"{"id":"3"}"#));
     for r in &reader.records {
-        for h in ["lsn", "commit_lsn", "op", "table", "schema_version", "format"] {
+        for h in [
+            "lsn",
+            "commit_lsn",
+            "op",
+            "table",
+            "schema_version",
+            "format",
+        ] {
             assert!(r.headers.contains_key(h), "header {h} missing: {r:?}");
         }
         assert_eq!(r.headers["format"], "avro");
@@ -391,9 +399,11 @@ async fn records_read_back_equal_the_source_rows_per_table_topic() {
         .collect();
     assert_eq!(replay_t(&t_records, WireFormat::Avro), pg_rows(&c).await);
     let end = current_lsn(&c).await;
-    wait_for("slot confirmed past the writes", Duration::from_secs(20), async || {
-        (confirmed(&db).await >= end).then_some(())
-    })
+    wait_for(
+        "slot confirmed past the writes",
+        Duration::from_secs(20),
+        async || (confirmed(&db).await >= end).then_some(()),
+    )
     .await;
     run.stop().await;
     db.drop_all().await;
@@ -412,7 +422,14 @@ async fn oversize_records_are_dropped_or_fail_the_flow() {
     let kafka = format!(
         "    brokers: [\"{brokers}\"]\n    topic: big\n    maxBatchBytes: 2048\n    maxRecordBytes: 4096\n    oversizePolicy: drop\n    compression: zstd"
     );
-    let m = manifest(dir.path(), &db, "\"public.t\"", &kafka, "  format: json", "");
+    let m = manifest(
+        dir.path(),
+        &db,
+        "\"public.t\"",
+        &kafka,
+        "  format: json",
+        "",
+    );
     let run = start(dir.path(), &m);
     wait_for("slot created", Duration::from_secs(20), async || {
         db.slot(&db.name).await
@@ -426,9 +443,11 @@ async fn oversize_records_are_dropped_or_fail_the_flow() {
     .await
     .unwrap();
     let end = current_lsn(&c).await;
-    wait_for("slot confirmed past the huge row", Duration::from_secs(20), async || {
-        (confirmed(&db).await >= end).then_some(())
-    })
+    wait_for(
+        "slot confirmed past the huge row",
+        Duration::from_secs(20),
+        async || (confirmed(&db).await >= end).then_some(()),
+    )
     .await;
     let mut reader = Reader::new(&brokers, &["big"]);
     reader.wait_records(101, Duration::from_secs(20)).await;
@@ -446,7 +465,14 @@ async fn oversize_records_are_dropped_or_fail_the_flow() {
     let kafka = format!(
         "    brokers: [\"{brokers}\"]\n    topic: big\n    maxRecordBytes: 4096\n    oversizePolicy: error"
     );
-    let m = manifest(dir2.path(), &db2, "\"public.t\"", &kafka, "  format: json", "");
+    let m = manifest(
+        dir2.path(),
+        &db2,
+        "\"public.t\"",
+        &kafka,
+        "  format: json",
+        "",
+    );
     let run = start(dir2.path(), &m);
     wait_for("slot created", Duration::from_secs(20), async || {
         db2.slot(&db2.name).await
@@ -503,9 +529,11 @@ async fn a_broker_outage_loses_nothing_and_holds_the_slot() {
         .await
         .unwrap();
     let before_outage = current_lsn(&c).await;
-    wait_for("first rows acknowledged", Duration::from_secs(20), async || {
-        (confirmed(&db).await >= before_outage).then_some(())
-    })
+    wait_for(
+        "first rows acknowledged",
+        Duration::from_secs(20),
+        async || (confirmed(&db).await >= before_outage).then_some(()),
+    )
     .await;
 
     cluster.broker_down(1).unwrap();
@@ -524,14 +552,55 @@ async fn a_broker_outage_loses_nothing_and_holds_the_slot() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     cluster.broker_up(1).unwrap();
-    wait_for("slot confirmed after the outage", Duration::from_secs(60), async || {
-        (confirmed(&db).await >= after_writes).then_some(())
-    })
+    wait_for(
+        "slot confirmed after the outage",
+        Duration::from_secs(60),
+        async || (confirmed(&db).await >= after_writes).then_some(()),
+    )
     .await;
     let mut reader = Reader::new(&brokers, &["out"]);
     reader.wait_records(60, Duration::from_secs(20)).await;
     let rows = replay_t(&reader.records, WireFormat::Json);
     assert_eq!(rows, pg_rows(&c).await, "nothing lost");
+
+    // Produce requests failing with retriable broker errors: librdkafka retries them and
+    // the idempotent producer keeps them from duplicating records.
+    cluster.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS; 4],
+    );
+    let delivered = reader.records.len();
+    c.batch_execute("INSERT INTO t SELECT g, 'v' || g, 's' FROM generate_series(61, 80) g")
+        .await
+        .unwrap();
+    let end = current_lsn(&c).await;
+    wait_for(
+        "slot confirmed after injected errors",
+        Duration::from_secs(60),
+        async || (confirmed(&db).await >= end).then_some(()),
+    )
+    .await;
+    reader
+        .wait_records(delivered + 20, Duration::from_secs(20))
+        .await;
+    assert_eq!(
+        replay_t(&reader.records, WireFormat::Json),
+        pg_rows(&c).await,
+        "nothing lost after injected errors"
+    );
+    let ids: Vec<i32> = reader.records[delivered..]
+        .iter()
+        .flat_map(|r| r.changes(WireFormat::Json))
+        .map(|(_, c)| int(&c.after.unwrap().values[0]))
+        .collect();
+    let mut unique = ids.clone();
+    unique.sort_unstable();
+    unique.dedup();
+    assert_eq!(
+        unique.len(),
+        ids.len(),
+        "no duplicates from retried produce requests: {ids:?}"
+    );
     run.stop().await;
     db.drop_all().await;
 }
@@ -601,7 +670,53 @@ async fn bad_configuration_is_refused_with_the_field_and_the_fix() {
         "{text}"
     );
     assert!(confirmed(&db).await <= floor + 1024);
+
+    // A topic the brokers do not have (auto-creation refused): permanent, no retries.
+    let db2 = TestDb::create("kafka_bad_topic").await;
+    let c2 = db2.client().await;
+    setup_t(&c2).await;
+    let cluster = mock();
+    cluster
+        .topic_error(
+            "missing",
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART,
+        )
+        .unwrap();
+    let dir2 = tempfile::tempdir().unwrap();
+    let kafka = format!(
+        "    brokers: [\"{}\"]\n    topic: missing\n    deliveryTimeout: 2s",
+        cluster.bootstrap_servers()
+    );
+    let m = manifest(
+        dir2.path(),
+        &db2,
+        "\"public.t\"",
+        &kafka,
+        "  retry: {maxRetries: 5, backoffBase: 10ms, backoffMax: 50ms}",
+        "",
+    );
+    let run = start(dir2.path(), &m);
+    wait_for("slot created", Duration::from_secs(20), async || {
+        db2.slot(&db2.name).await
+    })
+    .await;
+    c2.batch_execute("INSERT INTO t VALUES (1, 'a', 'b')")
+        .await
+        .unwrap();
+    let err = tokio::time::timeout(Duration::from_secs(60), run.task)
+        .await
+        .expect("the flow stops")
+        .unwrap()
+        .expect_err("the flow fails");
+    let text = format!("{err:#}");
+    assert!(
+        text.contains("gave up after 1 attempt(s)")
+            && text.contains("producing to Kafka topic \"missing\"")
+            && text.contains("create topic \"missing\""),
+        "{text}"
+    );
     db.drop_all().await;
+    db2.drop_all().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -614,7 +729,14 @@ async fn bufstream_is_the_same_code_path() {
     cluster.create_topic("buf", PARTITIONS, 1).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let kafka = format!("    brokers: [\"{brokers}\"]\n    topic: buf\n    acks: leader");
-    let m = manifest(dir.path(), &db, "\"public.t\"", &kafka, "  format: arrow", "");
+    let m = manifest(
+        dir.path(),
+        &db,
+        "\"public.t\"",
+        &kafka,
+        "  format: arrow",
+        "",
+    );
     let text = std::fs::read_to_string(&m)
         .unwrap()
         .replace("type: kafka", "type: bufstream")
@@ -630,7 +752,10 @@ async fn bufstream_is_the_same_code_path() {
         .unwrap();
     let mut reader = Reader::new(&brokers, &["buf"]);
     reader.wait_records(10, Duration::from_secs(20)).await;
-    assert_eq!(replay_t(&reader.records, WireFormat::Arrow), pg_rows(&c).await);
+    assert_eq!(
+        replay_t(&reader.records, WireFormat::Arrow),
+        pg_rows(&c).await
+    );
     run.stop().await;
     db.drop_all().await;
 }

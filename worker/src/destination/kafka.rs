@@ -104,6 +104,12 @@ pub fn client_config(
     c.set("bootstrap.servers", spec.brokers.join(","))
         .set("client.id", "wallaby")
         .set("message.timeout.ms", timeout.as_millis().to_string())
+        // A topic the brokers report as unknown fails its records (permanently, below)
+        // after half the delivery timeout instead of timing out (transiently) with them.
+        .set(
+            "topic.metadata.propagation.max.ms",
+            (timeout.as_millis() / 2).max(1).to_string(),
+        )
         .set("message.max.bytes", spec.max_message_bytes.to_string())
         .set(
             "batch.size",
@@ -195,12 +201,13 @@ impl KafkaDestination {
         overrides: TypeOverrides,
     ) -> Result<Self, KafkaOpenError> {
         let brokers = spec.brokers.join(",");
-        let producer: FutureProducer = client_config(spec, secrets)?
-            .create()
-            .map_err(|source| KafkaOpenError::Producer {
-                brokers: brokers.clone(),
-                source,
-            })?;
+        let producer: FutureProducer =
+            client_config(spec, secrets)?
+                .create()
+                .map_err(|source| KafkaOpenError::Producer {
+                    brokers: brokers.clone(),
+                    source,
+                })?;
         Ok(Self {
             producer,
             topic: spec.topic.clone(),
@@ -240,7 +247,10 @@ impl KafkaDestination {
     /// The retry class and hint of a producer error.
     fn classify(&self, e: &KafkaError, topic: &str) -> DestinationError {
         use RDKafkaErrorCode as C;
-        let message = format!("producing to Kafka topic {topic:?} on {}: {e}", self.brokers);
+        let message = format!(
+            "producing to Kafka topic {topic:?} on {}: {e}",
+            self.brokers
+        );
         match e.rdkafka_error_code() {
             Some(C::MessageSizeTooLarge | C::InvalidMessageSize | C::MessageBatchTooLarge) => {
                 DestinationError::permanent(message).with_hint(
@@ -355,13 +365,14 @@ impl Destination for KafkaDestination {
                 .or_insert_with(|| self.topic_of(&schema))
                 .clone();
             for change in &group.changes {
-                let value = wallaby_codec::encode(self.format, &schema, std::slice::from_ref(change))
-                    .map_err(|e| {
-                        DestinationError::permanent(format!(
-                            "encoding a change of {} for Kafka topic {topic:?}: {e}",
-                            schema.qualified_name()
-                        ))
-                    })?;
+                let value =
+                    wallaby_codec::encode(self.format, &schema, std::slice::from_ref(change))
+                        .map_err(|e| {
+                            DestinationError::permanent(format!(
+                                "encoding a change of {} for Kafka topic {topic:?}: {e}",
+                                schema.qualified_name()
+                            ))
+                        })?;
                 let key = record_key(&schema, change);
                 let size = (value.len() + key.as_ref().map_or(0, String::len)) as u64;
                 if size > self.max_record_bytes {
@@ -442,7 +453,10 @@ mod tests {
 
     #[test]
     fn topic_templates_expand_and_unknown_placeholders_are_found() {
-        assert_eq!(topic_for("cdc.{schema}.{table}", "public", "t"), "cdc.public.t");
+        assert_eq!(
+            topic_for("cdc.{schema}.{table}", "public", "t"),
+            "cdc.public.t"
+        );
         assert_eq!(topic_for("fixed", "public", "t"), "fixed");
         assert!(unknown_placeholders("cdc.{schema}.{table}").is_empty());
         assert_eq!(unknown_placeholders("cdc.{db}.{table}"), vec!["{db}"]);
