@@ -326,12 +326,12 @@ fn kafka_check(
             }
         }
     }
-    if problems.is_empty() {
-        if let Err(e) = kafka::client_config(spec, &out) {
-            problems.push(
-                format!("Destination/{name} {e}").replace("spec.kafka.", &format!("spec.{kind}.")),
-            );
-        }
+    if problems.is_empty()
+        && let Err(e) = kafka::client_config(spec, &out)
+    {
+        problems.push(
+            format!("Destination/{name} {e}").replace("spec.kafka.", &format!("spec.{kind}.")),
+        );
     }
     if problems.is_empty() {
         Ok(out)
