@@ -383,6 +383,43 @@ mod tests {
         assert_eq!(r.destinations[0].0, "files");
     }
 
+    const KAFKA: &str = "apiVersion: wallaby.dev/v1alpha1\nkind: Flow\nmetadata: {name: f}\nspec: {source: {postgres: {secretRef: {name: pg}, slot: s, publication: p}}, destinations: [{name: k}]}\n---\napiVersion: wallaby.dev/v1alpha1\nkind: Destination\nmetadata: {name: k}\nspec: {type: bufstream, bufstream: {brokers: [\"b:9092\"], topic: \"cdc.{table}\", sasl: {mechanism: SCRAM-SHA-256}, secretRef: {name: kc}, tls: {enabled: true, ca: {name: kca, key: ca.crt}}}}\n---\napiVersion: v1\nkind: Secret\nmetadata: {name: kc}\nstringData: {username: u, password: p}\n";
+
+    #[test]
+    fn kafka_credentials_come_from_the_file_or_the_environment() {
+        let bundle = manifest::parse("f.yaml", KAFKA).unwrap();
+        let env = |k: &str| match k {
+            "WALLABY_SECRET_PG_DSN" => Some("postgres://u:p@h/d".to_owned()),
+            "WALLABY_SECRET_KCA_CA_CRT" => Some("PEM".to_owned()),
+            _ => None,
+        };
+        let r = resolve("f.yaml", bundle, None, env).unwrap();
+        let s = &r.kafka_secrets["k"];
+        assert_eq!(s.sasl, Some(("u".to_owned(), "p".to_owned())));
+        assert_eq!(s.ca_pem.as_deref(), Some("PEM"));
+        let config = crate::destination::kafka::client_config(
+            r.destinations[0].1.bufstream.as_ref().unwrap(),
+            s,
+        )
+        .unwrap();
+        assert_eq!(config.get("security.protocol"), Some("SASL_SSL"));
+        assert_eq!(config.get("sasl.mechanisms"), Some("SCRAM-SHA-256"));
+        assert_eq!(config.get("ssl.ca.pem"), Some("PEM"));
+        assert_eq!(config.get("enable.idempotence"), Some("true"));
+
+        let bundle = manifest::parse("f.yaml", KAFKA).unwrap();
+        let env = |k: &str| (k == "WALLABY_SECRET_PG_DSN").then(|| "x".to_owned());
+        let err = resolve("f.yaml", bundle, None, env)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(
+                "Destination/k spec.bufstream.tls.ca: key \"ca.crt\" of Secret \"kca\" not found"
+            ) && err.contains("WALLABY_SECRET_KCA_CA_CRT"),
+            "{err}"
+        );
+    }
+
     #[test]
     fn a_missing_secret_names_both_ways_to_provide_it() {
         let bundle = manifest::parse("f.yaml", FLOW).unwrap();

@@ -294,6 +294,21 @@ impl KafkaDestination {
     }
 }
 
+/// Names of the Secrets a Kafka block reads (SASL credentials, TLS material).
+pub fn secret_names(spec: &KafkaSpec) -> Vec<String> {
+    let tls = spec.tls.iter().filter(|t| t.enabled).flat_map(|t| {
+        [&t.ca, &t.client_cert, &t.client_key]
+            .into_iter()
+            .flatten()
+            .map(|s| s.name.clone())
+    });
+    spec.sasl
+        .iter()
+        .flat_map(|_| spec.secret_ref.iter().map(|r| r.name.clone()))
+        .chain(tls)
+        .collect()
+}
+
 /// Expands `{schema}` and `{table}` in a topic template.
 pub fn topic_for(template: &str, schema: &str, table: &str) -> String {
     template
