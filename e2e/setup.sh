@@ -45,6 +45,11 @@ command -v npm >/dev/null || need+=(npm)
 command -v unzip >/dev/null || need+=(unzip)
 command -v python3 >/dev/null || need+=(python3)
 python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)
+# The Kafka destination builds librdkafka from source (gcc, make, perl above) with zlib
+# (gzip) and OpenSSL (TLS, SASL/SCRAM): their headers.
+[ -f /usr/include/zlib.h ] || need+=(zlib1g-dev)
+[ -f /usr/include/openssl/ssl.h ] || need+=(libssl-dev)
+command -v pkg-config >/dev/null || need+=(pkg-config)
 # Extensions the type-fidelity tests create in their own databases (they are required).
 [ -f "$PG_EXT/postgis.control" ] || need+=(postgresql-15-postgis-3)
 if [ "${#need[@]}" -gt 0 ]; then

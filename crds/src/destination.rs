@@ -296,10 +296,17 @@ pub struct KafkaSpec {
     /// Secret with keys `username` and `password` for SASL.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_ref: Option<SecretReference>,
+    /// How long the producer keeps retrying one record (broker down, leader election)
+    /// before the batch fails and the flow's retry policy takes over.
+    #[serde(default = "default_delivery_timeout")]
+    pub delivery_timeout: DurationString,
 }
 
 fn default_max_message_bytes() -> u64 {
     900_000
+}
+fn default_delivery_timeout() -> DurationString {
+    "30s".into()
 }
 
 /// Kafka compression codecs.

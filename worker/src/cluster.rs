@@ -115,14 +115,23 @@ pub struct FlowObjects {
 }
 
 impl FlowObjects {
-    /// Names of the Secrets the worker reads: the source connection and its CA.
-    pub fn secret_names(flow: &Flow) -> Vec<String> {
+    /// Names of the Secrets the worker reads: the source connection and its CA, and the
+    /// credentials of the Kafka / Bufstream destinations.
+    pub fn secret_names(flow: &Flow, destinations: &BTreeMap<String, Destination>) -> Vec<String> {
         let pg = &flow.spec.source.postgres;
         let mut names: Vec<String> = pg
             .secret_ref
             .iter()
             .map(|r| r.name.clone())
             .chain(pg.ssl_root_cert.iter().map(|s| s.name.clone()))
+            .chain(destinations.values().flat_map(|d| {
+                d.spec
+                    .kafka
+                    .iter()
+                    .chain(d.spec.bufstream.iter())
+                    .flat_map(crate::destination::kafka::secret_names)
+                    .collect::<Vec<_>>()
+            }))
             .collect();
         names.sort();
         names.dedup();
@@ -143,7 +152,7 @@ impl FlowObjects {
                     (d.name.clone(), v)
                 })
                 .collect(),
-            secrets: Self::secret_names(&self.flow)
+            secrets: Self::secret_names(&self.flow, &self.destinations)
                 .into_iter()
                 .map(|n| {
                     let v = self.secrets.get(&n).and_then(|s| s.resource_version());
@@ -223,7 +232,7 @@ pub async fn read(client: &Client, flow_ref: &FlowRef) -> Result<FlowObjects, Cl
         }
     }
     let mut secrets = BTreeMap::new();
-    for name in FlowObjects::secret_names(&flow) {
+    for name in FlowObjects::secret_names(&flow, &destinations) {
         if let Some(secret) = get_opt::<Secret>(client, ns, &name, "Secret").await? {
             secrets.insert(name, secret);
         }

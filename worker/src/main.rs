@@ -12,7 +12,7 @@ use wallaby_crds::flow::FlowStatus;
 use wallaby_worker::cluster::{self, ClusterError, ConfigChange, FlowRef, FlowStatusApply};
 use wallaby_worker::lsn::Lsn;
 use wallaby_worker::metrics::{self, DEFAULT_METRICS_ADDR, Metrics, MetricsAddr};
-use wallaby_worker::run::{RunControl, RunOptions, open_destinations, run_controlled};
+use wallaby_worker::run::{RunControl, RunOptions, open_resolved, run_controlled};
 use wallaby_worker::standalone;
 use wallaby_worker::status::{StatusSink, worker_owned};
 use wallaby_worker::telemetry::{self, LogFormat};
@@ -190,7 +190,7 @@ fn run_command(
         let cancel = CancellationToken::new();
         spawn_signal_handler(cancel.clone())?;
         with_metrics(metrics_addr, |metrics| async move {
-            let destinations = open_destinations(&resolved.flow, &resolved.destinations)?;
+            let destinations = open_resolved(&resolved)?;
             run_controlled(resolved, destinations, options, control, cancel, metrics).await
         })
         .await
@@ -264,7 +264,7 @@ fn cluster_command(
             })
         };
         let result = with_metrics(metrics_addr, |metrics| async move {
-            let destinations = open_destinations(&resolved.flow, &resolved.destinations)?;
+            let destinations = open_resolved(&resolved)?;
             run_controlled(resolved, destinations, options, control, cancel, metrics).await
         })
         .await;

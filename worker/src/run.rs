@@ -20,6 +20,7 @@ use crate::batch::SchemaSource;
 use crate::change::Relation;
 use crate::destination::TypeOverrides;
 use crate::destination::file::FileDestination;
+use crate::destination::kafka::{KafkaDestination, KafkaSecrets};
 use crate::lsn::Lsn;
 use crate::metrics::Metrics;
 use crate::pipeline::{
@@ -90,20 +91,49 @@ pub fn wire_format(f: SpecFormat) -> WireFormat {
     }
 }
 
-/// Opens the destinations a standalone manifest declares.
+/// Opens the destinations of a resolved flow, with the credentials its Secrets gave.
+pub fn open_resolved(resolved: &Resolved) -> anyhow::Result<Vec<DestinationSlot>> {
+    open_destinations_with(
+        &resolved.flow,
+        &resolved.destinations,
+        &resolved.kafka_secrets,
+    )
+}
+
+/// Opens the destinations a standalone manifest declares (no Secrets: Kafka without
+/// SASL/TLS material; see [`open_resolved`]).
 pub fn open_destinations(
     flow: &Flow,
     destinations: &[(String, DestinationSpec)],
+) -> anyhow::Result<Vec<DestinationSlot>> {
+    open_destinations_with(flow, destinations, &std::collections::BTreeMap::new())
+}
+
+fn open_destinations_with(
+    flow: &Flow,
+    destinations: &[(String, DestinationSpec)],
+    kafka_secrets: &std::collections::BTreeMap<String, KafkaSecrets>,
 ) -> anyhow::Result<Vec<DestinationSlot>> {
     let mut slots = Vec::new();
     for (name, spec) in destinations {
         let format = wire_format(spec.format.unwrap_or(flow.spec.wire_format));
         let overrides = TypeOverrides::new(spec.type_mappings.clone());
-        let sink = match &spec.file {
-            Some(file) => FileDestination::open(file, format, overrides).map_err(|e| {
-                anyhow::anyhow!("Destination/{name}: cannot open {}: {e}", file.path)
-            })?,
-            None => anyhow::bail!(
+        let kafka = spec.kafka.as_ref().or(spec.bufstream.as_ref());
+        let sink: Box<dyn crate::destination::Destination> = match (&spec.file, kafka) {
+            (Some(file), _) => {
+                Box::new(FileDestination::open(file, format, overrides).map_err(|e| {
+                    anyhow::anyhow!("Destination/{name}: cannot open {}: {e}", file.path)
+                })?)
+            }
+            (None, Some(k)) => {
+                let secrets = kafka_secrets.get(name).cloned().unwrap_or_default();
+                Box::new(
+                    KafkaDestination::open(k, &secrets, format, overrides).map_err(|e| {
+                        anyhow::anyhow!("Destination/{name} ({}): {e}", spec.kind.as_str())
+                    })?,
+                )
+            }
+            (None, None) => anyhow::bail!(
                 "Destination/{name}: type {:?} is not delivered by this worker",
                 spec.kind.as_str()
             ),
@@ -112,7 +142,7 @@ pub fn open_destinations(
             .map_err(|e| anyhow::anyhow!("Destination/{name} spec.retry: {e}"))?;
         slots.push(DestinationSlot {
             name: name.clone(),
-            sink: Box::new(sink),
+            sink,
             retry,
         });
     }
@@ -127,7 +157,7 @@ pub async fn run(
     cancel: CancellationToken,
     metrics: Metrics,
 ) -> anyhow::Result<()> {
-    let destinations = open_destinations(&resolved.flow, &resolved.destinations)?;
+    let destinations = open_resolved(&resolved)?;
     run_with(resolved, destinations, options, cancel, metrics).await
 }
 

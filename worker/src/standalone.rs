@@ -24,6 +24,8 @@ pub struct Resolved {
     pub source_secret: Option<BTreeMap<String, String>>,
     /// PEM CA of `sslRootCert`, when set.
     pub ssl_root_cert_pem: Option<String>,
+    /// Credentials of the `kafka` / `bufstream` destinations, by destination name.
+    pub kafka_secrets: BTreeMap<String, crate::destination::kafka::KafkaSecrets>,
 }
 
 /// Configuration problems; each names the object and the fix.
@@ -152,6 +154,7 @@ pub fn check(
         .map(ToString::to_string)
         .collect();
     let mut resolved = Vec::new();
+    let mut kafka_secrets = BTreeMap::new();
     for r in &flow.spec.destinations {
         let Some(dest) = destinations.get(&r.name) else {
             continue;
@@ -172,6 +175,18 @@ pub fn check(
         match (&dest.spec.kind, &dest.spec.file) {
             (DestinationType::File, Some(_)) => resolved.push((r.name.clone(), dest.spec.clone())),
             (DestinationType::File, None) => {}
+            (DestinationType::Kafka | DestinationType::Bufstream, _) => {
+                let block = dest.spec.kafka.as_ref().or(dest.spec.bufstream.as_ref());
+                if let Some(spec) = block {
+                    match kafka_check(&r.name, dest.spec.kind.as_str(), spec, secrets) {
+                        Ok(s) => {
+                            kafka_secrets.insert(r.name.clone(), s);
+                            resolved.push((r.name.clone(), dest.spec.clone()));
+                        }
+                        Err(p) => problems.extend(p),
+                    }
+                }
+            }
             (other, _) => problems.push(format!(
                 "Destination/{} spec.type: {:?} is declared in the CRD but not delivered by this worker version yet; use type: file (see docs/destinations.md)",
                 r.name,
@@ -219,7 +234,110 @@ pub fn check(
         destinations: resolved,
         source_secret,
         ssl_root_cert_pem,
+        kafka_secrets,
     })
+}
+
+/// Checks a `kafka` / `bufstream` block (`kind` is the block's name) and resolves its
+/// Secrets: SASL credentials from `secretRef`, TLS material from the `tls` selectors.
+fn kafka_check(
+    name: &str,
+    kind: &str,
+    spec: &wallaby_crds::destination::KafkaSpec,
+    secrets: &dyn SecretSource,
+) -> Result<crate::destination::kafka::KafkaSecrets, Vec<String>> {
+    use crate::destination::kafka::{self, KafkaSecrets, SASL_SECRET_KEYS};
+    let field = |f: &str| format!("Destination/{name} spec.{kind}.{f}");
+    let mut problems = Vec::new();
+    if spec.brokers.is_empty() || spec.brokers.iter().any(|b| b.trim().is_empty()) {
+        problems.push(format!(
+            "{}: list at least one broker as host:port, without empty entries",
+            field("brokers")
+        ));
+    }
+    for b in &spec.brokers {
+        if !b.trim().is_empty() && !b.contains(':') {
+            problems.push(format!(
+                "{}: {b:?} has no port: write host:port (e.g. {b}:9092)",
+                field("brokers")
+            ));
+        }
+    }
+    if spec.topic.trim().is_empty() {
+        problems.push(format!(
+            "{}: set a topic, or a template such as cdc.{{schema}}.{{table}}",
+            field("topic")
+        ));
+    }
+    let unknown = kafka::unknown_placeholders(&spec.topic);
+    if !unknown.is_empty() {
+        problems.push(format!(
+            "{}: unknown placeholder(s) {} in {:?}: only {{schema}} and {{table}} are expanded",
+            field("topic"),
+            unknown.join(", "),
+            spec.topic
+        ));
+    }
+    if let Err(e) = spec.delivery_timeout.parse() {
+        problems.push(format!("{}: {e}", field("deliveryTimeout")));
+    }
+    let mut out = KafkaSecrets::default();
+    match (&spec.sasl, &spec.secret_ref) {
+        (Some(_), Some(secret_ref)) => {
+            let data = secrets.secret(&secret_ref.name, &SASL_SECRET_KEYS);
+            match data
+                .as_ref()
+                .and_then(|d| Some((d.get("username")?, d.get("password")?)))
+            {
+                Some((u, p)) => out.sasl = Some((u.clone(), p.clone())),
+                None => problems.push(format!(
+                    "{}: Secret {:?} with keys username and password not found: {}",
+                    field("secretRef"),
+                    secret_ref.name,
+                    secrets.how_to_provide(&secret_ref.name, "password")
+                )),
+            }
+        }
+        (Some(_), None) => problems.push(format!(
+            "{}: sasl is set: name the Secret holding username and password",
+            field("secretRef")
+        )),
+        (None, _) => {}
+    }
+    if let Some(tls) = spec.tls.as_ref().filter(|t| t.enabled) {
+        for (sub, sel, slot) in [
+            ("tls.ca", &tls.ca, &mut out.ca_pem),
+            ("tls.clientCert", &tls.client_cert, &mut out.client_cert_pem),
+            ("tls.clientKey", &tls.client_key, &mut out.client_key_pem),
+        ] {
+            let Some(sel) = sel else { continue };
+            match secrets
+                .secret(&sel.name, &[sel.key.as_str()])
+                .and_then(|mut d| d.remove(&sel.key))
+            {
+                Some(pem) => *slot = Some(pem),
+                None => problems.push(format!(
+                    "{}: key {:?} of Secret {:?} not found: {}",
+                    field(sub),
+                    sel.key,
+                    sel.name,
+                    secrets.how_to_provide(&sel.name, &sel.key)
+                )),
+            }
+        }
+    }
+    if problems.is_empty()
+        && let Err(e) = kafka::client_config(spec, &out)
+    {
+        problems.push(
+            format!("Destination/{name} {e}").replace("spec.kafka.", &format!("spec.{kind}.")),
+        );
+    }
+    if problems.is_empty() {
+        Ok(out)
+    } else {
+        Err(problems)
+    }
 }
 
 fn env_name(secret: &str, key: &str) -> String {
@@ -263,6 +381,43 @@ mod tests {
         let r = resolve("f.yaml", bundle, None, env).unwrap();
         assert_eq!(r.source_secret.unwrap()["dsn"], "postgres://u:p@h/d");
         assert_eq!(r.destinations[0].0, "files");
+    }
+
+    const KAFKA: &str = "apiVersion: wallaby.dev/v1alpha1\nkind: Flow\nmetadata: {name: f}\nspec: {source: {postgres: {secretRef: {name: pg}, slot: s, publication: p}}, destinations: [{name: k}]}\n---\napiVersion: wallaby.dev/v1alpha1\nkind: Destination\nmetadata: {name: k}\nspec: {type: bufstream, bufstream: {brokers: [\"b:9092\"], topic: \"cdc.{table}\", sasl: {mechanism: SCRAM-SHA-256}, secretRef: {name: kc}, tls: {enabled: true, ca: {name: kca, key: ca.crt}}}}\n---\napiVersion: v1\nkind: Secret\nmetadata: {name: kc}\nstringData: {username: u, password: p}\n";
+
+    #[test]
+    fn kafka_credentials_come_from_the_file_or_the_environment() {
+        let bundle = manifest::parse("f.yaml", KAFKA).unwrap();
+        let env = |k: &str| match k {
+            "WALLABY_SECRET_PG_DSN" => Some("postgres://u:p@h/d".to_owned()),
+            "WALLABY_SECRET_KCA_CA_CRT" => Some("PEM".to_owned()),
+            _ => None,
+        };
+        let r = resolve("f.yaml", bundle, None, env).unwrap();
+        let s = &r.kafka_secrets["k"];
+        assert_eq!(s.sasl, Some(("u".to_owned(), "p".to_owned())));
+        assert_eq!(s.ca_pem.as_deref(), Some("PEM"));
+        let config = crate::destination::kafka::client_config(
+            r.destinations[0].1.bufstream.as_ref().unwrap(),
+            s,
+        )
+        .unwrap();
+        assert_eq!(config.get("security.protocol"), Some("SASL_SSL"));
+        assert_eq!(config.get("sasl.mechanisms"), Some("SCRAM-SHA-256"));
+        assert_eq!(config.get("ssl.ca.pem"), Some("PEM"));
+        assert_eq!(config.get("enable.idempotence"), Some("true"));
+
+        let bundle = manifest::parse("f.yaml", KAFKA).unwrap();
+        let env = |k: &str| (k == "WALLABY_SECRET_PG_DSN").then(|| "x".to_owned());
+        let err = resolve("f.yaml", bundle, None, env)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(
+                "Destination/k spec.bufstream.tls.ca: key \"ca.crt\" of Secret \"kca\" not found"
+            ) && err.contains("WALLABY_SECRET_KCA_CA_CRT"),
+            "{err}"
+        );
     }
 
     #[test]
