@@ -18,8 +18,9 @@ use wallaby_crds::flow::{AckPolicy, FailureMode};
 use crate::ack::AckMode;
 use crate::batch::SchemaSource;
 use crate::change::Relation;
-use crate::destination::TypeOverrides;
 use crate::destination::file::FileDestination;
+use crate::destination::http::{self, HttpDestination};
+use crate::destination::{Destination, TypeOverrides};
 use crate::lsn::Lsn;
 use crate::metrics::Metrics;
 use crate::pipeline::{
@@ -99,20 +100,26 @@ pub fn open_destinations(
     for (name, spec) in destinations {
         let format = wire_format(spec.format.unwrap_or(flow.spec.wire_format));
         let overrides = TypeOverrides::new(spec.type_mappings.clone());
-        let sink = match &spec.file {
-            Some(file) => FileDestination::open(file, format, overrides).map_err(|e| {
-                anyhow::anyhow!("Destination/{name}: cannot open {}: {e}", file.path)
-            })?,
-            None => anyhow::bail!(
+        let sink: Box<dyn Destination> = match (&spec.file, &spec.http) {
+            (Some(file), _) => {
+                Box::new(FileDestination::open(file, format, overrides).map_err(|e| {
+                    anyhow::anyhow!("Destination/{name}: cannot open {}: {e}", file.path)
+                })?)
+            }
+            (None, Some(http)) => Box::new(
+                HttpDestination::open(http, format, overrides)
+                    .map_err(|e| anyhow::anyhow!("Destination/{name}: {e}"))?,
+            ),
+            (None, None) => anyhow::bail!(
                 "Destination/{name}: type {:?} is not delivered by this worker",
                 spec.kind.as_str()
             ),
         };
-        let retry = RetryPolicy::from_spec(&spec.retry, flow.spec.give_up_policy)
+        let retry = RetryPolicy::from_spec(http::effective_retry(spec), flow.spec.give_up_policy)
             .map_err(|e| anyhow::anyhow!("Destination/{name} spec.retry: {e}"))?;
         slots.push(DestinationSlot {
             name: name.clone(),
-            sink: Box::new(sink),
+            sink,
             retry,
         });
     }

@@ -172,8 +172,14 @@ pub fn check(
         match (&dest.spec.kind, &dest.spec.file) {
             (DestinationType::File, Some(_)) => resolved.push((r.name.clone(), dest.spec.clone())),
             (DestinationType::File, None) => {}
+            (DestinationType::Http, _) => {
+                match crate::destination::http::resolve(&r.name, &dest.spec, secrets) {
+                    Ok(spec) => resolved.push((r.name.clone(), spec)),
+                    Err(p) => problems.extend(p),
+                }
+            }
             (other, _) => problems.push(format!(
-                "Destination/{} spec.type: {:?} is declared in the CRD but not delivered by this worker version yet; use type: file (see docs/destinations.md)",
+                "Destination/{} spec.type: {:?} is declared in the CRD but not delivered by this worker version yet; use type: file or http (see docs/destinations.md)",
                 r.name,
                 other.as_str()
             )),

@@ -13,6 +13,7 @@ use wallaby_codec::TableSchema;
 use crate::batch::ChangeBatch;
 
 pub mod file;
+pub mod http;
 
 /// What a successful write guarantees.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
