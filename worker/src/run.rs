@@ -19,8 +19,9 @@ use crate::ack::AckMode;
 use crate::batch::SchemaSource;
 use crate::change::Relation;
 use crate::destination::file::FileDestination;
-use crate::destination::http::{self, HttpDestination};
-use crate::destination::{Destination, TypeOverrides};
+use crate::destination::grpc::GrpcDestination;
+use crate::destination::http::HttpDestination;
+use crate::destination::{Destination, TypeOverrides, effective_retry};
 use crate::lsn::Lsn;
 use crate::metrics::Metrics;
 use crate::pipeline::{
@@ -100,22 +101,33 @@ pub fn open_destinations(
     for (name, spec) in destinations {
         let format = wire_format(spec.format.unwrap_or(flow.spec.wire_format));
         let overrides = TypeOverrides::new(spec.type_mappings.clone());
-        let sink: Box<dyn Destination> = match (&spec.file, &spec.http) {
-            (Some(file), _) => {
+        let sink: Box<dyn Destination> = match (&spec.file, &spec.http, &spec.grpc) {
+            (Some(file), _, _) => {
                 Box::new(FileDestination::open(file, format, overrides).map_err(|e| {
                     anyhow::anyhow!("Destination/{name}: cannot open {}: {e}", file.path)
                 })?)
             }
-            (None, Some(http)) => Box::new(
+            (None, Some(http), _) => Box::new(
                 HttpDestination::open(http, format, overrides)
                     .map_err(|e| anyhow::anyhow!("Destination/{name}: {e}"))?,
             ),
-            (None, None) => anyhow::bail!(
+            (None, None, Some(grpc)) => {
+                let flow_id = format!(
+                    "{}/{}",
+                    flow.metadata.namespace.as_deref().unwrap_or("default"),
+                    flow.metadata.name.as_deref().unwrap_or_default()
+                );
+                Box::new(
+                    GrpcDestination::open(grpc, flow_id, name.clone(), format, overrides)
+                        .map_err(|e| anyhow::anyhow!("Destination/{name}: {e}"))?,
+                )
+            }
+            (None, None, None) => anyhow::bail!(
                 "Destination/{name}: type {:?} is not delivered by this worker",
                 spec.kind.as_str()
             ),
         };
-        let retry = RetryPolicy::from_spec(http::effective_retry(spec), flow.spec.give_up_policy)
+        let retry = RetryPolicy::from_spec(effective_retry(spec), flow.spec.give_up_policy)
             .map_err(|e| anyhow::anyhow!("Destination/{name} spec.retry: {e}"))?;
         slots.push(DestinationSlot {
             name: name.clone(),

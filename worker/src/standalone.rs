@@ -172,6 +172,13 @@ pub fn check(
         match (&dest.spec.kind, &dest.spec.file) {
             (DestinationType::File, Some(_)) => resolved.push((r.name.clone(), dest.spec.clone())),
             (DestinationType::File, None) => {}
+            (DestinationType::Grpc, _) => {
+                let found = crate::destination::grpc::validate(&r.name, &dest.spec);
+                if found.is_empty() {
+                    resolved.push((r.name.clone(), dest.spec.clone()));
+                }
+                problems.extend(found);
+            }
             (DestinationType::Http, _) => {
                 match crate::destination::http::resolve(&r.name, &dest.spec, secrets) {
                     Ok(spec) => resolved.push((r.name.clone(), spec)),
@@ -179,7 +186,7 @@ pub fn check(
                 }
             }
             (other, _) => problems.push(format!(
-                "Destination/{} spec.type: {:?} is declared in the CRD but not delivered by this worker version yet; use type: file or http (see docs/destinations.md)",
+                "Destination/{} spec.type: {:?} is declared in the CRD but not delivered by this worker version yet; use type: file, http or grpc (see docs/destinations.md)",
                 r.name,
                 other.as_str()
             )),

@@ -11,7 +11,7 @@
 //! ```
 //!
 //! Retries belong to the pipeline (one loop, the Destination's retry policy, see
-//! [`effective_retry`]); a re-delivered batch re-sends every group with the same header
+//! [`super::effective_retry`]); a re-delivered batch re-sends every group with the same header
 //! values, so an endpoint that deduplicates on the header sees each change once.
 
 use std::time::Duration;
@@ -27,7 +27,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use sha2::{Digest, Sha256};
 use wallaby_codec::{Change, TableSchema, WireFormat};
-use wallaby_crds::destination::{DestinationSpec, HttpMethod, HttpSpec, PayloadMode, RetrySpec};
+use wallaby_crds::destination::{DestinationSpec, HttpMethod, HttpSpec, PayloadMode};
 
 use super::{Destination, DestinationError, TypeOverrides, WriteAck};
 use crate::batch::ChangeBatch;
@@ -131,18 +131,6 @@ impl std::fmt::Debug for HttpDestination {
             .field("timeout", &self.timeout)
             .field("headers", &self.headers.keys().collect::<Vec<_>>())
             .finish_non_exhaustive()
-    }
-}
-
-/// The retry block the pipeline uses for an `http` Destination. The seeds put
-/// `max_retries` and the backoff next to the URL (`spec.http.retry`) while every
-/// Destination also has `spec.retry`; both feed the one retry loop of the pipeline (the
-/// destination never retries by itself, so nothing is retried twice). `spec.http.retry`
-/// wins when it differs from the defaults, otherwise `spec.retry` applies.
-pub fn effective_retry(spec: &DestinationSpec) -> &RetrySpec {
-    match &spec.http {
-        Some(http) if http.retry != RetrySpec::default() => &http.retry,
-        _ => &spec.retry,
     }
 }
 
@@ -393,31 +381,10 @@ impl HttpDestination {
     }
 
     async fn write_messages(&self, batch: &ChangeBatch) -> Result<(), DestinationError> {
-        let mut body = Vec::new();
-        let mut hash = Sha256::new();
-        for m in &batch.messages {
-            let line = serde_json::json!({
-                "kind": "message",
-                "lsn": m.lsn.to_string(),
-                "commit_lsn": m.commit_lsn.map(|l| l.to_string()),
-                "transactional": m.commit_lsn.is_some(),
-                "prefix": m.prefix,
-                "content": String::from_utf8_lossy(&m.content),
-            });
-            // Writing JSON into a Vec cannot fail.
-            let _ = serde_json::to_writer(&mut body, &line);
-            body.push(b'\n');
-            hash.update(m.prefix.as_bytes());
-            hash.update([0]);
-            hash.update(m.lsn.0.to_be_bytes());
-        }
+        let (body, key) = messages_payload(batch);
         let mut extra = HeaderMap::new();
         put(&mut extra, CONTENT_TYPE, WireFormat::Json.content_type());
-        put(
-            &mut extra,
-            self.idempotency_header.clone(),
-            &hex(&hash.finalize()),
-        );
+        put(&mut extra, self.idempotency_header.clone(), &key);
         put(&mut extra, HeaderName::from_static(HEADER_KIND), "messages");
         put(
             &mut extra,
@@ -449,6 +416,30 @@ impl Destination for HttpDestination {
         // Every write is durable when it returns: nothing is buffered.
         Ok(())
     }
+}
+
+/// The logical messages of a batch as JSON lines (the `file` destination's shape) and
+/// their idempotency key, a hash of each message's (prefix, lsn).
+pub(crate) fn messages_payload(batch: &ChangeBatch) -> (Vec<u8>, String) {
+    let mut body = Vec::new();
+    let mut hash = Sha256::new();
+    for m in &batch.messages {
+        let line = serde_json::json!({
+            "kind": "message",
+            "lsn": m.lsn.to_string(),
+            "commit_lsn": m.commit_lsn.map(|l| l.to_string()),
+            "transactional": m.commit_lsn.is_some(),
+            "prefix": m.prefix,
+            "content": String::from_utf8_lossy(&m.content),
+        });
+        // Writing JSON into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut body, &line);
+        body.push(b'\n');
+        hash.update(m.prefix.as_bytes());
+        hash.update([0]);
+        hash.update(m.lsn.0.to_be_bytes());
+    }
+    (body, hex(&hash.finalize()))
 }
 
 /// The idempotency key of a group of changes: SHA-256 over each change's (table, key
