@@ -90,7 +90,7 @@ fn invalid_fixtures_report_the_blocking_reason_first_and_name_the_fix() {
             &[
                 "Destination/events",
                 "type kafka is not delivered",
-                "delivered types: file",
+                "delivered types: file, http, grpc",
             ],
         ),
         (

@@ -18,9 +18,11 @@ use wallaby_crds::flow::{AckPolicy, FailureMode};
 use crate::ack::AckMode;
 use crate::batch::SchemaSource;
 use crate::change::Relation;
-use crate::destination::TypeOverrides;
 use crate::destination::file::FileDestination;
+use crate::destination::grpc::GrpcDestination;
+use crate::destination::http::HttpDestination;
 use crate::destination::kafka::{KafkaDestination, KafkaSecrets};
+use crate::destination::{Destination, TypeOverrides, effective_retry};
 use crate::lsn::Lsn;
 use crate::metrics::Metrics;
 use crate::pipeline::{
@@ -119,26 +121,40 @@ fn open_destinations_with(
         let format = wire_format(spec.format.unwrap_or(flow.spec.wire_format));
         let overrides = TypeOverrides::new(spec.type_mappings.clone());
         let kafka = spec.kafka.as_ref().or(spec.bufstream.as_ref());
-        let sink: Box<dyn crate::destination::Destination> = match (&spec.file, kafka) {
-            (Some(file), _) => {
+        let sink: Box<dyn Destination> = if let Some(file) = &spec.file {
                 Box::new(FileDestination::open(file, format, overrides).map_err(|e| {
                     anyhow::anyhow!("Destination/{name}: cannot open {}: {e}", file.path)
                 })?)
             }
-            (None, Some(k)) => {
-                let secrets = kafka_secrets.get(name).cloned().unwrap_or_default();
-                Box::new(
-                    KafkaDestination::open(k, &secrets, format, overrides).map_err(|e| {
-                        anyhow::anyhow!("Destination/{name} ({}): {e}", spec.kind.as_str())
-                    })?,
-                )
-            }
-            (None, None) => anyhow::bail!(
+        } else if let Some(k) = kafka {
+            let secrets = kafka_secrets.get(name).cloned().unwrap_or_default();
+            Box::new(
+                KafkaDestination::open(k, &secrets, format, overrides).map_err(|e| {
+                    anyhow::anyhow!("Destination/{name} ({}): {e}", spec.kind.as_str())
+                })?,
+            )
+        } else if let Some(http) = &spec.http {
+            Box::new(
+                HttpDestination::open(http, format, overrides)
+                    .map_err(|e| anyhow::anyhow!("Destination/{name}: {e}"))?,
+            )
+        } else if let Some(grpc) = &spec.grpc {
+            let flow_id = format!(
+                "{}/{}",
+                flow.metadata.namespace.as_deref().unwrap_or("default"),
+                flow.metadata.name.as_deref().unwrap_or_default()
+            );
+            Box::new(
+                GrpcDestination::open(grpc, flow_id, name.clone(), format, overrides)
+                    .map_err(|e| anyhow::anyhow!("Destination/{name}: {e}"))?,
+            )
+        } else {
+            anyhow::bail!(
                 "Destination/{name}: type {:?} is not delivered by this worker",
                 spec.kind.as_str()
-            ),
+            )
         };
-        let retry = RetryPolicy::from_spec(&spec.retry, flow.spec.give_up_policy)
+        let retry = RetryPolicy::from_spec(effective_retry(spec), flow.spec.give_up_policy)
             .map_err(|e| anyhow::anyhow!("Destination/{name} spec.retry: {e}"))?;
         slots.push(DestinationSlot {
             name: name.clone(),

@@ -187,8 +187,21 @@ pub fn check(
                     }
                 }
             }
+            (DestinationType::Grpc, _) => {
+                let found = crate::destination::grpc::validate(&r.name, &dest.spec);
+                if found.is_empty() {
+                    resolved.push((r.name.clone(), dest.spec.clone()));
+                }
+                problems.extend(found);
+            }
+            (DestinationType::Http, _) => {
+                match crate::destination::http::resolve(&r.name, &dest.spec, secrets) {
+                    Ok(spec) => resolved.push((r.name.clone(), spec)),
+                    Err(p) => problems.extend(p),
+                }
+            }
             (other, _) => problems.push(format!(
-                "Destination/{} spec.type: {:?} is declared in the CRD but not delivered by this worker version yet; use type: file (see docs/destinations.md)",
+                "Destination/{} spec.type: {:?} is declared in the CRD but not delivered by this worker version yet; use type: file, kafka, bufstream, http or grpc (see docs/destinations.md)",
                 r.name,
                 other.as_str()
             )),

@@ -12,7 +12,11 @@ use crate::conditions::reason;
 use crate::refs;
 
 /// Destination types this worker version delivers.
-pub const DELIVERED_TYPES: &[DestinationType] = &[DestinationType::File];
+pub const DELIVERED_TYPES: &[DestinationType] = &[
+    DestinationType::File,
+    DestinationType::Http,
+    DestinationType::Grpc,
+];
 
 /// One validation problem.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -9,11 +9,14 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use wallaby_codec::TableSchema;
+use wallaby_crds::destination::{DestinationSpec, RetrySpec};
 
 use crate::batch::ChangeBatch;
 
 pub mod file;
 pub mod kafka;
+pub mod grpc;
+pub mod http;
 
 /// What a successful write guarantees.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -121,6 +124,24 @@ pub trait Destination: Send + fmt::Debug {
 
     /// Makes every accepted batch durable.
     async fn flush(&mut self) -> Result<(), DestinationError>;
+}
+
+/// The retry block the pipeline uses for a Destination. The seeds put `max_retries` and
+/// the backoff next to the URL of request/response destinations (`spec.http.retry`,
+/// `spec.grpc.retry`) while every Destination also has `spec.retry`; both feed the one
+/// retry loop of the pipeline (a destination never retries by itself, so nothing is
+/// retried twice). The typed block's `retry` wins when it differs from the defaults,
+/// otherwise `spec.retry` applies.
+pub fn effective_retry(spec: &DestinationSpec) -> &RetrySpec {
+    let typed = spec
+        .http
+        .as_ref()
+        .map(|h| &h.retry)
+        .or(spec.grpc.as_ref().map(|g| &g.retry));
+    match typed {
+        Some(retry) if *retry != RetrySpec::default() => retry,
+        _ => &spec.retry,
+    }
 }
 
 /// A destination's `typeMappings` (PostgreSQL type name → destination type), applied to

@@ -1,0 +1,512 @@
+//! The `grpc` destination against an `IngestService` server inside the test (tonic, the
+//! messages of worker/proto/ingest.proto) that records calls and fails on demand:
+//! read-back equals PostgreSQL (inserts, updates, deletes, unchanged TOAST) with metadata
+//! and request fields, retryable status codes lose nothing and hold the slot,
+//! INVALID_ARGUMENT gives up at once, and an unreachable endpoint fails with its address.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::{BTreeMap, VecDeque};
+use std::convert::Infallible;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{TestDb, Worker, parse_lsn, wait_for};
+use tonic::codegen::{BoxFuture, Context, Poll, Service, http};
+use tonic::metadata::MetadataMap;
+use tonic::{Code, Status};
+use wallaby_codec::{Change, ColumnSchema, Op, TableSchema, Value, WireFormat};
+use wallaby_worker::destination::grpc::{IngestBatchRequest, IngestBatchResponse};
+
+const DEADLINE: Duration = Duration::from_secs(60);
+
+/// 400 md5 digests: 12,800 bytes of incompressible text, stored out of line.
+const BIG: &str = "(SELECT string_agg(md5(i::text), '') FROM generate_series(1, 400) i)";
+
+#[derive(Default)]
+struct IngestState {
+    /// Calls answered OK, in arrival order.
+    accepted: Vec<(MetadataMap, IngestBatchRequest)>,
+    /// Every call that arrived.
+    attempts: usize,
+    /// Status codes for the next calls, one each.
+    queued: VecDeque<Code>,
+    /// Status for every call while set (an outage).
+    failing: Option<Code>,
+}
+
+/// The in-test `IngestService`.
+#[derive(Clone, Default)]
+struct Ingest(Arc<Mutex<IngestState>>);
+
+impl Ingest {
+    async fn start() -> (Self, String) {
+        let ingest = Self::default();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let service = ingest.clone();
+        tokio::spawn(async move {
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+                .await
+        });
+        (ingest, addr.to_string())
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, IngestState> {
+        self.0.lock().unwrap()
+    }
+
+    fn accepted(&self) -> Vec<(MetadataMap, IngestBatchRequest)> {
+        self.state().accepted.clone()
+    }
+}
+
+impl tonic::server::NamedService for Ingest {
+    const NAME: &'static str = "wallaby.ingest.v1.IngestService";
+}
+
+/// The unary handler: records the call or answers the queued fault.
+struct IngestBatch(Ingest);
+
+impl tonic::server::UnaryService<IngestBatchRequest> for IngestBatch {
+    type Response = IngestBatchResponse;
+    type Future = BoxFuture<tonic::Response<IngestBatchResponse>, Status>;
+
+    fn call(&mut self, request: tonic::Request<IngestBatchRequest>) -> Self::Future {
+        let ingest = self.0.clone();
+        Box::pin(async move {
+            let mut s = ingest.state();
+            s.attempts += 1;
+            if let Some(code) = s.queued.pop_front().or(s.failing) {
+                return Err(Status::new(code, format!("injected {code:?}")));
+            }
+            let metadata = request.metadata().clone();
+            let message = request.into_inner();
+            let accepted = u64::from(message.record_count);
+            s.accepted.push((metadata, message));
+            Ok(tonic::Response::new(IngestBatchResponse { accepted }))
+        })
+    }
+}
+
+impl Service<http::Request<tonic::body::Body>> for Ingest {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Self::Response, Infallible>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        assert_eq!(
+            request.uri().path(),
+            wallaby_worker::destination::grpc::INGEST_BATCH_PATH
+        );
+        let handler = IngestBatch(self.clone());
+        Box::pin(async move {
+            let mut grpc = tonic::server::Grpc::new(tonic_prost::ProstCodec::<
+                IngestBatchResponse,
+                IngestBatchRequest,
+            >::default());
+            Ok(grpc.unary(handler, request).await)
+        })
+    }
+}
+
+fn manifest(dir: &Path, db: &TestDb, dests: &[(&str, String)]) -> PathBuf {
+    let names: Vec<String> = dests
+        .iter()
+        .map(|(n, _)| format!("{{name: {n}}}"))
+        .collect();
+    let mut text = format!(
+        r#"apiVersion: wallaby.dev/v1alpha1
+kind: Flow
+metadata: {{name: ingest, namespace: team}}
+spec:
+  source:
+    postgres:
+      secretRef: {{name: pg}}
+      slot: {slot}
+      publication: {slot}
+      tables: ["public.t"]
+      batchTimeout: 50ms
+      statusInterval: 1s
+  destinations: [{names}]
+---
+apiVersion: v1
+kind: Secret
+metadata: {{name: pg}}
+stringData: {{dsn: "{dsn}"}}
+"#,
+        slot = db.name,
+        dsn = db.dsn,
+        names = names.join(", "),
+    );
+    for (name, spec) in dests {
+        text += &format!(
+            "---\napiVersion: wallaby.dev/v1alpha1\nkind: Destination\nmetadata: {{name: {name}}}\nspec: {spec}\n"
+        );
+    }
+    let path = dir.join("flow.yaml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+async fn setup(prefix: &str) -> TestDb {
+    let db = TestDb::create(prefix).await;
+    db.client()
+        .await
+        .batch_execute(
+            "CREATE TABLE t (id int PRIMARY KEY, title text, big text);
+             ALTER TABLE t ALTER COLUMN big SET STORAGE EXTERNAL;",
+        )
+        .await
+        .unwrap();
+    db
+}
+
+async fn attach(db: &TestDb) {
+    wait_for("the worker to attach to the slot", DEADLINE, async || {
+        db.slot(&db.name).await.filter(|(_, active)| *active)
+    })
+    .await;
+}
+
+fn decode(format: WireFormat, body: &[u8]) -> (TableSchema, Vec<Change>) {
+    let ps = wallaby_codec::payload_schema(format, body).unwrap();
+    let (schema_name, table) = ps.table.split_once('.').unwrap();
+    let schema = TableSchema {
+        schema: schema_name.into(),
+        table: table.into(),
+        columns: ps
+            .columns
+            .iter()
+            .map(|c| ColumnSchema {
+                name: c.name.clone(),
+                ty: Arc::new(wallaby_worker::source::types::builtin_type(c.oid, c.typmod).unwrap()),
+                key: c.key,
+                mapped_type: c.mapped_type.clone(),
+            })
+            .collect(),
+        version: ps.schema_version,
+    };
+    let changes = wallaby_codec::decode(format, &schema, body).unwrap();
+    (schema, changes)
+}
+
+type Rows = BTreeMap<i32, Vec<Option<String>>>;
+
+/// Applies every accepted call's changes in order; an absent (unchanged TOAST) value keeps
+/// the previous one.
+fn replay(ingest: &Ingest) -> Rows {
+    let mut rows = Rows::new();
+    for (_, m) in ingest.accepted() {
+        let format = match m.format.as_str() {
+            "proto" => WireFormat::Proto,
+            "json" => WireFormat::Json,
+            other => panic!("unexpected format {other}"),
+        };
+        let (schema, changes) = decode(format, &m.payload);
+        for c in changes {
+            let id_of = |row: &wallaby_codec::Row| match row.values[0] {
+                Value::Int4(i) => i,
+                ref other => panic!("id decoded as {other:?}"),
+            };
+            if c.op == Op::Delete {
+                rows.remove(&id_of(c.before.as_ref().unwrap()));
+                continue;
+            }
+            let after = c.after.unwrap();
+            let id = id_of(&after);
+            let old = rows.get(&id).cloned();
+            let values = after
+                .values
+                .iter()
+                .enumerate()
+                .map(|(i, v)| match (&old, after.absent.contains(&i)) {
+                    (Some(old), true) => old[i].clone(),
+                    _ => (*v != Value::Null)
+                        .then(|| wallaby_codec::text::render(&schema.columns[i].ty, v)),
+                })
+                .collect();
+            rows.insert(id, values);
+        }
+    }
+    rows
+}
+
+async fn postgres_rows(db: &TestDb) -> Rows {
+    db.client()
+        .await
+        .query("SELECT id, id::text, title, big FROM t ORDER BY 1", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), vec![r.get(1), r.get(2), r.get(3)]))
+        .collect()
+}
+
+async fn exit(mut worker: Worker) -> (Option<i32>, String) {
+    let code = wait_for("the worker to exit", DEADLINE, async || {
+        worker.child.try_wait().unwrap().map(|s| s.code())
+    })
+    .await;
+    (code, worker.log_text())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_decode_back_to_the_postgres_rows_with_metadata_and_fields() {
+    let db = setup("grpc_readback").await;
+    let (ingest, addr) = Ingest::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let m = manifest(
+        dir.path(),
+        &db,
+        &[(
+            "sink",
+            format!(
+                "{{type: grpc, format: proto, grpc: {{endpoint: \"{addr}\", headers: {{authorization: Bearer tkn}}}}}}"
+            ),
+        )],
+    );
+    let worker = Worker::spawn(&m, dir.path());
+    attach(&db).await;
+    db.client()
+        .await
+        .batch_execute(&format!(
+            "INSERT INTO t SELECT g, 'title ' || g, {BIG} FROM generate_series(1, 20) g;
+             UPDATE t SET title = 'renamed' WHERE id <= 5;
+             UPDATE t SET big = 'small now', title = NULL WHERE id = 6;
+             DELETE FROM t WHERE id BETWEEN 15 AND 17;
+             INSERT INTO t VALUES (100, 'ünï', NULL);"
+        ))
+        .await
+        .unwrap();
+    let want = postgres_rows(&db).await;
+    wait_for(
+        "the server's rows to match PostgreSQL",
+        DEADLINE,
+        async || (replay(&ingest) == want).then_some(()),
+    )
+    .await;
+    for (metadata, m) in ingest.accepted() {
+        assert_eq!(metadata.get("x-wallaby-payload-mode").unwrap(), "wire");
+        assert_eq!(metadata.get("authorization").unwrap(), "Bearer tkn");
+        assert_eq!(m.flow_id, "team/ingest");
+        assert_eq!(m.destination, "sink");
+        assert_eq!(m.table, "public.t");
+        assert_eq!(m.kind, "changes");
+        assert_eq!(m.content_type, "application/x-protobuf");
+        let (schema, changes) = decode(WireFormat::Proto, &m.payload);
+        assert_eq!(m.record_count as usize, changes.len());
+        assert_eq!(m.schema_version, schema.version);
+        assert_eq!(m.first_lsn, changes.first().unwrap().lsn);
+        assert_eq!(m.last_lsn, changes.last().unwrap().lsn);
+        assert_eq!(
+            m.idempotency_key,
+            wallaby_worker::destination::http::changes_key(&schema, &changes)
+        );
+    }
+    let (code, log) = worker.terminate();
+    assert_eq!(code, Some(0), "{log}");
+    assert!(!log.contains("Bearer tkn"), "a header value was logged");
+    db.drop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retryable_codes_lose_nothing_hold_the_slot_and_resume() {
+    let db = setup("grpc_outage").await;
+    let (ingest, addr) = Ingest::start().await;
+    {
+        let mut s = ingest.state();
+        s.queued.extend([
+            Code::DeadlineExceeded,
+            Code::ResourceExhausted,
+            Code::Aborted,
+        ]);
+        s.failing = Some(Code::Unavailable);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let m = manifest(
+        dir.path(),
+        &db,
+        &[(
+            "sink",
+            format!(
+                "{{type: grpc, grpc: {{endpoint: \"{addr}\", payloadMode: recordJson, retry: {{maxRetries: 1000, backoffBase: 50ms, backoffMax: 200ms}}}}}}"
+            ),
+        )],
+    );
+    let worker = Worker::spawn(&m, dir.path());
+    attach(&db).await;
+    let sql = db.client().await;
+    let before: String = sql
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    sql.batch_execute(&format!(
+        "INSERT INTO t SELECT g, 'x' || g, {BIG} FROM generate_series(1, 30) g;
+         UPDATE t SET title = 'y' WHERE id % 2 = 0;
+         DELETE FROM t WHERE id > 25;"
+    ))
+    .await
+    .unwrap();
+    wait_for("several failed calls", DEADLINE, async || {
+        (ingest.state().attempts >= 6).then_some(())
+    })
+    .await;
+    assert!(ingest.accepted().is_empty());
+    let (confirmed, _) = db.slot(&db.name).await.unwrap();
+    assert!(
+        parse_lsn(&confirmed) <= parse_lsn(&before),
+        "slot confirmed {confirmed} past what the server holds (nothing after {before})"
+    );
+    ingest.state().failing = None;
+    let want = postgres_rows(&db).await;
+    wait_for(
+        "delivery to resume and match PostgreSQL",
+        DEADLINE,
+        async || (replay(&ingest) == want).then_some(()),
+    )
+    .await;
+    for (metadata, m) in ingest.accepted() {
+        assert_eq!(
+            metadata.get("x-wallaby-payload-mode").unwrap(),
+            "recordJson"
+        );
+        assert_eq!(m.format, "json");
+    }
+    let after: String = sql
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    wait_for(
+        "the slot to confirm the delivered changes",
+        DEADLINE,
+        async || {
+            db.slot(&db.name)
+                .await
+                .filter(|(lsn, _)| parse_lsn(lsn) >= parse_lsn(&after))
+        },
+    )
+    .await;
+    let (code, log) = worker.terminate();
+    assert_eq!(code, Some(0), "{log}");
+    assert!(
+        log.contains("status Unavailable: injected Unavailable"),
+        "{log}"
+    );
+    db.drop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_argument_is_permanent_and_the_flow_gives_up() {
+    let db = setup("grpc_reject").await;
+    let (ingest, addr) = Ingest::start().await;
+    ingest.state().failing = Some(Code::InvalidArgument);
+    let dir = tempfile::tempdir().unwrap();
+    let m = manifest(
+        dir.path(),
+        &db,
+        &[(
+            "strict",
+            format!("{{type: grpc, grpc: {{endpoint: \"{addr}\"}}}}"),
+        )],
+    );
+    let worker = Worker::spawn(&m, dir.path());
+    attach(&db).await;
+    let start_lsn = db.slot(&db.name).await.unwrap().0;
+    db.client()
+        .await
+        .batch_execute("INSERT INTO t VALUES (1, 'a', 'b')")
+        .await
+        .unwrap();
+    let (code, log) = exit(worker).await;
+    assert_ne!(code, Some(0), "{log}");
+    assert!(log.contains("strict"), "names the Destination: {log}");
+    assert!(
+        log.contains(&format!(
+            "gRPC IngestBatch to http://{addr} (1 changes of public.t): status InvalidArgument: injected InvalidArgument (permanent)"
+        )),
+        "{log}"
+    );
+    assert_eq!(
+        ingest.state().attempts,
+        1,
+        "a permanent error is not retried"
+    );
+    assert_eq!(db.slot(&db.name).await.unwrap().0, start_lsn, "slot held");
+    db.drop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_endpoint_is_retried_then_reported_and_a_bad_one_refused() {
+    let db = setup("grpc_endpoint").await;
+    // A port nothing listens on: bind, read the port, close.
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let m = manifest(
+        dir.path(),
+        &db,
+        &[(
+            "gone",
+            format!(
+                "{{type: grpc, grpc: {{endpoint: \"{closed}\", timeout: 2s, retry: {{maxRetries: 2, backoffBase: 50ms, backoffMax: 100ms}}}}}}"
+            ),
+        )],
+    );
+    let worker = Worker::spawn(&m, dir.path());
+    attach(&db).await;
+    db.client()
+        .await
+        .batch_execute("INSERT INTO t VALUES (1, 'a', 'b')")
+        .await
+        .unwrap();
+    let (code, log) = exit(worker).await;
+    assert_ne!(code, Some(0), "{log}");
+    assert!(
+        log.contains(&format!(
+            "gRPC IngestBatch to http://{closed} (1 changes of public.t): status Unavailable: tcp connect error (transient); hint: the server is unreachable"
+        )),
+        "{log}"
+    );
+    assert!(
+        log.contains("destination \"gone\" gave up after 3 attempt(s)"),
+        "retried maxRetries times, then gave up: {log}"
+    );
+
+    let bad = manifest(
+        dir.path(),
+        &db,
+        &[
+            (
+                "noport",
+                "{type: grpc, grpc: {endpoint: \"ingest.example\"}}".into(),
+            ),
+            (
+                "mtls",
+                "{type: grpc, grpc: {endpoint: \"ingest.example:443\", insecure: false, tls: {enabled: true, ca: {name: ca, key: ca.pem}}}}".into(),
+            ),
+        ],
+    );
+    let (code, log) = exit(Worker::spawn(&bad, dir.path())).await;
+    assert_ne!(code, Some(0), "{log}");
+    for want in [
+        "Destination/noport spec.grpc.endpoint \"ingest.example\": it has no port; write host:port",
+        "Destination/mtls spec.grpc.tls: ca, clientCert and clientKey are not supported",
+    ] {
+        assert!(log.contains(want), "missing {want:?} in:\n{log}");
+    }
+    db.drop_all().await;
+}
