@@ -190,7 +190,11 @@ fn run_command(
         let cancel = CancellationToken::new();
         spawn_signal_handler(cancel.clone())?;
         with_metrics(metrics_addr, |metrics| async move {
-            let destinations = open_destinations(&resolved.flow, &resolved.destinations)?;
+            let destinations = open_destinations(
+                &resolved.flow,
+                &resolved.destinations,
+                &resolved.destination_secrets,
+            )?;
             run_controlled(resolved, destinations, options, control, cancel, metrics).await
         })
         .await
@@ -264,7 +268,11 @@ fn cluster_command(
             })
         };
         let result = with_metrics(metrics_addr, |metrics| async move {
-            let destinations = open_destinations(&resolved.flow, &resolved.destinations)?;
+            let destinations = open_destinations(
+                &resolved.flow,
+                &resolved.destinations,
+                &resolved.destination_secrets,
+            )?;
             run_controlled(resolved, destinations, options, control, cancel, metrics).await
         })
         .await;

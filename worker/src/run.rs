@@ -2,6 +2,7 @@
 //! an orderly shutdown (flush → confirm → final standby status → final status file). When
 //! a required destination gives up, the flow's `failureMode` decides the slot's fate.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
@@ -18,8 +19,9 @@ use wallaby_crds::flow::{AckPolicy, FailureMode};
 use crate::ack::AckMode;
 use crate::batch::SchemaSource;
 use crate::change::Relation;
-use crate::destination::TypeOverrides;
 use crate::destination::file::FileDestination;
+use crate::destination::s3::{S3Destination, SecretCredentials};
+use crate::destination::{Destination, TypeOverrides};
 use crate::lsn::Lsn;
 use crate::metrics::Metrics;
 use crate::pipeline::{
@@ -91,19 +93,24 @@ pub fn wire_format(f: SpecFormat) -> WireFormat {
 }
 
 /// Opens the destinations a standalone manifest declares.
+/// `secrets` holds the resolved Secret of each Destination that references one.
 pub fn open_destinations(
     flow: &Flow,
     destinations: &[(String, DestinationSpec)],
+    secrets: &BTreeMap<String, BTreeMap<String, String>>,
 ) -> anyhow::Result<Vec<DestinationSlot>> {
     let mut slots = Vec::new();
     for (name, spec) in destinations {
         let format = wire_format(spec.format.unwrap_or(flow.spec.wire_format));
         let overrides = TypeOverrides::new(spec.type_mappings.clone());
-        let sink = match &spec.file {
-            Some(file) => FileDestination::open(file, format, overrides).map_err(|e| {
-                anyhow::anyhow!("Destination/{name}: cannot open {}: {e}", file.path)
-            })?,
-            None => anyhow::bail!(
+        let sink: Box<dyn Destination> = match (&spec.file, &spec.s3) {
+            (Some(file), _) => {
+                Box::new(FileDestination::open(file, format, overrides).map_err(|e| {
+                    anyhow::anyhow!("Destination/{name}: cannot open {}: {e}", file.path)
+                })?)
+            }
+            (_, Some(s3)) => Box::new(open_s3(name, s3, format, overrides, secrets.get(name))?),
+            _ => anyhow::bail!(
                 "Destination/{name}: type {:?} is not delivered by this worker",
                 spec.kind.as_str()
             ),
@@ -112,11 +119,36 @@ pub fn open_destinations(
             .map_err(|e| anyhow::anyhow!("Destination/{name} spec.retry: {e}"))?;
         slots.push(DestinationSlot {
             name: name.clone(),
-            sink: Box::new(sink),
+            sink,
             retry,
         });
     }
     Ok(slots)
+}
+
+/// Opens an `s3` destination with the credentials of its Secret, if it references one.
+fn open_s3(
+    name: &str,
+    spec: &wallaby_crds::destination::S3Spec,
+    format: WireFormat,
+    overrides: TypeOverrides,
+    secret: Option<&BTreeMap<String, String>>,
+) -> anyhow::Result<S3Destination> {
+    let credentials = match (&spec.secret_ref, secret) {
+        (Some(r), Some(data)) => Some(SecretCredentials::from_secret(data).map_err(|e| {
+            anyhow::anyhow!(
+                "Destination/{name} spec.s3.secretRef: Secret {:?}: {e}",
+                r.name
+            )
+        })?),
+        (Some(r), None) => anyhow::bail!(
+            "Destination/{name} spec.s3.secretRef: Secret {:?} was not resolved",
+            r.name
+        ),
+        (None, _) => None,
+    };
+    S3Destination::open(name, spec, format, overrides, credentials)
+        .map_err(|e| anyhow::anyhow!("Destination/{name} {e}"))
 }
 
 /// Runs until `cancel` fires (clean stop, `Ok`) or an error stops the flow, recording into
@@ -127,7 +159,11 @@ pub async fn run(
     cancel: CancellationToken,
     metrics: Metrics,
 ) -> anyhow::Result<()> {
-    let destinations = open_destinations(&resolved.flow, &resolved.destinations)?;
+    let destinations = open_destinations(
+        &resolved.flow,
+        &resolved.destinations,
+        &resolved.destination_secrets,
+    )?;
     run_with(resolved, destinations, options, cancel, metrics).await
 }
 

@@ -13,6 +13,7 @@ use wallaby_codec::TableSchema;
 use crate::batch::ChangeBatch;
 
 pub mod file;
+pub mod s3;
 
 /// What a successful write guarantees.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
