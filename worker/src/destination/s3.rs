@@ -331,13 +331,18 @@ impl S3Destination {
         })
     }
 
-    async fn client(&mut self) -> Client {
+    /// The client, built and checked against the bucket (HeadBucket) on first use, so a
+    /// missing bucket or bad credentials fail the first batch with a precise error.
+    async fn client(&mut self) -> Result<Client, DestinationError> {
         if let Some(c) = &self.client {
-            return c.clone();
+            return Ok(c.clone());
         }
         let mut loader = aws_config::defaults(BehaviorVersion::latest());
-        if let Some(region) = &self.spec.region {
-            loader = loader.region(Region::new(region.clone()));
+        match (&self.spec.region, &self.spec.endpoint) {
+            (Some(region), _) => loader = loader.region(Region::new(region.clone())),
+            // S3-compatible stores ignore the region; asking the chain would probe IMDS.
+            (None, Some(_)) => loader = loader.region(Region::from_static(FALLBACK_REGION)),
+            (None, None) => {}
         }
         if let Some(c) = &self.credentials {
             loader = loader.credentials_provider(Credentials::new(
@@ -350,8 +355,14 @@ impl S3Destination {
         }
         let sdk = loader.load().await;
         let client = Client::from_conf(s3_config(&self.spec, &sdk).build());
-        self.client = Some(client.clone());
         client
+            .head_bucket()
+            .bucket(&self.spec.bucket)
+            .send()
+            .await
+            .map_err(|e| self.classify("HeadBucket", "", e))?;
+        self.client = Some(client.clone());
+        Ok(client)
     }
 
     /// The objects of a batch: one per (table group, partition), in batch order, and one
@@ -597,7 +608,8 @@ fn classify<E, R>(
         "check the credentials the SDK's default chain finds (env, profile, IRSA web identity, instance role) or set spec.s3.secretRef"
     };
     match code {
-        Some("NoSuchBucket") => {
+        // HeadBucket answers without a body: a missing bucket is a bare 404 `NotFound`.
+        Some("NoSuchBucket" | "NotFound") => {
             return (
                 false,
                 format!(
@@ -663,7 +675,10 @@ fn classify<E, R>(
         Some(s) if s >= 500 || s == 429 || s == 408 => {
             (true, "the store is busy or failing; retried with backoff".to_owned())
         }
-        Some(403) => (false, credentials.to_owned()),
+        Some(403) => (
+            false,
+            format!("access denied or the request signature was rejected: {credentials}; the credentials need s3:ListBucket (HeadBucket) and s3:PutObject on {bucket:?}"),
+        ),
         Some(404) => (
             false,
             format!("not found: check spec.s3.bucket ({bucket:?}), spec.s3.endpoint and spec.s3.forcePathStyle"),
@@ -703,7 +718,7 @@ impl Destination for S3Destination {
         if objects.is_empty() {
             return Ok(WriteAck::Durable);
         }
-        let client = self.client().await;
+        let client = self.client().await?;
         for object in objects {
             self.upload(&client, object).await?;
         }
