@@ -97,4 +97,12 @@ if ! command -v cargo >/dev/null; then
   # shellcheck disable=SC1091
   . "$HOME/.cargo/env"
 fi
+# S3 peer of worker/tests/s3.rs: s3s-fs checks SigV4 signatures and does multipart. 0.14.1
+# is the last release that builds with our toolchain (0.17 needs a newer rustc).
+readonly S3S_FS_VERSION=0.14.1
+if [ ! -x "$HOME/.cargo/bin/s3s-fs" ]; then
+  echo "setup: installing s3s-fs $S3S_FS_VERSION (cargo install, a few minutes)" >&2
+  cargo install "s3s-fs@$S3S_FS_VERSION" --locked --features binary >&2 \
+    || die "cargo install s3s-fs@$S3S_FS_VERSION failed (output above)"
+fi
 "$here/pg.sh" start

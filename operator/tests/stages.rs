@@ -89,8 +89,8 @@ fn invalid_fixtures_report_the_blocking_reason_first_and_name_the_fix() {
             reason::DESTINATION_TYPE_UNSUPPORTED,
             &[
                 "Destination/events",
-                "type kafka is not delivered",
-                "delivered types: file, http, grpc",
+                "type clickhouse is not delivered",
+                "delivered types: file, kafka, bufstream, s3, http, grpc",
             ],
         ),
         (
@@ -591,18 +591,18 @@ fn destination_status_reports_validity_and_users() {
     assert_eq!(ok.conditions[0].reason, reason::VALID);
     assert_eq!(ok.used_by, ["orders"]);
 
-    // Kafka: not delivered, and its credentials Secret is missing.
-    let kafka = load("unsupported-type.yaml").inputs.destinations["events"].clone();
-    let findings = destination::validate(&kafka, &BTreeMap::new());
+    // ClickHouse: not delivered, and its credentials Secret is missing.
+    let clickhouse = load("unsupported-type.yaml").inputs.destinations["events"].clone();
+    let findings = destination::validate(&clickhouse, &BTreeMap::new());
     let reasons: Vec<&str> = findings.iter().map(|f| f.reason).collect();
     assert!(
         reasons.contains(&reason::DESTINATION_TYPE_UNSUPPORTED),
         "{findings:?}"
     );
     assert!(reasons.contains(&reason::SECRET_NOT_FOUND), "{findings:?}");
-    let status = destination::compute(&kafka, &findings, vec![], t0);
+    let status = destination::compute(&clickhouse, &findings, vec![], t0);
     assert_eq!(status.conditions[0].status, "False");
-    assert!(status.conditions[0].message.contains("kafka-credentials"));
+    assert!(status.conditions[0].message.contains("clickhouse-credentials"));
 }
 
 #[test]
@@ -625,12 +625,12 @@ fn watches_map_changes_back_to_the_objects_that_use_them() {
     let by_secret = flow::flows_for_secret(&flows, std::slice::from_ref(&files), &secret);
     assert_eq!(by_secret.len(), 1);
 
-    // Through a Destination: the Kafka credentials reach the Flow that lists "events".
-    let kafka = load("unsupported-type.yaml");
-    let events = Arc::new(kafka.inputs.destinations["events"].clone());
-    let credentials = kafka.inputs.secrets["kafka-credentials"].clone();
+    // Through a Destination: the ClickHouse credentials reach the Flow that lists "events".
+    let clickhouse = load("unsupported-type.yaml");
+    let events = Arc::new(clickhouse.inputs.destinations["events"].clone());
+    let credentials = clickhouse.inputs.secrets["clickhouse-credentials"].clone();
     let by_destination_secret = flow::flows_for_secret(
-        &[Arc::new(kafka.flow.clone())],
+        &[Arc::new(clickhouse.flow.clone())],
         std::slice::from_ref(&events),
         &credentials,
     );

@@ -116,7 +116,7 @@ pub struct FlowObjects {
 
 impl FlowObjects {
     /// Names of the Secrets the worker reads: the source connection and its CA, and the
-    /// credentials of the Kafka / Bufstream destinations.
+    /// credentials of the Kafka / Bufstream, S3 and HTTP destinations.
     pub fn secret_names(flow: &Flow, destinations: &BTreeMap<String, Destination>) -> Vec<String> {
         let pg = &flow.spec.source.postgres;
         let mut names: Vec<String> = pg
@@ -130,6 +130,20 @@ impl FlowObjects {
                     .iter()
                     .chain(d.spec.bufstream.iter())
                     .flat_map(crate::destination::kafka::secret_names)
+                    .chain(
+                        d.spec
+                            .s3
+                            .iter()
+                            .flat_map(|s| s.secret_ref.clone())
+                            .map(|r| r.name),
+                    )
+                    .chain(
+                        d.spec
+                            .http
+                            .iter()
+                            .flat_map(|h| h.headers_secret_ref.clone())
+                            .map(|r| r.name),
+                    )
                     .collect::<Vec<_>>()
             }))
             .collect();

@@ -2,6 +2,7 @@
 //! an orderly shutdown (flush → confirm → final standby status → final status file). When
 //! a required destination gives up, the flow's `failureMode` decides the slot's fate.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
@@ -22,6 +23,7 @@ use crate::destination::file::FileDestination;
 use crate::destination::grpc::GrpcDestination;
 use crate::destination::http::HttpDestination;
 use crate::destination::kafka::{KafkaDestination, KafkaSecrets};
+use crate::destination::s3::{S3Destination, SecretCredentials};
 use crate::destination::{Destination, TypeOverrides, effective_retry};
 use crate::lsn::Lsn;
 use crate::metrics::Metrics;
@@ -95,26 +97,22 @@ pub fn wire_format(f: SpecFormat) -> WireFormat {
 
 /// Opens the destinations of a resolved flow, with the credentials its Secrets gave.
 pub fn open_resolved(resolved: &Resolved) -> anyhow::Result<Vec<DestinationSlot>> {
-    open_destinations_with(
+    open_destinations(
         &resolved.flow,
         &resolved.destinations,
         &resolved.kafka_secrets,
+        &resolved.destination_secrets,
     )
 }
 
-/// Opens the destinations a standalone manifest declares (no Secrets: Kafka without
-/// SASL/TLS material; see [`open_resolved`]).
+/// Opens `destinations` of `flow`. `kafka_secrets` holds the resolved SASL/TLS material of
+/// each `kafka` / `bufstream` Destination, `secrets` the resolved Secret data of every other
+/// Destination that references one (by Destination name).
 pub fn open_destinations(
     flow: &Flow,
     destinations: &[(String, DestinationSpec)],
-) -> anyhow::Result<Vec<DestinationSlot>> {
-    open_destinations_with(flow, destinations, &std::collections::BTreeMap::new())
-}
-
-fn open_destinations_with(
-    flow: &Flow,
-    destinations: &[(String, DestinationSpec)],
-    kafka_secrets: &std::collections::BTreeMap<String, KafkaSecrets>,
+    kafka_secrets: &BTreeMap<String, KafkaSecrets>,
+    secrets: &BTreeMap<String, BTreeMap<String, String>>,
 ) -> anyhow::Result<Vec<DestinationSlot>> {
     let mut slots = Vec::new();
     for (name, spec) in destinations {
@@ -122,10 +120,9 @@ fn open_destinations_with(
         let overrides = TypeOverrides::new(spec.type_mappings.clone());
         let kafka = spec.kafka.as_ref().or(spec.bufstream.as_ref());
         let sink: Box<dyn Destination> = if let Some(file) = &spec.file {
-                Box::new(FileDestination::open(file, format, overrides).map_err(|e| {
-                    anyhow::anyhow!("Destination/{name}: cannot open {}: {e}", file.path)
-                })?)
-            }
+            Box::new(FileDestination::open(file, format, overrides).map_err(|e| {
+                anyhow::anyhow!("Destination/{name}: cannot open {}: {e}", file.path)
+            })?)
         } else if let Some(k) = kafka {
             let secrets = kafka_secrets.get(name).cloned().unwrap_or_default();
             Box::new(
@@ -148,6 +145,8 @@ fn open_destinations_with(
                 GrpcDestination::open(grpc, flow_id, name.clone(), format, overrides)
                     .map_err(|e| anyhow::anyhow!("Destination/{name}: {e}"))?,
             )
+        } else if let Some(s3) = &spec.s3 {
+            Box::new(open_s3(name, s3, format, overrides, secrets.get(name))?)
         } else {
             anyhow::bail!(
                 "Destination/{name}: type {:?} is not delivered by this worker",
@@ -163,6 +162,31 @@ fn open_destinations_with(
         });
     }
     Ok(slots)
+}
+
+/// Opens an `s3` destination with the credentials of its Secret, if it references one.
+fn open_s3(
+    name: &str,
+    spec: &wallaby_crds::destination::S3Spec,
+    format: WireFormat,
+    overrides: TypeOverrides,
+    secret: Option<&BTreeMap<String, String>>,
+) -> anyhow::Result<S3Destination> {
+    let credentials = match (&spec.secret_ref, secret) {
+        (Some(r), Some(data)) => Some(SecretCredentials::from_secret(data).map_err(|e| {
+            anyhow::anyhow!(
+                "Destination/{name} spec.s3.secretRef: Secret {:?}: {e}",
+                r.name
+            )
+        })?),
+        (Some(r), None) => anyhow::bail!(
+            "Destination/{name} spec.s3.secretRef: Secret {:?} was not resolved",
+            r.name
+        ),
+        (None, _) => None,
+    };
+    S3Destination::open(name, spec, format, overrides, credentials)
+        .map_err(|e| anyhow::anyhow!("Destination/{name} {e}"))
 }
 
 /// Runs until `cancel` fires (clean stop, `Ok`) or an error stops the flow, recording into

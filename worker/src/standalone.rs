@@ -26,6 +26,8 @@ pub struct Resolved {
     pub ssl_root_cert_pem: Option<String>,
     /// Credentials of the `kafka` / `bufstream` destinations, by destination name.
     pub kafka_secrets: BTreeMap<String, crate::destination::kafka::KafkaSecrets>,
+    /// String data of the Secret each Destination references (by Destination name).
+    pub destination_secrets: BTreeMap<String, BTreeMap<String, String>>,
 }
 
 /// Configuration problems; each names the object and the fix.
@@ -155,6 +157,7 @@ pub fn check(
         .collect();
     let mut resolved = Vec::new();
     let mut kafka_secrets = BTreeMap::new();
+    let mut destination_secrets = BTreeMap::new();
     for r in &flow.spec.destinations {
         let Some(dest) = destinations.get(&r.name) else {
             continue;
@@ -200,8 +203,18 @@ pub fn check(
                     Err(p) => problems.extend(p),
                 }
             }
+            (DestinationType::S3, _) => {
+                let before = problems.len();
+                if let Some(data) = check_s3(&r.name, &flow, &dest.spec, secrets, &mut problems)
+                {
+                    destination_secrets.insert(r.name.clone(), data);
+                }
+                if problems.len() == before {
+                    resolved.push((r.name.clone(), dest.spec.clone()));
+                }
+            }
             (other, _) => problems.push(format!(
-                "Destination/{} spec.type: {:?} is declared in the CRD but not delivered by this worker version yet; use type: file, kafka, bufstream, http or grpc (see docs/destinations.md)",
+                "Destination/{} spec.type: {:?} is declared in the CRD but not delivered by this worker version yet; use type: file, kafka, bufstream, s3, http or grpc (see docs/destinations.md)",
                 r.name,
                 other.as_str()
             )),
@@ -247,6 +260,7 @@ pub fn check(
         destinations: resolved,
         source_secret,
         ssl_root_cert_pem,
+        destination_secrets,
         kafka_secrets,
     })
 }
@@ -351,6 +365,59 @@ fn kafka_check(
     } else {
         Err(problems)
     }
+}
+
+/// Checks an `s3` block against the Flow (format × compression, partitionBy) and reads
+/// its credentials Secret; returns the Secret's data when it references one.
+fn check_s3(
+    name: &str,
+    flow: &Flow,
+    spec: &DestinationSpec,
+    secrets: &dyn SecretSource,
+    problems: &mut Vec<String>,
+) -> Option<BTreeMap<String, String>> {
+    use crate::destination::s3;
+    let s3 = spec.s3.as_ref()?;
+    if s3.bucket.trim().is_empty() {
+        problems.push(format!(
+            "Destination/{name} spec.s3.bucket: must name the bucket objects are written to"
+        ));
+    }
+    if let Some(endpoint) = &s3.endpoint
+        && !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
+    {
+        problems.push(format!(
+            "Destination/{name} spec.s3.endpoint: {endpoint:?} is not an http:// or https:// URL"
+        ));
+    }
+    for p in &s3.partition_by {
+        if let Err(e) = s3::PartitionField::parse(p) {
+            problems.push(format!("Destination/{name} spec.s3.partitionBy: {e}"));
+        }
+    }
+    let format = crate::run::wire_format(spec.format.unwrap_or(flow.spec.wire_format));
+    if let Err(e) = s3::check_compression(format, s3.compression) {
+        problems.push(format!("Destination/{name} spec.s3.compression: {e}"));
+    }
+    let secret_ref = s3.secret_ref.as_ref()?;
+    let data = secrets.secret(&secret_ref.name, &s3::SECRET_KEYS);
+    let Some(data) = data else {
+        problems.push(format!(
+            "Destination/{name} spec.s3.secretRef: Secret {:?} not found: {}",
+            secret_ref.name,
+            secrets.how_to_provide(&secret_ref.name, "accessKeyId")
+        ));
+        return None;
+    };
+    if let Err(e) = s3::SecretCredentials::from_secret(&data) {
+        problems.push(format!(
+            "Destination/{name} spec.s3.secretRef: Secret {:?}: {e}: {}",
+            secret_ref.name,
+            secrets.how_to_provide(&secret_ref.name, "accessKeyId")
+        ));
+        return None;
+    }
+    Some(data)
 }
 
 fn env_name(secret: &str, key: &str) -> String {

@@ -14,6 +14,9 @@ use crate::refs;
 /// Destination types this worker version delivers.
 pub const DELIVERED_TYPES: &[DestinationType] = &[
     DestinationType::File,
+    DestinationType::Kafka,
+    DestinationType::Bufstream,
+    DestinationType::S3,
     DestinationType::Http,
     DestinationType::Grpc,
 ];

@@ -14,9 +14,10 @@ use wallaby_crds::destination::{DestinationSpec, RetrySpec};
 use crate::batch::ChangeBatch;
 
 pub mod file;
-pub mod kafka;
 pub mod grpc;
 pub mod http;
+pub mod kafka;
+pub mod s3;
 
 /// What a successful write guarantees.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
