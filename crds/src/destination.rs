@@ -49,16 +49,22 @@ pub struct DestinationSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub format: Option<WireFormat>,
 
-    /// Metadata columns added to every record.
+    /// Metadata columns appended to every table's columns (after the source columns):
+    /// when the change was written, whether it deleted the row, its watermark and its
+    /// source operation. Names must not exist in the source tables.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub meta_columns: Option<MetaColumns>,
 
-    /// Turn deletes into updates with the `deleted` metadata column set.
+    /// Turn deletes into updates of the deleted row's key with the `deleted` metadata
+    /// column set to true (the other columns are marked absent, so they keep their last
+    /// values). Adds the `deleted` column even when `metaColumns.enabled` is false.
     #[serde(default)]
     pub soft_delete: bool,
 
-    /// Turn updates and deletes into inserts, keeping the original operation in the `op`
-    /// metadata column.
+    /// Turn updates and deletes into inserts (no old row), keeping the original operation
+    /// in the `op` metadata column and flagging deletes in `deleted`: the destination gets
+    /// an append-only history. Adds those two columns even when `metaColumns.enabled` is
+    /// false; takes precedence over `softDelete` for deletes.
     #[serde(default)]
     pub append_mode: bool,
 
@@ -191,24 +197,38 @@ impl DestinationSpec {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct MetaColumns {
-    /// Add the metadata columns.
+    /// Add all four metadata columns (those named `-` excepted).
     #[serde(default)]
     pub enabled: bool,
-    /// Column with the time the record was written.
+    /// Column (timestamptz) with the time the worker wrote the batch.
     #[serde(default = "default_synced_at")]
     pub synced_at: String,
-    /// Column flagging soft-deleted rows.
+    /// Column (bool) true for a change that deleted the row.
     #[serde(default = "default_deleted")]
     pub deleted: String,
-    /// Column with the watermark; `-` disables it.
+    /// Column with the watermark (see `watermarkSource`); `-` leaves it out.
     #[serde(default = "default_watermark")]
     pub watermark: String,
-    /// Column with the source operation.
+    /// Column (text) with the source operation: insert, update or delete.
     #[serde(default = "default_op")]
     pub op: String,
-    /// What the watermark holds: commit `timestamp` or `lsn`.
+    /// What the watermark holds: the transaction's commit `timestamp` (timestamptz) or
+    /// its commit `lsn` (int8, the LSN as a 64-bit number, ordered like the WAL).
     #[serde(default)]
     pub watermark_source: WatermarkSource,
+}
+
+impl Default for MetaColumns {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            synced_at: default_synced_at(),
+            deleted: default_deleted(),
+            watermark: default_watermark(),
+            op: default_op(),
+            watermark_source: WatermarkSource::default(),
+        }
+    }
 }
 
 fn default_synced_at() -> String {

@@ -46,6 +46,37 @@ pub fn destination(name: &str, spec: &DestinationSpec) -> Vec<Problem> {
     if let Some(Err(e)) = spec.file.as_ref().map(|f| f.rotate_interval.parse()) {
         push("spec.file.rotateInterval", e);
     }
+    if let Some(meta) = &spec.meta_columns {
+        let names = [
+            ("syncedAt", &meta.synced_at),
+            ("deleted", &meta.deleted),
+            ("watermark", &meta.watermark),
+            ("op", &meta.op),
+        ];
+        for (i, (field, name)) in names.iter().enumerate() {
+            if name.trim().is_empty() {
+                push(
+                    &format!("spec.metaColumns.{field}"),
+                    "must name a column (or be \"-\" for watermark, to drop it)".into(),
+                );
+            } else if name.as_str() == "-" && *field != "watermark" {
+                push(
+                    &format!("spec.metaColumns.{field}"),
+                    "only watermark can be disabled with \"-\"".into(),
+                );
+            } else if let Some((other, _)) = names[..i]
+                .iter()
+                .find(|(_, n)| n == name && n.as_str() != "-")
+            {
+                push(
+                    &format!("spec.metaColumns.{field}"),
+                    format!(
+                        "{name:?} is also the name of metaColumns.{other}: each metadata column needs its own name"
+                    ),
+                );
+            }
+        }
+    }
     for (field, retry) in [
         ("spec.http.retry", spec.http.as_ref().map(|h| &h.retry)),
         ("spec.grpc.retry", spec.grpc.as_ref().map(|g| &g.retry)),
@@ -176,6 +207,31 @@ mod tests {
                 .message
                 .contains("set exactly one block, spec.kafka"),
             "{problems:?}"
+        );
+    }
+
+    #[test]
+    fn metadata_columns_need_distinct_names() {
+        let b = bundle(
+            "apiVersion: wallaby.dev/v1alpha1\nkind: Destination\nmetadata: {name: d}\nspec: {type: file, file: {path: /x}, metaColumns: {enabled: true, op: __ds_is_deleted, syncedAt: '-', watermark: '-'}}\n",
+        );
+        let problems = destination("d", &b.destinations["d"].spec);
+        let got: Vec<(&str, &str)> = problems
+            .iter()
+            .map(|p| (p.field.as_str(), p.message.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (
+                    "spec.metaColumns.syncedAt",
+                    "only watermark can be disabled with \"-\""
+                ),
+                (
+                    "spec.metaColumns.op",
+                    "\"__ds_is_deleted\" is also the name of metaColumns.deleted: each metadata column needs its own name"
+                ),
+            ]
         );
     }
 }

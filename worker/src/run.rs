@@ -23,6 +23,7 @@ use crate::destination::file::FileDestination;
 use crate::destination::grpc::GrpcDestination;
 use crate::destination::http::HttpDestination;
 use crate::destination::kafka::{KafkaDestination, KafkaSecrets};
+use crate::destination::meta::{MetaDestination, MetaOptions};
 use crate::destination::s3::{S3Destination, SecretCredentials};
 use crate::destination::{Destination, TypeOverrides, effective_retry};
 use crate::lsn::Lsn;
@@ -152,6 +153,10 @@ pub fn open_destinations(
                 "Destination/{name}: type {:?} is not delivered by this worker",
                 spec.kind.as_str()
             )
+        };
+        let sink = match MetaOptions::from_spec(spec) {
+            Some(options) => Box::new(MetaDestination::new(sink, options)),
+            None => sink,
         };
         let retry = RetryPolicy::from_spec(effective_retry(spec), flow.spec.give_up_policy)
             .map_err(|e| anyhow::anyhow!("Destination/{name} spec.retry: {e}"))?;

@@ -17,6 +17,7 @@ pub mod file;
 pub mod grpc;
 pub mod http;
 pub mod kafka;
+pub mod meta;
 pub mod s3;
 
 /// What a successful write guarantees.
