@@ -228,6 +228,37 @@ impl SecretSource for ClusterSecrets<'_> {
             ),
         }
     }
+
+    fn how_to_provide_keys(&self, name: &str, keys: &[&str]) -> String {
+        let ns = &self.namespace;
+        let list = keys
+            .iter()
+            .map(|k| format!("{k:?}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        match self.secrets.get(name) {
+            Some(secret) => {
+                let has: Vec<String> = standalone::secret_strings(secret).into_keys().collect();
+                format!(
+                    "Secret {ns}/{name} exists but lacks {list} (it has: {}); add them",
+                    if has.is_empty() {
+                        "no keys".to_owned()
+                    } else {
+                        has.join(", ")
+                    }
+                )
+            }
+            None => {
+                let literals: String = keys
+                    .iter()
+                    .map(|k| format!(" --from-literal={k}=…"))
+                    .collect();
+                format!(
+                    "create it in namespace {ns} with keys {list}, e.g. `kubectl -n {ns} create secret generic {name}{literals}`"
+                )
+            }
+        }
+    }
 }
 
 /// Reads the Flow, its Destinations and its Secrets. Missing Destinations and Secrets are
@@ -601,6 +632,37 @@ spec:
         assert!(
             !err.contains("WALLABY_SECRET_"),
             "no standalone hint in a cluster: {err}"
+        );
+    }
+
+    #[test]
+    fn kafka_credentials_name_every_missing_key() {
+        let mut o = objects();
+        o.destinations.insert(
+            "lake".into(),
+            serde_norway::from_str(
+                "apiVersion: wallaby.dev/v1alpha1\nkind: Destination\nmetadata: {name: lake, namespace: apps, generation: 1}\nspec: {type: kafka, kafka: {brokers: ['k:9092'], topic: t, sasl: {mechanism: PLAIN}, secretRef: {name: kafka-creds}}}\n",
+            )
+            .unwrap(),
+        );
+        assert!(
+            FlowObjects::secret_names(&o.flow, &o.destinations).contains(&"kafka-creds".into())
+        );
+        let err = o.clone().resolve().unwrap_err().to_string();
+        assert!(
+            err.contains("create it in namespace apps with keys \"username\", \"password\", e.g. `kubectl -n apps create secret generic kafka-creds --from-literal=username=… --from-literal=password=…`"),
+            "{err}"
+        );
+        o.secrets.insert(
+            "kafka-creds".into(),
+            secret("kafka-creds", &[("username", "u")], "3"),
+        );
+        let err = o.resolve().unwrap_err().to_string();
+        assert!(
+            err.contains(
+                "Secret apps/kafka-creds exists but lacks \"password\" (it has: username); add them"
+            ),
+            "{err}"
         );
     }
 

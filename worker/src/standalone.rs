@@ -55,6 +55,13 @@ pub trait SecretSource {
     fn secret(&self, name: &str, keys: &[&str]) -> Option<BTreeMap<String, String>>;
     /// How the user provides `key` of Secret `name`; ends a "not found" message.
     fn how_to_provide(&self, name: &str, key: &str) -> String;
+    /// How the user provides several `keys` of Secret `name` at once.
+    fn how_to_provide_keys(&self, name: &str, keys: &[&str]) -> String {
+        keys.iter()
+            .map(|k| self.how_to_provide(name, k))
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
 }
 
 /// Keys of the source Secret the worker reads.
@@ -91,10 +98,15 @@ impl<E: Fn(&str) -> Option<String>> SecretSource for FileSecrets<'_, E> {
     }
 
     fn how_to_provide(&self, name: &str, key: &str) -> String {
+        self.how_to_provide_keys(name, &[key])
+    }
+
+    fn how_to_provide_keys(&self, name: &str, keys: &[&str]) -> String {
+        let vars: Vec<String> = keys.iter().map(|k| env_name(name, k)).collect();
         format!(
             "add a `kind: Secret` document to {} or set {}",
             self.path,
-            env_name(name, key)
+            vars.join(" and ")
         )
     }
 }
@@ -311,18 +323,23 @@ fn kafka_check(
     let mut out = KafkaSecrets::default();
     match (&spec.sasl, &spec.secret_ref) {
         (Some(_), Some(secret_ref)) => {
-            let data = secrets.secret(&secret_ref.name, &SASL_SECRET_KEYS);
-            match data
-                .as_ref()
-                .and_then(|d| Some((d.get("username")?, d.get("password")?)))
-            {
-                Some((u, p)) => out.sasl = Some((u.clone(), p.clone())),
-                None => problems.push(format!(
-                    "{}: Secret {:?} with keys username and password not found: {}",
-                    field("secretRef"),
-                    secret_ref.name,
-                    secrets.how_to_provide(&secret_ref.name, "password")
-                )),
+            let data = secrets
+                .secret(&secret_ref.name, &SASL_SECRET_KEYS)
+                .unwrap_or_default();
+            match (data.get("username"), data.get("password")) {
+                (Some(u), Some(p)) => out.sasl = Some((u.clone(), p.clone())),
+                _ => {
+                    let missing: Vec<&str> = SASL_SECRET_KEYS
+                        .into_iter()
+                        .filter(|k| !data.contains_key(*k))
+                        .collect();
+                    problems.push(format!(
+                        "{}: Secret {:?} with keys username and password not found: {}",
+                        field("secretRef"),
+                        secret_ref.name,
+                        secrets.how_to_provide_keys(&secret_ref.name, &missing)
+                    ));
+                }
             }
         }
         (Some(_), None) => problems.push(format!(
