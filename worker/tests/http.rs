@@ -253,6 +253,61 @@ fn replay(hook: &Hook, path: &str, format: WireFormat) -> Rows {
     rows
 }
 
+/// Applies the pgoutput messages of every accepted `wal` request on `path`, parsed by
+/// pg_walstream's pgoutput parser: what a consumer of the replication protocol would hold.
+fn replay_wal(hook: &Hook, path: &str) -> Rows {
+    use pg_walstream::{LogicalReplicationMessage as M, LogicalReplicationParser, TupleData};
+    let cell = |t: &TupleData, i: usize| {
+        let c = t.get_column(i).unwrap();
+        (!c.is_null() && !c.is_unchanged()).then(|| c.as_string().unwrap())
+    };
+    let mut rows = Rows::new();
+    for r in hook.accepted(path) {
+        let mut parser = LogicalReplicationParser::with_protocol_version(1);
+        let mut rest = &r.body[..];
+        let mut in_tx = false;
+        while !rest.is_empty() {
+            let len = u32::from_be_bytes(rest[8..12].try_into().unwrap()) as usize;
+            let message = parser
+                .parse_wal_message(&rest[12..12 + len])
+                .unwrap()
+                .message;
+            rest = &rest[12 + len..];
+            match message {
+                M::Begin { .. } => in_tx = true,
+                M::Commit { .. } => in_tx = false,
+                M::Relation { columns, .. } => {
+                    let names: Vec<&str> = columns.iter().map(|c| &*c.name).collect();
+                    assert_eq!(names, ["id", "title", "big"]);
+                }
+                M::Insert { tuple, .. }
+                | M::Update {
+                    new_tuple: tuple, ..
+                } => {
+                    assert!(in_tx, "a change outside Begin/Commit");
+                    let id: i32 = cell(&tuple, 0).unwrap().parse().unwrap();
+                    let old = rows.get(&id).cloned();
+                    let values = (0..3)
+                        .map(
+                            |i| match (&old, tuple.get_column(i).unwrap().is_unchanged()) {
+                                (Some(old), true) => old[i].clone(),
+                                _ => cell(&tuple, i),
+                            },
+                        )
+                        .collect();
+                    rows.insert(id, values);
+                }
+                M::Delete { old_tuple, .. } => {
+                    rows.remove(&cell(&old_tuple, 0).unwrap().parse::<i32>().unwrap());
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert!(!in_tx, "every Begin has its Commit");
+    }
+    rows
+}
+
 async fn postgres_rows(db: &TestDb) -> Rows {
     db.client()
         .await
@@ -303,6 +358,10 @@ async fn requests_decode_back_to_the_postgres_rows() {
                     "{{type: http, format: parquet, http: {{url: \"{base}/records\", method: PUT, payloadMode: recordJson, idempotencyHeader: X-Dedup}}}}"
                 ),
             ),
+            (
+                "wal",
+                format!("{{type: http, http: {{url: \"{base}/wal\", payloadMode: wal}}}}"),
+            ),
         ],
     );
     let worker = Worker::spawn(&m, dir.path());
@@ -329,6 +388,20 @@ async fn requests_decode_back_to_the_postgres_rows() {
         )
         .await;
         assert_eq!(got.len(), 18);
+    }
+    let got = wait_for("/wal to match PostgreSQL", DEADLINE, async || {
+        let rows = replay_wal(&hook, "/wal");
+        (rows == want).then_some(rows)
+    })
+    .await;
+    assert_eq!(got.len(), 18);
+    for r in hook.accepted("/wal") {
+        assert_eq!(
+            header(&r, "content-type"),
+            "application/vnd.wallaby.pgoutput"
+        );
+        assert_eq!(header(&r, "x-wallaby-payload-mode"), "wal");
+        assert_eq!(header(&r, "x-wallaby-format"), "pgoutput");
     }
 
     // Headers: static, from the Secret, metadata, and an idempotency key that is the hash
@@ -596,8 +669,8 @@ async fn bad_configuration_is_refused_with_the_field_and_the_fix() {
         "1s",
         &[
             (
-                "walmode",
-                "{type: http, http: {url: \"http://127.0.0.1:9/x\", payloadMode: wal}}".into(),
+                "badurl",
+                "{type: http, http: {url: \"ftp://127.0.0.1:9/x\", payloadMode: wal}}".into(),
             ),
             (
                 "nosecret",
@@ -608,8 +681,7 @@ async fn bad_configuration_is_refused_with_the_field_and_the_fix() {
     let (code, log) = exit(Worker::spawn(&m, dir.path())).await;
     assert_ne!(code, Some(0), "{log}");
     for want in [
-        "Destination/walmode spec.http.payloadMode: wal is not supported",
-        "use wire (the encoded batch in spec.format) or recordJson",
+        "Destination/badurl spec.http.url \"ftp://127.0.0.1:9/x\" is not an absolute http:// or https:// URL",
         "Destination/nosecret spec.http.headersSecretRef: Secret \"missing\" not found",
         "WALLABY_SECRET_MISSING_AUTHORIZATION",
         "Destination/nosecret spec.http.headers.bad header: \"bad header\" is not a valid header name",

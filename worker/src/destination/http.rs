@@ -1,6 +1,6 @@
 //! The `http` destination (webhook): one request per table group of a batch, carrying the
-//! group's encoded payload (`wire`) or its JSON lines (`recordJson` / `raw`), with an
-//! idempotency header derived from the changes' (table, key, lsn). A 2xx answer makes the
+//! group's encoded payload (`wire`), its JSON lines (`recordJson` / `raw`) or pgoutput
+//! messages (`wal`), with an idempotency header derived from the changes' (table, key, lsn). A 2xx answer makes the
 //! group durable; the status code decides whether a failure is worth retrying.
 //!
 //! ```text
@@ -47,9 +47,9 @@ pub const HEADER_TABLE: &str = "x-wallaby-table";
 pub const HEADER_SCHEMA_VERSION: &str = "x-wallaby-schema-version";
 /// `first-last` LSN of the changes in the request (PostgreSQL `X/Y` notation).
 pub const HEADER_LSN_RANGE: &str = "x-wallaby-lsn-range";
-/// Payload mode (`wire` or `recordJson`).
+/// Payload mode (`wire`, `recordJson` or `wal`).
 pub const HEADER_PAYLOAD_MODE: &str = "x-wallaby-payload-mode";
-/// Wire format of the body (`json` in `recordJson` mode).
+/// Wire format of the body (`json` in `recordJson` mode, `pgoutput` in `wal` mode).
 pub const HEADER_FORMAT: &str = "x-wallaby-format";
 /// Number of changes (or messages) in the body.
 pub const HEADER_ROWS: &str = "x-wallaby-rows";
@@ -78,11 +78,6 @@ pub enum HttpConfigError {
     /// A duration does not parse.
     #[error("spec.http.timeout: {0}")]
     Timeout(String),
-    /// `payloadMode: wal` cannot be served.
-    #[error(
-        "spec.http.payloadMode: wal is not supported: the worker decodes pgoutput into typed changes and does not keep the raw WAL bytes; use wire (the encoded batch in spec.format) or recordJson (one JSON object per change)"
-    )]
-    WalMode,
     /// TLS set-up failed.
     #[error("TLS set-up for spec.http.url failed: {0}")]
     Tls(String),
@@ -95,6 +90,8 @@ enum BodyMode {
     Wire,
     /// The group's JSON-lines payload, whatever the format.
     RecordJson,
+    /// The group as pgoutput protocol messages ([`super::pgoutput`]).
+    Wal,
 }
 
 impl BodyMode {
@@ -102,6 +99,7 @@ impl BodyMode {
         match self {
             Self::Wire => "wire",
             Self::RecordJson => "recordJson",
+            Self::Wal => "wal",
         }
     }
 }
@@ -151,9 +149,6 @@ pub fn resolve(
     let mut push = |e: String| problems.push(format!("Destination/{name} {e}"));
     if let Err(e) = parse_url(&http.url) {
         push(e.to_string());
-    }
-    if http.payload_mode == PayloadMode::Wal {
-        push(HttpConfigError::WalMode.to_string());
     }
     if let Err(e) = http.timeout.parse() {
         push(HttpConfigError::Timeout(e).to_string());
@@ -216,7 +211,7 @@ impl HttpDestination {
         let mode = match spec.payload_mode {
             PayloadMode::Wire => BodyMode::Wire,
             PayloadMode::RecordJson | PayloadMode::Raw => BodyMode::RecordJson,
-            PayloadMode::Wal => return Err(HttpConfigError::WalMode),
+            PayloadMode::Wal => BodyMode::Wal,
         };
         let timeout = spec.timeout.parse().map_err(HttpConfigError::Timeout)?;
         let mut headers = HeaderMap::new();
@@ -331,19 +326,32 @@ impl HttpDestination {
         schema: &TableSchema,
         changes: &[Change],
     ) -> Result<(), DestinationError> {
-        let format = match self.mode {
-            BodyMode::Wire => self.format,
-            BodyMode::RecordJson => WireFormat::Json,
-        };
         let table = schema.qualified_name();
-        let body = wallaby_codec::encode(format, schema, changes).map_err(|e| {
-            DestinationError::permanent(format!("encoding {table} as {}: {e}", format.as_str()))
-                .with_hint("map the offending type with spec.typeMappings (e.g. to string)")
-        })?;
+        let (body, content_type, format_name) = match self.mode {
+            BodyMode::Wal => (
+                super::pgoutput::encode(schema, changes),
+                super::pgoutput::CONTENT_TYPE,
+                "pgoutput",
+            ),
+            BodyMode::Wire | BodyMode::RecordJson => {
+                let format = match self.mode {
+                    BodyMode::Wire => self.format,
+                    _ => WireFormat::Json,
+                };
+                let body = wallaby_codec::encode(format, schema, changes).map_err(|e| {
+                    DestinationError::permanent(format!(
+                        "encoding {table} as {}: {e}",
+                        format.as_str()
+                    ))
+                    .with_hint("map the offending type with spec.typeMappings (e.g. to string)")
+                })?;
+                (body, format.content_type(), format.as_str())
+            }
+        };
         let first = changes.first().map_or(0, |c| c.lsn);
         let last = changes.last().map_or(0, |c| c.lsn);
         let mut extra = HeaderMap::new();
-        put(&mut extra, CONTENT_TYPE, format.content_type());
+        put(&mut extra, CONTENT_TYPE, content_type);
         put(
             &mut extra,
             self.idempotency_header.clone(),
@@ -369,7 +377,7 @@ impl HttpDestination {
         put(
             &mut extra,
             HeaderName::from_static(HEADER_FORMAT),
-            format.as_str(),
+            format_name,
         );
         put(
             &mut extra,
@@ -381,9 +389,17 @@ impl HttpDestination {
     }
 
     async fn write_messages(&self, batch: &ChangeBatch) -> Result<(), DestinationError> {
-        let (body, key) = messages_payload(batch);
+        let (json, key) = messages_payload(batch);
+        let (body, content_type) = if self.mode == BodyMode::Wal {
+            (
+                super::pgoutput::encode_messages(&batch.messages),
+                super::pgoutput::CONTENT_TYPE,
+            )
+        } else {
+            (json, WireFormat::Json.content_type())
+        };
         let mut extra = HeaderMap::new();
-        put(&mut extra, CONTENT_TYPE, WireFormat::Json.content_type());
+        put(&mut extra, CONTENT_TYPE, content_type);
         put(&mut extra, self.idempotency_header.clone(), &key);
         put(&mut extra, HeaderName::from_static(HEADER_KIND), "messages");
         put(

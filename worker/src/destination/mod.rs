@@ -18,6 +18,7 @@ pub mod grpc;
 pub mod http;
 pub mod kafka;
 pub mod meta;
+pub mod pgoutput;
 pub mod s3;
 
 /// What a successful write guarantees.
