@@ -602,7 +602,11 @@ fn destination_status_reports_validity_and_users() {
     assert!(reasons.contains(&reason::SECRET_NOT_FOUND), "{findings:?}");
     let status = destination::compute(&clickhouse, &findings, vec![], t0);
     assert_eq!(status.conditions[0].status, "False");
-    assert!(status.conditions[0].message.contains("clickhouse-credentials"));
+    assert!(
+        status.conditions[0]
+            .message
+            .contains("clickhouse-credentials")
+    );
 }
 
 #[test]
