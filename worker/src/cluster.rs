@@ -144,6 +144,12 @@ impl FlowObjects {
                             .flat_map(|h| h.headers_secret_ref.clone())
                             .map(|r| r.name),
                     )
+                    .chain(
+                        d.spec
+                            .grpc
+                            .iter()
+                            .flat_map(crate::destination::grpc::secret_names),
+                    )
                     .collect::<Vec<_>>()
             }))
             .collect();
