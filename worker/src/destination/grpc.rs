@@ -877,6 +877,101 @@ mod tests {
         assert!(endpoint_uri(&spec(":1", true)).is_err());
     }
 
+    fn tls_spec(yaml: serde_json::Value) -> GrpcSpec {
+        serde_json::from_value(yaml).unwrap()
+    }
+
+    #[test]
+    fn tls_is_used_for_insecure_false_or_an_https_url() {
+        assert!(!uses_tls(&spec("h:1", true)));
+        assert!(uses_tls(&spec("h:1", false)));
+        assert!(uses_tls(&spec("https://h:1", true)));
+        assert!(!uses_tls(&spec("http://h:1", false)));
+    }
+
+    #[test]
+    fn half_given_client_certificates_and_plain_text_material_are_refused() {
+        let sel = serde_json::json!({"name": "s", "key": "k"});
+        let cases = [
+            (
+                serde_json::json!({"endpoint": "h:1", "insecure": false, "tls": {"clientCert": sel}}),
+                "clientCert is set without clientKey",
+            ),
+            (
+                serde_json::json!({"endpoint": "h:1", "insecure": false, "tls": {"clientKey": sel}}),
+                "clientKey is set without clientCert",
+            ),
+            (
+                serde_json::json!({"endpoint": "h:1", "tls": {"ca": sel}}),
+                "need TLS, but \"h:1\" is reached in plain text",
+            ),
+        ];
+        for (json, want) in cases {
+            let problems = tls_shape(&tls_spec(json.clone()));
+            assert_eq!(problems.len(), 1, "{json}: {problems:?}");
+            assert!(
+                problems[0].to_string().contains(want),
+                "{json}: {problems:?}"
+            );
+        }
+        let both = tls_spec(serde_json::json!({
+            "endpoint": "h:1", "insecure": false,
+            "tls": {"ca": sel, "clientCert": sel, "clientKey": sel, "serverName": "ingest"}
+        }));
+        assert!(tls_shape(&both).is_empty());
+        assert_eq!(secret_names(&both), ["s", "s", "s"]);
+    }
+
+    #[test]
+    fn tls_material_round_trips_and_hides_the_key() {
+        let material = GrpcTlsMaterial {
+            ca_pem: Some("ca".into()),
+            client_cert_pem: Some("cert".into()),
+            client_key_pem: Some("-----BEGIN PRIVATE KEY-----".into()),
+        };
+        let data = material.clone().into_secret_data();
+        assert_eq!(
+            data.keys().collect::<Vec<_>>(),
+            [TLS_CA, TLS_CLIENT_CERT, TLS_CLIENT_KEY]
+        );
+        assert_eq!(GrpcTlsMaterial::from_secret_data(&data), material);
+        assert!(!format!("{material:?}").contains("PRIVATE"));
+        assert!(GrpcTlsMaterial::default().into_secret_data().is_empty());
+    }
+
+    #[test]
+    fn pem_material_that_does_not_parse_is_refused_with_the_field() {
+        let s = tls_spec(serde_json::json!({"endpoint": "h:1", "insecure": false}));
+        let bad_ca = GrpcTlsMaterial {
+            ca_pem: Some("not a certificate".into()),
+            ..Default::default()
+        };
+        let err = tls(&s, &bad_ca).unwrap_err().to_string();
+        assert!(
+            err.contains("tls.ca: the Secret key holds no PEM certificate"),
+            "{err}"
+        );
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["client".to_owned()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap()
+            .pem();
+        let bad_key = GrpcTlsMaterial {
+            client_cert_pem: Some(cert.clone()),
+            client_key_pem: Some(cert.clone()),
+            ..Default::default()
+        };
+        let err = tls(&s, &bad_key).unwrap_err().to_string();
+        assert!(err.contains("clientKey: no PEM private key"), "{err}");
+        let good = GrpcTlsMaterial {
+            ca_pem: Some(cert.clone()),
+            client_cert_pem: Some(cert),
+            client_key_pem: Some(key.serialize_pem()),
+        };
+        assert!(tls(&s, &good).unwrap().is_some());
+    }
+
     #[test]
     fn status_codes_are_classified() {
         use super::super::ErrorClass::{Permanent, Transient};
