@@ -144,6 +144,12 @@ impl FlowObjects {
                             .flat_map(|h| h.headers_secret_ref.clone())
                             .map(|r| r.name),
                     )
+                    .chain(
+                        d.spec
+                            .grpc
+                            .iter()
+                            .flat_map(crate::destination::grpc::secret_names),
+                    )
                     .collect::<Vec<_>>()
             }))
             .collect();
@@ -699,6 +705,39 @@ spec:
                 "Secret \"pg-ca\" not found: create it in namespace apps with key \"ca.crt\""
             ),
             "{problems:#?}"
+        );
+    }
+
+    #[test]
+    fn grpc_tls_secrets_are_fetched_and_resolved_into_the_destination_secrets() {
+        let ca = rcgen::CertificateParams::new(vec!["ingest".to_owned()])
+            .unwrap()
+            .self_signed(&rcgen::KeyPair::generate().unwrap())
+            .unwrap()
+            .pem();
+        let mut o = objects();
+        o.destinations.insert(
+            "audit".into(),
+            serde_norway::from_str(
+                "apiVersion: wallaby.dev/v1alpha1\nkind: Destination\nmetadata: {name: audit, namespace: apps, generation: 1}\nspec: {type: grpc, grpc: {endpoint: \"ingest:443\", insecure: false, tls: {ca: {name: ingest-ca, key: ca.crt}}}}\n",
+            )
+            .unwrap(),
+        );
+        assert_eq!(
+            FlowObjects::secret_names(&o.flow, &o.destinations),
+            ["ingest-ca", "pg-ca", "pg-creds"]
+        );
+        let missing = o.clone().resolve().unwrap_err().to_string();
+        assert!(
+            missing.contains("Destination/audit spec.grpc.tls.ca: key \"ca.crt\" of Secret \"ingest-ca\" not found"),
+            "{missing}"
+        );
+        let ingest_ca = secret("ingest-ca", &[("ca.crt", &ca)], "9");
+        o.secrets.insert("ingest-ca".into(), ingest_ca);
+        let r = o.resolve().unwrap();
+        assert_eq!(
+            r.destination_secrets["audit"],
+            BTreeMap::from([("tls.ca".to_owned(), ca)])
         );
     }
 

@@ -20,7 +20,7 @@ use crate::ack::AckMode;
 use crate::batch::SchemaSource;
 use crate::change::Relation;
 use crate::destination::file::FileDestination;
-use crate::destination::grpc::GrpcDestination;
+use crate::destination::grpc::{GrpcDestination, GrpcTlsMaterial};
 use crate::destination::http::HttpDestination;
 use crate::destination::kafka::{KafkaDestination, KafkaSecrets};
 use crate::destination::meta::{MetaDestination, MetaOptions};
@@ -142,8 +142,12 @@ pub fn open_destinations(
                 flow.metadata.namespace.as_deref().unwrap_or("default"),
                 flow.metadata.name.as_deref().unwrap_or_default()
             );
+            let tls = secrets
+                .get(name)
+                .map(GrpcTlsMaterial::from_secret_data)
+                .unwrap_or_default();
             Box::new(
-                GrpcDestination::open(grpc, flow_id, name.clone(), format, overrides)
+                GrpcDestination::open(grpc, &tls, flow_id, name.clone(), format, overrides)
                     .map_err(|e| anyhow::anyhow!("Destination/{name}: {e}"))?,
             )
         } else if let Some(s3) = &spec.s3 {

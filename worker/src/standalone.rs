@@ -26,7 +26,9 @@ pub struct Resolved {
     pub ssl_root_cert_pem: Option<String>,
     /// Credentials of the `kafka` / `bufstream` destinations, by destination name.
     pub kafka_secrets: BTreeMap<String, crate::destination::kafka::KafkaSecrets>,
-    /// String data of the Secret each Destination references (by Destination name).
+    /// String data of the Secret each Destination references (by Destination name); for
+    /// `grpc`, the PEMs of `spec.grpc.tls` under `tls.ca`, `tls.clientCert`,
+    /// `tls.clientKey` (see `destination::grpc::GrpcTlsMaterial`).
     pub destination_secrets: BTreeMap<String, BTreeMap<String, String>>,
 }
 
@@ -203,11 +205,16 @@ pub fn check(
                 }
             }
             (DestinationType::Grpc, _) => {
-                let found = crate::destination::grpc::validate(&r.name, &dest.spec);
-                if found.is_empty() {
-                    resolved.push((r.name.clone(), dest.spec.clone()));
+                match crate::destination::grpc::resolve(&r.name, &dest.spec, secrets) {
+                    Ok(material) => {
+                        let data = material.into_secret_data();
+                        if !data.is_empty() {
+                            destination_secrets.insert(r.name.clone(), data);
+                        }
+                        resolved.push((r.name.clone(), dest.spec.clone()));
+                    }
+                    Err(p) => problems.extend(p),
                 }
-                problems.extend(found);
             }
             (DestinationType::Http, _) => {
                 match crate::destination::http::resolve(&r.name, &dest.spec, secrets) {

@@ -3,6 +3,9 @@
 //! read-back equals PostgreSQL (inserts, updates, deletes, unchanged TOAST) with metadata
 //! and request fields, retryable status codes lose nothing and hold the slot,
 //! INVALID_ARGUMENT gives up at once, and an unreachable endpoint fails with its address.
+//! TLS with certificates generated at test time (rcgen): a private CA from `tls.ca`, a
+//! server that requires client certificates (mutual TLS), and a CA that did not sign the
+//! server's certificate.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -17,6 +20,7 @@ use std::time::Duration;
 use common::{TestDb, Worker, parse_lsn, wait_for};
 use tonic::codegen::{BoxFuture, Context, Poll, Service, http};
 use tonic::metadata::MetadataMap;
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tonic::{Code, Status};
 use wallaby_codec::{Change, ColumnSchema, Op, TableSchema, Value, WireFormat};
 use wallaby_worker::destination::grpc::{IngestBatchRequest, IngestBatchResponse};
@@ -44,12 +48,21 @@ struct Ingest(Arc<Mutex<IngestState>>);
 
 impl Ingest {
     async fn start() -> (Self, String) {
+        Self::start_with(None).await
+    }
+
+    /// A server speaking TLS with `tls` (plain text when `None`).
+    async fn start_with(tls: Option<ServerTlsConfig>) -> (Self, String) {
         let ingest = Self::default();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let service = ingest.clone();
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = tls {
+            builder = builder.tls_config(tls).unwrap();
+        }
         tokio::spawn(async move {
-            tonic::transport::Server::builder()
+            builder
                 .add_service(service)
                 .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
                 .await
@@ -117,6 +130,97 @@ impl Service<http::Request<tonic::body::Body>> for Ingest {
             Ok(grpc.unary(handler, request).await)
         })
     }
+}
+
+/// A CA and what it signs, all PEM.
+struct TestCa {
+    cert_pem: String,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+/// A leaf certificate and its PKCS#8 key.
+struct Leaf {
+    cert_pem: String,
+    key_pem: String,
+}
+
+impl TestCa {
+    fn new(name: &str) -> Self {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+            rcgen::KeyUsagePurpose::DigitalSignature,
+        ];
+        let cert_pem = params.self_signed(&key).unwrap().pem();
+        Self {
+            cert_pem,
+            issuer: rcgen::Issuer::new(params, key),
+        }
+    }
+
+    fn leaf(&self, names: &[&str], usage: rcgen::ExtendedKeyUsagePurpose) -> Leaf {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(
+            names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>(),
+        )
+        .unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, names[0]);
+        params.extended_key_usages = vec![usage];
+        Leaf {
+            cert_pem: params.signed_by(&key, &self.issuer).unwrap().pem(),
+            key_pem: key.serialize_pem(),
+        }
+    }
+
+    /// A server certificate for 127.0.0.1 and localhost.
+    fn server(&self) -> Leaf {
+        self.leaf(
+            &["127.0.0.1", "localhost"],
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+        )
+    }
+
+    fn client(&self) -> Leaf {
+        self.leaf(
+            &["wallaby-worker"],
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        )
+    }
+}
+
+/// Server TLS with `server`'s certificate; with `client_ca`, client certificates issued by
+/// it are required.
+fn server_tls(server: &Leaf, client_ca: Option<&TestCa>) -> ServerTlsConfig {
+    let mut tls =
+        ServerTlsConfig::new().identity(Identity::from_pem(&server.cert_pem, &server.key_pem));
+    if let Some(ca) = client_ca {
+        tls = tls.client_ca_root(Certificate::from_pem(&ca.cert_pem));
+    }
+    tls
+}
+
+/// A `kind: Secret` document with PEM values (JSON strings are valid YAML).
+fn pem_secret(name: &str, data: &[(&str, &str)]) -> String {
+    let data: BTreeMap<&str, &str> = data.iter().copied().collect();
+    format!(
+        "---\napiVersion: v1\nkind: Secret\nmetadata: {{name: {name}}}\nstringData: {}\n",
+        serde_json::to_string(&data).unwrap()
+    )
+}
+
+/// Appends documents to a manifest.
+fn append(path: &Path, text: &str) {
+    let mut all = std::fs::read_to_string(path).unwrap();
+    all += text;
+    std::fs::write(path, all).unwrap();
 }
 
 fn manifest(dir: &Path, db: &TestDb, dests: &[(&str, String)]) -> PathBuf {
@@ -489,24 +593,242 @@ async fn an_unreachable_endpoint_is_retried_then_reported_and_a_bad_one_refused(
     let bad = manifest(
         dir.path(),
         &db,
-        &[
-            (
-                "noport",
-                "{type: grpc, grpc: {endpoint: \"ingest.example\"}}".into(),
-            ),
-            (
-                "mtls",
-                "{type: grpc, grpc: {endpoint: \"ingest.example:443\", insecure: false, tls: {enabled: true, ca: {name: ca, key: ca.pem}}}}".into(),
-            ),
-        ],
+        &[(
+            "noport",
+            "{type: grpc, grpc: {endpoint: \"ingest.example\"}}".into(),
+        )],
     );
     let (code, log) = exit(Worker::spawn(&bad, dir.path())).await;
     assert_ne!(code, Some(0), "{log}");
+    let want =
+        "Destination/noport spec.grpc.endpoint \"ingest.example\": it has no port; write host:port";
+    assert!(log.contains(want), "missing {want:?} in:\n{log}");
+    db.drop_all().await;
+}
+
+/// A `grpc` Destination spec over TLS to `addr`, with `tls` (flow-style YAML).
+fn tls_destination(addr: &str, tls: &str) -> String {
+    format!(
+        "{{type: grpc, format: proto, grpc: {{endpoint: \"{addr}\", insecure: false, tls: {tls}, retry: {{maxRetries: 2, backoffBase: 50ms, backoffMax: 100ms}}}}}}"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_private_ca_from_tls_ca_verifies_the_server_and_rows_arrive() {
+    let db = setup("grpc_tls_ca").await;
+    let ca = TestCa::new("wallaby test CA");
+    let (ingest, addr) = Ingest::start_with(Some(server_tls(&ca.server(), None))).await;
+    let dir = tempfile::tempdir().unwrap();
+    let m = manifest(
+        dir.path(),
+        &db,
+        &[(
+            "secure",
+            tls_destination(&addr, "{ca: {name: ingest-tls, key: ca.pem}}"),
+        )],
+    );
+    append(&m, &pem_secret("ingest-tls", &[("ca.pem", &ca.cert_pem)]));
+    let worker = Worker::spawn(&m, dir.path());
+    attach(&db).await;
+    db.client()
+        .await
+        .batch_execute(&format!(
+            "INSERT INTO t SELECT g, 'tls ' || g, {BIG} FROM generate_series(1, 10) g;
+             UPDATE t SET title = 'changed' WHERE id <= 3;
+             DELETE FROM t WHERE id = 10;"
+        ))
+        .await
+        .unwrap();
+    let want = postgres_rows(&db).await;
+    wait_for(
+        "the TLS server's rows to match PostgreSQL",
+        DEADLINE,
+        async || (replay(&ingest) == want).then_some(()),
+    )
+    .await;
+    assert_eq!(replay(&ingest), want);
+    let (code, log) = worker.terminate();
+    assert_eq!(code, Some(0), "{log}");
+    assert!(
+        !log.contains("PRIVATE KEY") && !log.contains("BEGIN CERTIFICATE"),
+        "PEM material was logged: {log}"
+    );
+    db.drop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_requiring_client_certificates_refuses_without_one_and_accepts_with_it() {
+    let db = setup("grpc_mtls").await;
+    let server_ca = TestCa::new("wallaby server CA");
+    let client_ca = TestCa::new("wallaby client CA");
+    let (ingest, addr) =
+        Ingest::start_with(Some(server_tls(&server_ca.server(), Some(&client_ca)))).await;
+    let client = client_ca.client();
+    let secret = pem_secret(
+        "ingest-mtls",
+        &[
+            ("ca.pem", &server_ca.cert_pem),
+            ("tls.crt", &client.cert_pem),
+            ("tls.key", &client.key_pem),
+        ],
+    );
+    let dir = tempfile::tempdir().unwrap();
+
+    // Without a client certificate: the handshake is refused, a permanent error.
+    let m = manifest(
+        dir.path(),
+        &db,
+        &[(
+            "mtls",
+            tls_destination(&addr, "{ca: {name: ingest-mtls, key: ca.pem}}"),
+        )],
+    );
+    append(&m, &secret);
+    let worker = Worker::spawn(&m, dir.path());
+    attach(&db).await;
+    let start_lsn = db.slot(&db.name).await.unwrap().0;
+    db.client()
+        .await
+        .batch_execute(&format!(
+            "INSERT INTO t SELECT g, 'm ' || g, {BIG} FROM generate_series(1, 5) g"
+        ))
+        .await
+        .unwrap();
+    let (code, log) = exit(worker).await;
+    assert_ne!(code, Some(0), "{log}");
     for want in [
-        "Destination/noport spec.grpc.endpoint \"ingest.example\": it has no port; write host:port",
-        "Destination/mtls spec.grpc.tls: ca, clientCert and clientKey are not supported",
+        &format!(
+            "gRPC IngestBatch to https://{addr} (5 changes of public.t): TLS handshake refused by the server: alert CertificateRequired (no client certificate was offered) (permanent)"
+        ),
+        "hint: the server requires mutual TLS: set spec.grpc.tls.clientCert and spec.grpc.tls.clientKey",
+        "destination \"mtls\" gave up after 1 attempt(s)",
     ] {
         assert!(log.contains(want), "missing {want:?} in:\n{log}");
+    }
+    assert!(ingest.accepted().is_empty());
+    assert_eq!(db.slot(&db.name).await.unwrap().0, start_lsn, "slot held");
+
+    // With the client certificate the held changes are delivered.
+    let m = manifest(
+        dir.path(),
+        &db,
+        &[(
+            "mtls",
+            tls_destination(
+                &addr,
+                "{ca: {name: ingest-mtls, key: ca.pem}, clientCert: {name: ingest-mtls, key: tls.crt}, clientKey: {name: ingest-mtls, key: tls.key}}",
+            ),
+        )],
+    );
+    append(&m, &secret);
+    let worker = Worker::spawn(&m, dir.path());
+    let want = postgres_rows(&db).await;
+    assert_eq!(want.len(), 5);
+    wait_for(
+        "the mTLS server's rows to match PostgreSQL",
+        DEADLINE,
+        async || (replay(&ingest) == want).then_some(()),
+    )
+    .await;
+    let (code, log) = worker.terminate();
+    assert_eq!(code, Some(0), "{log}");
+    assert!(!log.contains("PRIVATE KEY"), "the client key was logged");
+    db.drop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ca_that_did_not_sign_the_server_certificate_fails_verification() {
+    let db = setup("grpc_wrong_ca").await;
+    let real = TestCa::new("wallaby real CA");
+    let other = TestCa::new("wallaby other CA");
+    let (ingest, addr) = Ingest::start_with(Some(server_tls(&real.server(), None))).await;
+    let dir = tempfile::tempdir().unwrap();
+    let m = manifest(
+        dir.path(),
+        &db,
+        &[(
+            "wrongca",
+            tls_destination(&addr, "{ca: {name: other-ca, key: ca.pem}}"),
+        )],
+    );
+    append(&m, &pem_secret("other-ca", &[("ca.pem", &other.cert_pem)]));
+    let worker = Worker::spawn(&m, dir.path());
+    attach(&db).await;
+    db.client()
+        .await
+        .batch_execute("INSERT INTO t VALUES (1, 'a', 'b')")
+        .await
+        .unwrap();
+    let (code, log) = exit(worker).await;
+    assert_ne!(code, Some(0), "{log}");
+    for want in [
+        &format!(
+            "gRPC IngestBatch to https://{addr} (1 changes of public.t): TLS certificate verification of the server failed: UnknownIssuer (permanent)"
+        ),
+        "hint: the server's certificate is not issued by the CA of spec.grpc.tls.ca",
+        "destination \"wrongca\" gave up after 1 attempt(s)",
+    ] {
+        assert!(log.contains(want), "missing {want:?} in:\n{log}");
+    }
+    assert!(ingest.accepted().is_empty());
+    db.drop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_options_are_checked_when_the_manifest_is_loaded() {
+    let db = setup("grpc_tls_validate").await;
+    let ca = TestCa::new("wallaby test CA");
+    let dir = tempfile::tempdir().unwrap();
+    let m = manifest(
+        dir.path(),
+        &db,
+        &[
+            (
+                "certonly",
+                tls_destination("h:1", "{clientCert: {name: pems, key: tls.crt}}"),
+            ),
+            (
+                "keyonly",
+                tls_destination("h:1", "{clientKey: {name: pems, key: tls.key}}"),
+            ),
+            (
+                "plain",
+                "{type: grpc, grpc: {endpoint: \"h:1\", tls: {ca: {name: pems, key: ca.pem}}}}"
+                    .into(),
+            ),
+            (
+                "nokey",
+                tls_destination("h:1", "{ca: {name: pems, key: missing.pem}}"),
+            ),
+            (
+                "notpem",
+                tls_destination("h:1", "{ca: {name: pems, key: junk}}"),
+            ),
+        ],
+    );
+    append(
+        &m,
+        &pem_secret(
+            "pems",
+            &[("ca.pem", &ca.cert_pem), ("junk", "not a certificate")],
+        ),
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wallaby-worker"))
+        .args(["validate", "-f"])
+        .arg(&m)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{text}");
+    for want in [
+        "Destination/certonly spec.grpc.tls: clientCert is set without clientKey",
+        "Destination/keyonly spec.grpc.tls: clientKey is set without clientCert",
+        "Destination/plain spec.grpc.tls: ca, clientCert and clientKey need TLS, but \"h:1\" is reached in plain text (insecure: true is the default): set insecure: false",
+        "Destination/nokey spec.grpc.tls.ca: key \"missing.pem\" of Secret \"pems\" not found",
+        "Destination/notpem spec.grpc.tls: tls.ca: the Secret key holds no PEM certificate",
+    ] {
+        assert!(text.contains(want), "missing {want:?} in:\n{text}");
     }
     db.drop_all().await;
 }

@@ -4,14 +4,20 @@
 //! code decides whether a failure is worth retrying (the pipeline retries).
 //!
 //! The messages are written by hand from the proto (prost derives, same field numbers) and
-//! the call goes through tonic's generic client, so building needs no `protoc`.
+//! the call goes through tonic's generic client, so building needs no `protoc`. TLS uses
+//! the Mozilla roots, or the PEM CA of `tls.ca`, and a client certificate for mutual TLS.
 
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use http::uri::PathAndQuery;
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tonic::metadata::{AsciiMetadataKey, AsciiMetadataValue, MetadataMap};
-use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Code, Status};
 use wallaby_codec::{Change, TableSchema, WireFormat};
 use wallaby_crds::destination::{DestinationSpec, GrpcSpec, PayloadMode};
@@ -19,6 +25,7 @@ use wallaby_crds::destination::{DestinationSpec, GrpcSpec, PayloadMode};
 use super::http::{changes_key, messages_payload};
 use super::{Destination, DestinationError, TypeOverrides, WriteAck};
 use crate::batch::ChangeBatch;
+use crate::standalone::SecretSource;
 
 /// Full method path of `IngestService/IngestBatch`.
 pub const INGEST_BATCH_PATH: &str = "/wallaby.ingest.v1.IngestService/IngestBatch";
@@ -106,7 +113,123 @@ pub enum GrpcConfigError {
     Tls(String),
 }
 
-/// Checks the `grpc` block of Destination `name`; problems name the field.
+/// Key of the `tls.ca` PEM in a grpc Destination's entry of `Resolved.destination_secrets`.
+pub const TLS_CA: &str = "tls.ca";
+/// Key of the `tls.clientCert` PEM there.
+pub const TLS_CLIENT_CERT: &str = "tls.clientCert";
+/// Key of the `tls.clientKey` PEM there.
+pub const TLS_CLIENT_KEY: &str = "tls.clientKey";
+
+/// PEM material of `spec.grpc.tls`, read from the Secret keys its selectors name.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct GrpcTlsMaterial {
+    /// CA bundle that replaces the Mozilla roots.
+    pub ca_pem: Option<String>,
+    /// Client certificate (chain) for mutual TLS.
+    pub client_cert_pem: Option<String>,
+    /// Private key of the client certificate.
+    pub client_key_pem: Option<String>,
+}
+
+impl std::fmt::Debug for GrpcTlsMaterial {
+    // The private key is a secret: only whether it is there.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GrpcTlsMaterial")
+            .field("ca_pem", &self.ca_pem.is_some())
+            .field("client_cert_pem", &self.client_cert_pem.is_some())
+            .field("client_key_pem", &self.client_key_pem.is_some())
+            .finish()
+    }
+}
+
+impl GrpcTlsMaterial {
+    /// The material as stored in `Resolved.destination_secrets` (keys [`TLS_CA`], …).
+    pub fn from_secret_data(data: &BTreeMap<String, String>) -> Self {
+        Self {
+            ca_pem: data.get(TLS_CA).cloned(),
+            client_cert_pem: data.get(TLS_CLIENT_CERT).cloned(),
+            client_key_pem: data.get(TLS_CLIENT_KEY).cloned(),
+        }
+    }
+
+    /// The inverse of [`Self::from_secret_data`].
+    pub fn into_secret_data(self) -> BTreeMap<String, String> {
+        [
+            (TLS_CA, self.ca_pem),
+            (TLS_CLIENT_CERT, self.client_cert_pem),
+            (TLS_CLIENT_KEY, self.client_key_pem),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| Some((k.to_owned(), v?)))
+        .collect()
+    }
+}
+
+/// Names of the Secrets `spec.grpc.tls` reads.
+pub fn secret_names(spec: &GrpcSpec) -> Vec<String> {
+    spec.tls
+        .iter()
+        .flat_map(|t| [&t.ca, &t.client_cert, &t.client_key])
+        .flatten()
+        .map(|s| s.name.clone())
+        .collect()
+}
+
+/// Checks the `grpc` block of Destination `name` and reads its TLS material from
+/// `secrets`; problems name the field (and the Secret key).
+pub fn resolve(
+    name: &str,
+    spec: &DestinationSpec,
+    secrets: &dyn SecretSource,
+) -> Result<GrpcTlsMaterial, Vec<String>> {
+    let mut problems = validate(name, spec);
+    let Some(grpc) = &spec.grpc else {
+        return Err(problems);
+    };
+    let mut material = GrpcTlsMaterial::default();
+    if let Some(tls) = &grpc.tls {
+        for (field, selector, slot) in [
+            ("tls.ca", &tls.ca, &mut material.ca_pem),
+            (
+                "tls.clientCert",
+                &tls.client_cert,
+                &mut material.client_cert_pem,
+            ),
+            (
+                "tls.clientKey",
+                &tls.client_key,
+                &mut material.client_key_pem,
+            ),
+        ] {
+            let Some(sel) = selector else { continue };
+            match secrets
+                .secret(&sel.name, &[sel.key.as_str()])
+                .and_then(|mut d| d.remove(&sel.key))
+            {
+                Some(pem) => *slot = Some(pem),
+                None => problems.push(format!(
+                    "Destination/{name} spec.grpc.{field}: key {:?} of Secret {:?} not found: {}",
+                    sel.key,
+                    sel.name,
+                    secrets.how_to_provide(&sel.name, &sel.key)
+                )),
+            }
+        }
+    }
+    if problems.is_empty()
+        && let Err(e) = tls(grpc, &material)
+    {
+        problems.push(format!("Destination/{name} {e}"));
+    }
+    if problems.is_empty() {
+        Ok(material)
+    } else {
+        Err(problems)
+    }
+}
+
+/// Checks the `grpc` block of Destination `name` without reading Secrets; problems name
+/// the field.
 pub fn validate(name: &str, spec: &DestinationSpec) -> Vec<String> {
     let Some(grpc) = &spec.grpc else {
         return vec![format!(
@@ -126,9 +249,7 @@ pub fn validate(name: &str, spec: &DestinationSpec) -> Vec<String> {
     if let Err(e) = metadata(grpc) {
         problems.push(e);
     }
-    if let Err(e) = tls(grpc) {
-        problems.push(e);
-    }
+    problems.extend(tls_shape(grpc));
     problems
         .into_iter()
         .map(|e| format!("Destination/{name} {e}"))
@@ -146,6 +267,136 @@ pub struct GrpcDestination {
     timeout: Duration,
     metadata: MetadataMap,
     overrides: TypeOverrides,
+    /// What TLS was set up with, to explain a failed handshake.
+    tls: TlsSetup,
+    /// Explains transport failures of a TLS channel; `None` in plain text.
+    probe: Option<TlsProbe>,
+}
+
+/// Longest a [`TlsProbe`] waits for the server's verdict.
+const PROBE_WAIT: Duration = Duration::from_secs(5);
+
+/// A bare TLS handshake with the channel's settings, run when a call on a TLS channel
+/// failed in the transport without saying why. With TLS 1.3 the server judges the client
+/// certificate after the client considers the handshake done, so its refusal (an alert)
+/// races with the first request, which then often fails only with "connection closed".
+/// The probe completes the handshake, sends the HTTP/2 preface and reads the server's
+/// answer: its SETTINGS (all is well), or the alert.
+struct TlsProbe {
+    config: Arc<rustls::ClientConfig>,
+    server_name: ServerName<'static>,
+    /// `host:port`.
+    address: String,
+}
+
+/// HTTP/2 connection preface and an empty SETTINGS frame (RFC 9113 §3.4, §6.5).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00";
+
+impl TlsProbe {
+    /// Built from the same material as the channel's `ClientTlsConfig`.
+    fn new(
+        uri: &http::Uri,
+        server_name: Option<&str>,
+        material: &GrpcTlsMaterial,
+    ) -> Result<Self, GrpcConfigError> {
+        let tls_error = |e: rustls::Error| GrpcConfigError::Tls(e.to_string());
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(tls_error)?;
+        let mut roots = rustls::RootCertStore::empty();
+        match &material.ca_pem {
+            Some(pem) => {
+                for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+                    let cert = cert.map_err(|e| {
+                        GrpcConfigError::Tls(format!(
+                            "tls.ca: a PEM certificate does not parse: {e}"
+                        ))
+                    })?;
+                    roots.add(cert).map_err(tls_error)?;
+                }
+            }
+            None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+        }
+        let builder = builder.with_root_certificates(roots);
+        let mut config = match (&material.client_cert_pem, &material.client_key_pem) {
+            (Some(cert), Some(key)) => {
+                let chain = CertificateDer::pem_slice_iter(cert.as_bytes())
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| GrpcConfigError::Tls(format!("tls.clientCert: {e}")))?;
+                let key = PrivateKeyDer::from_pem_slice(key.as_bytes())
+                    .map_err(|e| GrpcConfigError::Tls(format!("tls.clientKey: {e}")))?;
+                builder
+                    .with_client_auth_cert(chain, key)
+                    .map_err(tls_error)?
+            }
+            _ => builder.with_no_client_auth(),
+        };
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        let host = server_name
+            .or_else(|| uri.host())
+            .unwrap_or_default()
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
+        let server_name = ServerName::try_from(host.clone()).map_err(|e| {
+            GrpcConfigError::Tls(format!("{host:?} is not a valid TLS server name: {e}"))
+        })?;
+        let address = uri
+            .authority()
+            .map(|a| a.as_str().to_owned())
+            .unwrap_or_default();
+        Ok(Self {
+            config: Arc::new(config),
+            server_name,
+            address,
+        })
+    }
+
+    /// The server's TLS verdict, or `None` when the handshake and the first read went
+    /// through, the server could not be reached, or `wait` passed.
+    async fn run(&self, wait: Duration) -> Option<rustls::Error> {
+        let attempt = async {
+            let tcp = tokio::net::TcpStream::connect(&self.address).await.ok()?;
+            let connector = tokio_rustls::TlsConnector::from(self.config.clone());
+            let mut tls = match connector.connect(self.server_name.clone(), tcp).await {
+                Ok(s) => s,
+                Err(e) => return rustls_error(&e).cloned(),
+            };
+            if let Err(e) = tls.write_all(H2_PREFACE).await {
+                return rustls_error(&e).cloned();
+            }
+            let mut answer = [0u8; 9];
+            match tls.read(&mut answer).await {
+                Err(e) => rustls_error(&e).cloned(),
+                Ok(_) => None,
+            }
+        };
+        tokio::time::timeout(wait, attempt).await.ok().flatten()
+    }
+}
+
+/// Whether `err` is (or wraps) a failure of tonic's transport rather than a gRPC status
+/// the server sent.
+fn in_transport(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(err);
+    while let Some(e) = current {
+        if e.is::<tonic::transport::Error>() {
+            return true;
+        }
+        current = e.source();
+    }
+    false
+}
+
+/// The TLS options in use, as far as a handshake failure's hint needs them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TlsSetup {
+    /// Plain-text HTTP/2.
+    Plain,
+    /// TLS; `custom_ca`: `tls.ca` replaced the Mozilla roots; `identity`: a client
+    /// certificate is offered.
+    Tls { custom_ca: bool, identity: bool },
 }
 
 impl std::fmt::Debug for GrpcDestination {
@@ -163,10 +414,12 @@ impl std::fmt::Debug for GrpcDestination {
 }
 
 impl GrpcDestination {
-    /// Builds the client; the connection is made lazily, so an unreachable server is a
-    /// transient write error (retried), not a start-up failure.
+    /// Builds the client with the TLS material of `spec.grpc.tls` (see [`resolve`]); the
+    /// connection is made lazily, so an unreachable server is a transient write error
+    /// (retried), not a start-up failure.
     pub fn open(
         spec: &GrpcSpec,
+        tls_material: &GrpcTlsMaterial,
         flow_id: String,
         destination: String,
         format: WireFormat,
@@ -184,12 +437,33 @@ impl GrpcDestination {
             })?
             .timeout(timeout)
             .connect_timeout(timeout);
-        if let Some(config) = tls(spec)? {
+        if let Some(config) = tls(spec, tls_material)? {
             endpoint = endpoint
                 .tls_config(config)
                 .map_err(|e| GrpcConfigError::Tls(e.to_string()))?;
         }
+        let tls_setup = if uses_tls(spec) {
+            TlsSetup::Tls {
+                custom_ca: tls_material.ca_pem.is_some(),
+                identity: tls_material.client_cert_pem.is_some(),
+            }
+        } else {
+            TlsSetup::Plain
+        };
+        let probe = match tls_setup {
+            TlsSetup::Plain => None,
+            TlsSetup::Tls { .. } => {
+                let parsed: http::Uri = uri.parse().map_err(|_| GrpcConfigError::Endpoint {
+                    endpoint: spec.endpoint.clone(),
+                    reason: "not a valid address".into(),
+                })?;
+                let server_name = spec.tls.as_ref().and_then(|t| t.server_name.as_deref());
+                Some(TlsProbe::new(&parsed, server_name, tls_material)?)
+            }
+        };
         Ok(Self {
+            tls: tls_setup,
+            probe,
             client: tonic::client::Grpc::new(endpoint.connect_lazy()),
             endpoint: uri,
             flow_id: spec.flow_id.clone().unwrap_or(flow_id),
@@ -224,10 +498,16 @@ impl GrpcDestination {
                 .with_hint("the server is slow or unreachable; the batch is retried"));
             }
             Ok(Err(e)) => {
+                if let Some(err) = self.tls_failure(&target, &e).await {
+                    return Err(err);
+                }
                 return Err(DestinationError::transient(format!(
-                    "{target}: cannot connect: {e}"
+                    "{target}: cannot connect: {}",
+                    error_chain(&e)
                 ))
-                .with_hint("check spec.grpc.endpoint; the batch is retried once the server is reachable"));
+                .with_hint(
+                    "check spec.grpc.endpoint; the batch is retried once the server is reachable",
+                ));
             }
             Ok(Ok(())) => {}
         }
@@ -240,8 +520,64 @@ impl GrpcDestination {
             }
             // The server already holds this idempotency key: the payload is durable there.
             Err(status) if status.code() == Code::AlreadyExists => Ok(()),
-            Err(status) => Err(classify(&target, &status)),
+            Err(status) => match self.tls_failure(&target, &status).await {
+                Some(err) => Err(err),
+                None => Err(classify(&target, &status)),
+            },
         }
+    }
+
+    /// A failed TLS handshake as a permanent error that says which side refused what:
+    /// resending cannot help until the certificates or the spec change. `None` when `err`
+    /// is not a TLS failure. When the call failed in the transport without a TLS cause,
+    /// the [`TlsProbe`] asks the server directly.
+    async fn tls_failure(
+        &self,
+        target: &str,
+        err: &(dyn std::error::Error + Send + Sync + 'static),
+    ) -> Option<DestinationError> {
+        let (
+            TlsSetup::Tls {
+                custom_ca,
+                identity,
+            },
+            Some(probe),
+        ) = (self.tls, &self.probe)
+        else {
+            return None;
+        };
+        let probed;
+        let failure = match rustls_error(err) {
+            Some(f) => f,
+            None if in_transport(err) => {
+                probed = probe.run(self.timeout.min(PROBE_WAIT)).await?;
+                &probed
+            }
+            None => return None,
+        };
+        let (what, hint) = match failure {
+            rustls::Error::InvalidCertificate(c) => (
+                format!("TLS certificate verification of the server failed: {c:?}"),
+                if custom_ca {
+                    "the server's certificate is not issued by the CA of spec.grpc.tls.ca, or does not name the endpoint's host: fix tls.ca, the server's certificate, or tls.serverName".to_owned()
+                } else {
+                    "the server's certificate is not issued by a public CA (Mozilla roots), or does not name the endpoint's host: set spec.grpc.tls.ca to the server's CA bundle, or fix tls.serverName".to_owned()
+                },
+            ),
+            rustls::Error::AlertReceived(alert) if !identity => (
+                format!("TLS handshake refused by the server: alert {alert:?} (no client certificate was offered)"),
+                "the server requires mutual TLS: set spec.grpc.tls.clientCert and spec.grpc.tls.clientKey to a certificate issued by a CA the server trusts".to_owned(),
+            ),
+            rustls::Error::AlertReceived(alert) => (
+                format!("TLS handshake refused by the server: alert {alert:?} (after the client certificate of spec.grpc.tls.clientCert)"),
+                "the server rejected the client certificate: issue spec.grpc.tls.clientCert from a CA the server trusts, and check it has not expired".to_owned(),
+            ),
+            other => (
+                format!("TLS failure: {other}"),
+                "check spec.grpc.tls against the server's TLS settings".to_owned(),
+            ),
+        };
+        Some(DestinationError::permanent(format!("{target}: {what}")).with_hint(hint))
     }
 
     fn request(&self, kind: &str, payload: Vec<u8>, key: String) -> IngestBatchRequest {
@@ -339,6 +675,40 @@ fn classify(target: &str, status: &Status) -> DestinationError {
     }
 }
 
+/// The rustls error anywhere in `err`'s source chain, also inside an `io::Error` (whose
+/// `source()` skips the error it wraps).
+fn rustls_error<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+    let mut current = Some(err);
+    while let Some(e) = current {
+        if let Some(r) = e.downcast_ref::<rustls::Error>() {
+            return Some(r);
+        }
+        if let Some(r) = e
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        {
+            return Some(r);
+        }
+        current = e.source();
+    }
+    None
+}
+
+/// `err` and its sources, `: `-separated, without repeating a message its parent shows.
+fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut current = err.source();
+    while let Some(e) = current {
+        let part = e.to_string();
+        if !text.contains(&part) {
+            text = format!("{text}: {part}");
+        }
+        current = e.source();
+    }
+    text
+}
+
 /// `http(s)://host:port` from `endpoint` (`host:port`, or a URL as written).
 fn endpoint_uri(spec: &GrpcSpec) -> Result<String, GrpcConfigError> {
     let raw = spec.endpoint.trim();
@@ -385,26 +755,105 @@ fn metadata(spec: &GrpcSpec) -> Result<MetadataMap, GrpcConfigError> {
     Ok(map)
 }
 
-/// TLS when `insecure` is false: the Mozilla roots and the endpoint's host (or
-/// `tls.serverName`). CA bundles and client certificates from Secrets are not read by this
-/// version: they are refused here rather than silently ignored.
-fn tls(spec: &GrpcSpec) -> Result<Option<ClientTlsConfig>, GrpcConfigError> {
-    let plain = spec.insecure || spec.endpoint.trim().starts_with("http://");
-    if plain {
+/// Whether the connection uses TLS: `insecure: false`, or an `https://` endpoint.
+fn uses_tls(spec: &GrpcSpec) -> bool {
+    let endpoint = spec.endpoint.trim();
+    endpoint.starts_with("https://") || (!spec.insecure && !endpoint.starts_with("http://"))
+}
+
+/// Problems of `spec.grpc.tls` visible without the Secrets.
+fn tls_shape(spec: &GrpcSpec) -> Vec<GrpcConfigError> {
+    let Some(t) = &spec.tls else {
+        return Vec::new();
+    };
+    let mut problems = Vec::new();
+    let material = t.ca.is_some() || t.client_cert.is_some() || t.client_key.is_some();
+    if material && !uses_tls(spec) {
+        problems.push(GrpcConfigError::Tls(format!(
+            "ca, clientCert and clientKey need TLS, but {:?} is reached in plain text (insecure: true is the default): set insecure: false",
+            spec.endpoint
+        )));
+    }
+    match (&t.client_cert, &t.client_key) {
+        (Some(_), None) => problems.push(GrpcConfigError::Tls(
+            "clientCert is set without clientKey: name the Secret key holding the certificate's private key (PEM), or drop clientCert".into(),
+        )),
+        (None, Some(_)) => problems.push(GrpcConfigError::Tls(
+            "clientKey is set without clientCert: name the Secret key holding the client certificate (PEM), or drop clientKey".into(),
+        )),
+        _ => {}
+    }
+    problems
+}
+
+/// TLS settings when [`uses_tls`]: the CA of `tls.ca` (which replaces the Mozilla roots)
+/// or the Mozilla roots (webpki-roots), a client identity for mutual TLS, and the
+/// endpoint's host or `tls.serverName` as the name to verify. The PEMs are parsed here so
+/// a wrong Secret key fails at load with the field's name, not at the first handshake.
+fn tls(
+    spec: &GrpcSpec,
+    material: &GrpcTlsMaterial,
+) -> Result<Option<ClientTlsConfig>, GrpcConfigError> {
+    if let Some(e) = tls_shape(spec).into_iter().next() {
+        return Err(e);
+    }
+    if !uses_tls(spec) {
         return Ok(None);
     }
-    let mut config = ClientTlsConfig::new().with_webpki_roots();
-    if let Some(t) = &spec.tls {
-        if t.ca.is_some() || t.client_cert.is_some() || t.client_key.is_some() {
+    let mut config = ClientTlsConfig::new();
+    config = match &material.ca_pem {
+        Some(pem) => {
+            let count = certificates("tls.ca", pem)?;
+            tracing::debug!(
+                certificates = count,
+                "spec.grpc.tls.ca replaces the Mozilla roots"
+            );
+            config.ca_certificate(Certificate::from_pem(pem))
+        }
+        None => config.with_webpki_roots(),
+    };
+    match (&material.client_cert_pem, &material.client_key_pem) {
+        (Some(cert), Some(key)) => {
+            certificates("tls.clientCert", cert)?;
+            PrivateKeyDer::from_pem_slice(key.as_bytes()).map_err(|e| {
+                GrpcConfigError::Tls(format!(
+                    "clientKey: no PEM private key (PKCS#8, PKCS#1 or SEC1) in the Secret key: {e}"
+                ))
+            })?;
+            config = config.identity(Identity::from_pem(cert, key));
+        }
+        (None, None) => {}
+        // tls_shape reported the selectors; this is material resolved without them.
+        _ => {
             return Err(GrpcConfigError::Tls(
-                "ca, clientCert and clientKey are not supported by this worker version; use a server certificate from a public CA (verified against the Mozilla roots), or insecure: true inside a trusted network".into(),
+                "clientCert and clientKey go together: give both or neither".into(),
             ));
         }
-        if let Some(name) = &t.server_name {
-            config = config.domain_name(name.clone());
-        }
+    }
+    if let Some(name) = spec.tls.as_ref().and_then(|t| t.server_name.as_ref()) {
+        config = config.domain_name(name.clone());
     }
     Ok(Some(config))
+}
+
+/// Number of PEM certificates in `pem`; an error names the field when there are none or
+/// one does not parse.
+fn certificates(field: &str, pem: &str) -> Result<usize, GrpcConfigError> {
+    let mut count = 0;
+    for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+        cert.map_err(|e| {
+            GrpcConfigError::Tls(format!(
+                "{field}: a PEM certificate in the Secret key does not parse: {e}"
+            ))
+        })?;
+        count += 1;
+    }
+    if count == 0 {
+        return Err(GrpcConfigError::Tls(format!(
+            "{field}: the Secret key holds no PEM certificate (-----BEGIN CERTIFICATE-----)"
+        )));
+    }
+    Ok(count)
 }
 
 #[cfg(test)]
@@ -426,6 +875,101 @@ mod tests {
         );
         assert!(endpoint_uri(&spec("h", true)).is_err());
         assert!(endpoint_uri(&spec(":1", true)).is_err());
+    }
+
+    fn tls_spec(yaml: serde_json::Value) -> GrpcSpec {
+        serde_json::from_value(yaml).unwrap()
+    }
+
+    #[test]
+    fn tls_is_used_for_insecure_false_or_an_https_url() {
+        assert!(!uses_tls(&spec("h:1", true)));
+        assert!(uses_tls(&spec("h:1", false)));
+        assert!(uses_tls(&spec("https://h:1", true)));
+        assert!(!uses_tls(&spec("http://h:1", false)));
+    }
+
+    #[test]
+    fn half_given_client_certificates_and_plain_text_material_are_refused() {
+        let sel = serde_json::json!({"name": "s", "key": "k"});
+        let cases = [
+            (
+                serde_json::json!({"endpoint": "h:1", "insecure": false, "tls": {"clientCert": sel}}),
+                "clientCert is set without clientKey",
+            ),
+            (
+                serde_json::json!({"endpoint": "h:1", "insecure": false, "tls": {"clientKey": sel}}),
+                "clientKey is set without clientCert",
+            ),
+            (
+                serde_json::json!({"endpoint": "h:1", "tls": {"ca": sel}}),
+                "need TLS, but \"h:1\" is reached in plain text",
+            ),
+        ];
+        for (json, want) in cases {
+            let problems = tls_shape(&tls_spec(json.clone()));
+            assert_eq!(problems.len(), 1, "{json}: {problems:?}");
+            assert!(
+                problems[0].to_string().contains(want),
+                "{json}: {problems:?}"
+            );
+        }
+        let both = tls_spec(serde_json::json!({
+            "endpoint": "h:1", "insecure": false,
+            "tls": {"ca": sel, "clientCert": sel, "clientKey": sel, "serverName": "ingest"}
+        }));
+        assert!(tls_shape(&both).is_empty());
+        assert_eq!(secret_names(&both), ["s", "s", "s"]);
+    }
+
+    #[test]
+    fn tls_material_round_trips_and_hides_the_key() {
+        let material = GrpcTlsMaterial {
+            ca_pem: Some("ca".into()),
+            client_cert_pem: Some("cert".into()),
+            client_key_pem: Some("-----BEGIN PRIVATE KEY-----".into()),
+        };
+        let data = material.clone().into_secret_data();
+        assert_eq!(
+            data.keys().collect::<Vec<_>>(),
+            [TLS_CA, TLS_CLIENT_CERT, TLS_CLIENT_KEY]
+        );
+        assert_eq!(GrpcTlsMaterial::from_secret_data(&data), material);
+        assert!(!format!("{material:?}").contains("PRIVATE"));
+        assert!(GrpcTlsMaterial::default().into_secret_data().is_empty());
+    }
+
+    #[test]
+    fn pem_material_that_does_not_parse_is_refused_with_the_field() {
+        let s = tls_spec(serde_json::json!({"endpoint": "h:1", "insecure": false}));
+        let bad_ca = GrpcTlsMaterial {
+            ca_pem: Some("not a certificate".into()),
+            ..Default::default()
+        };
+        let err = tls(&s, &bad_ca).unwrap_err().to_string();
+        assert!(
+            err.contains("tls.ca: the Secret key holds no PEM certificate"),
+            "{err}"
+        );
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["client".to_owned()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap()
+            .pem();
+        let bad_key = GrpcTlsMaterial {
+            client_cert_pem: Some(cert.clone()),
+            client_key_pem: Some(cert.clone()),
+            ..Default::default()
+        };
+        let err = tls(&s, &bad_key).unwrap_err().to_string();
+        assert!(err.contains("clientKey: no PEM private key"), "{err}");
+        let good = GrpcTlsMaterial {
+            ca_pem: Some(cert.clone()),
+            client_cert_pem: Some(cert),
+            client_key_pem: Some(key.serialize_pem()),
+        };
+        assert!(tls(&s, &good).unwrap().is_some());
     }
 
     #[test]

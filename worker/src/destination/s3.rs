@@ -33,10 +33,15 @@ use super::{Destination, DestinationError, TypeOverrides, WriteAck};
 use crate::batch::ChangeBatch;
 
 /// Default part size of multipart uploads; an object larger than one part is uploaded in
-/// parts. AWS requires parts of at least 5 MiB (except the last).
+/// parts.
 pub const DEFAULT_PART_BYTES: usize = 8 * 1024 * 1024;
-/// Environment knob overriding [`DEFAULT_PART_BYTES`] (tests use small parts against a
-/// local store; AWS rejects parts below 5 MiB with `EntityTooSmall`).
+/// Smallest part S3 accepts for every part but the last: `CompleteMultipartUpload`
+/// answers `EntityTooSmall` below it (AWS, MinIO and s3s-fs alike), so a smaller knob
+/// would turn every large batch into a permanent error.
+pub const MIN_PART_BYTES: usize = 5 * 1024 * 1024;
+/// Most parts one multipart upload may have.
+pub const MAX_PARTS: usize = 10_000;
+/// Environment knob overriding [`DEFAULT_PART_BYTES`] (≥ [`MIN_PART_BYTES`]).
 pub const PART_BYTES_ENV: &str = "WALLABY_S3_PART_BYTES";
 /// Keys of the credentials Secret.
 pub const SECRET_KEYS: [&str; 3] = ["accessKeyId", "secretAccessKey", "sessionToken"];
@@ -232,7 +237,9 @@ pub enum S3ConfigError {
     #[error("spec.s3.compression: {0}")]
     Compression(String),
     /// The part-size knob is malformed.
-    #[error("{PART_BYTES_ENV}={value:?}: expected a number of bytes ≥ 1024")]
+    #[error(
+        "{PART_BYTES_ENV}={value:?}: expected a number of bytes ≥ {MIN_PART_BYTES} (5 MiB, the smallest part S3 accepts)"
+    )]
     PartBytes {
         /// The value given.
         value: String,
@@ -310,11 +317,7 @@ impl S3Destination {
             .map_err(S3ConfigError::PartitionBy)?;
         check_compression(format, spec.compression).map_err(S3ConfigError::Compression)?;
         let part_bytes = match std::env::var(PART_BYTES_ENV) {
-            Ok(v) => v
-                .parse::<usize>()
-                .ok()
-                .filter(|n| *n >= 1024)
-                .ok_or(S3ConfigError::PartBytes { value: v })?,
+            Ok(v) => parse_part_bytes(&v)?,
             Err(_) => DEFAULT_PART_BYTES,
         };
         Ok(Self {
@@ -526,11 +529,12 @@ impl S3Destination {
         upload_id: &str,
     ) -> Result<(), DestinationError> {
         let bucket = &self.spec.bucket;
+        let part_bytes = part_size(object.body.len(), self.part_bytes);
         let mut parts = Vec::new();
         let mut start = 0;
         let mut number: i32 = 1;
         while start < object.body.len() {
-            let end = (start + self.part_bytes).min(object.body.len());
+            let end = (start + part_bytes).min(object.body.len());
             let uploaded = client
                 .upload_part()
                 .bucket(bucket)
@@ -550,7 +554,7 @@ impl S3Destination {
             start = end;
             number += 1;
         }
-        client
+        let completed = client
             .complete_multipart_upload()
             .bucket(bucket)
             .key(&object.key)
@@ -563,7 +567,7 @@ impl S3Destination {
             .send()
             .await
             .map_err(|e| self.classify("CompleteMultipartUpload", &object.key, e))?;
-        tracing::debug!(destination = %self.name, key = %object.key, parts = number - 1, bytes = object.body.len(), "multipart upload complete");
+        tracing::debug!(destination = %self.name, key = %object.key, parts = number - 1, part_bytes, bytes = object.body.len(), e_tag = completed.e_tag().unwrap_or_default(), "multipart upload complete");
         Ok(())
     }
 
@@ -592,6 +596,24 @@ impl S3Destination {
             (false, hint) => DestinationError::permanent(message).with_hint(hint),
         }
     }
+}
+
+/// The part-size knob's value: a number of bytes ≥ [`MIN_PART_BYTES`].
+fn parse_part_bytes(value: &str) -> Result<usize, S3ConfigError> {
+    value
+        .trim()
+        .parse::<usize>()
+        .ok()
+        .filter(|n| *n >= MIN_PART_BYTES)
+        .ok_or_else(|| S3ConfigError::PartBytes {
+            value: value.to_owned(),
+        })
+}
+
+/// The part size for an object of `len` bytes: the configured size, grown when the
+/// object would otherwise need more than [`MAX_PARTS`] parts.
+fn part_size(len: usize, configured: usize) -> usize {
+    configured.max(len.div_ceil(MAX_PARTS))
 }
 
 /// `(transient, hint)` of a failed request.
@@ -651,7 +673,9 @@ fn classify<E, R>(
         Some("EntityTooSmall") => {
             return (
                 false,
-                format!("multipart parts must be ≥ 5 MiB on this store: raise {PART_BYTES_ENV}"),
+                format!(
+                    "this store wants larger multipart parts than {PART_BYTES_ENV} gives: raise it (default {DEFAULT_PART_BYTES} bytes)"
+                ),
             );
         }
         Some(
@@ -941,6 +965,28 @@ mod tests {
         assert!(check_compression(WireFormat::Parquet, ObjectCompression::Snappy).is_ok());
         assert!(check_compression(WireFormat::Parquet, ObjectCompression::Gzip).is_err());
         assert!(check_compression(WireFormat::Json, ObjectCompression::Zstd).is_err());
+    }
+
+    #[test]
+    fn the_part_size_knob_respects_the_s3_minimum() {
+        assert_eq!(parse_part_bytes("5242880").unwrap(), MIN_PART_BYTES);
+        assert_eq!(parse_part_bytes("16777216").unwrap(), 16 * 1024 * 1024);
+        for bad in ["262144", "5242879", "0", "8MiB", ""] {
+            let err = parse_part_bytes(bad).unwrap_err().to_string();
+            assert!(
+                err.contains(PART_BYTES_ENV) && err.contains("5242880"),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn parts_grow_to_stay_within_ten_thousand() {
+        assert_eq!(part_size(20 * 1024 * 1024, MIN_PART_BYTES), MIN_PART_BYTES);
+        let huge = 100_000 * MIN_PART_BYTES;
+        let size = part_size(huge, MIN_PART_BYTES);
+        assert!(huge.div_ceil(size) <= MAX_PARTS, "{size}");
+        assert!(size >= MIN_PART_BYTES);
     }
 
     #[test]
