@@ -311,6 +311,10 @@ type Rows = BTreeMap<i32, Vec<Option<String>>>;
 fn replay(ingest: &Ingest) -> Rows {
     let mut rows = Rows::new();
     for (_, m) in ingest.accepted() {
+        if m.format == "pgoutput" {
+            common::apply_pgoutput(&m.payload, &mut rows);
+            continue;
+        }
         let format = match m.format.as_str() {
             "proto" => WireFormat::Proto,
             "json" => WireFormat::Json,
@@ -420,6 +424,48 @@ async fn calls_decode_back_to_the_postgres_rows_with_metadata_and_fields() {
     let (code, log) = worker.terminate();
     assert_eq!(code, Some(0), "{log}");
     assert!(!log.contains("Bearer tkn"), "a header value was logged");
+    db.drop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn payload_mode_wal_sends_pgoutput_that_replays_to_the_postgres_rows() {
+    let db = setup("grpc_wal").await;
+    let (ingest, addr) = Ingest::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let m = manifest(
+        dir.path(),
+        &db,
+        &[(
+            "sink",
+            format!("{{type: grpc, grpc: {{endpoint: \"{addr}\", payloadMode: wal}}}}"),
+        )],
+    );
+    let worker = Worker::spawn(&m, dir.path());
+    attach(&db).await;
+    db.client()
+        .await
+        .batch_execute(&format!(
+            "INSERT INTO t SELECT g, 'title ' || g, {BIG} FROM generate_series(1, 20) g;
+             UPDATE t SET title = 'renamed' WHERE id <= 5;
+             UPDATE t SET big = 'small now', title = NULL WHERE id = 6;
+             DELETE FROM t WHERE id BETWEEN 15 AND 17;"
+        ))
+        .await
+        .unwrap();
+    let want = postgres_rows(&db).await;
+    wait_for(
+        "the pgoutput replay to match PostgreSQL",
+        DEADLINE,
+        async || (replay(&ingest) == want).then_some(()),
+    )
+    .await;
+    for (metadata, m) in ingest.accepted() {
+        assert_eq!(metadata.get("x-wallaby-payload-mode").unwrap(), "wal");
+        assert_eq!(m.format, "pgoutput");
+        assert_eq!(m.content_type, "application/vnd.wallaby.pgoutput");
+    }
+    let (code, log) = worker.terminate();
+    assert_eq!(code, Some(0), "{log}");
     db.drop_all().await;
 }
 

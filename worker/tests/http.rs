@@ -253,57 +253,11 @@ fn replay(hook: &Hook, path: &str, format: WireFormat) -> Rows {
     rows
 }
 
-/// Applies the pgoutput messages of every accepted `wal` request on `path`, parsed by
-/// pg_walstream's pgoutput parser: what a consumer of the replication protocol would hold.
+/// Applies the pgoutput bodies of every accepted `wal` request on `path`.
 fn replay_wal(hook: &Hook, path: &str) -> Rows {
-    use pg_walstream::{LogicalReplicationMessage as M, LogicalReplicationParser, TupleData};
-    let cell = |t: &TupleData, i: usize| {
-        let c = t.get_column(i).unwrap();
-        (!c.is_null() && !c.is_unchanged()).then(|| c.as_string().unwrap())
-    };
     let mut rows = Rows::new();
     for r in hook.accepted(path) {
-        let mut parser = LogicalReplicationParser::with_protocol_version(1);
-        let mut rest = &r.body[..];
-        let mut in_tx = false;
-        while !rest.is_empty() {
-            let len = u32::from_be_bytes(rest[8..12].try_into().unwrap()) as usize;
-            let message = parser
-                .parse_wal_message(&rest[12..12 + len])
-                .unwrap()
-                .message;
-            rest = &rest[12 + len..];
-            match message {
-                M::Begin { .. } => in_tx = true,
-                M::Commit { .. } => in_tx = false,
-                M::Relation { columns, .. } => {
-                    let names: Vec<&str> = columns.iter().map(|c| &*c.name).collect();
-                    assert_eq!(names, ["id", "title", "big"]);
-                }
-                M::Insert { tuple, .. }
-                | M::Update {
-                    new_tuple: tuple, ..
-                } => {
-                    assert!(in_tx, "a change outside Begin/Commit");
-                    let id: i32 = cell(&tuple, 0).unwrap().parse().unwrap();
-                    let old = rows.get(&id).cloned();
-                    let values = (0..3)
-                        .map(
-                            |i| match (&old, tuple.get_column(i).unwrap().is_unchanged()) {
-                                (Some(old), true) => old[i].clone(),
-                                _ => cell(&tuple, i),
-                            },
-                        )
-                        .collect();
-                    rows.insert(id, values);
-                }
-                M::Delete { old_tuple, .. } => {
-                    rows.remove(&cell(&old_tuple, 0).unwrap().parse::<i32>().unwrap());
-                }
-                other => panic!("unexpected {other:?}"),
-            }
-        }
-        assert!(!in_tx, "every Begin has its Commit");
+        common::apply_pgoutput(&r.body, &mut rows);
     }
     rows
 }

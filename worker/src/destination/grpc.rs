@@ -103,11 +103,6 @@ pub enum GrpcConfigError {
     /// `timeout` does not parse.
     #[error("spec.grpc.timeout: {0}")]
     Timeout(String),
-    /// `payloadMode: wal`.
-    #[error(
-        "spec.grpc.payloadMode: wal is not supported: the worker decodes pgoutput into typed changes and does not keep the raw WAL bytes; use wire (the encoded batch in spec.format) or recordJson (JSON lines)"
-    )]
-    WalMode,
     /// TLS options the client cannot honour.
     #[error("spec.grpc.tls: {0}")]
     Tls(String),
@@ -240,9 +235,6 @@ pub fn validate(name: &str, spec: &DestinationSpec) -> Vec<String> {
     if let Err(e) = endpoint_uri(grpc) {
         problems.push(e);
     }
-    if grpc.payload_mode == PayloadMode::Wal {
-        problems.push(GrpcConfigError::WalMode);
-    }
     if let Err(e) = grpc.timeout.parse() {
         problems.push(GrpcConfigError::Timeout(e));
     }
@@ -264,6 +256,8 @@ pub struct GrpcDestination {
     destination: String,
     format: WireFormat,
     record_json: bool,
+    /// `payloadMode: wal`: payloads are pgoutput messages ([`super::pgoutput`]).
+    wal: bool,
     timeout: Duration,
     metadata: MetadataMap,
     overrides: TypeOverrides,
@@ -408,6 +402,7 @@ impl std::fmt::Debug for GrpcDestination {
             .field("destination", &self.destination)
             .field("format", &self.format)
             .field("record_json", &self.record_json)
+            .field("wal", &self.wal)
             .field("timeout", &self.timeout)
             .finish_non_exhaustive()
     }
@@ -426,9 +421,6 @@ impl GrpcDestination {
         overrides: TypeOverrides,
     ) -> Result<Self, GrpcConfigError> {
         let uri = endpoint_uri(spec)?;
-        if spec.payload_mode == PayloadMode::Wal {
-            return Err(GrpcConfigError::WalMode);
-        }
         let timeout = spec.timeout.parse().map_err(GrpcConfigError::Timeout)?;
         let mut endpoint = Endpoint::from_shared(uri.clone())
             .map_err(|e| GrpcConfigError::Endpoint {
@@ -469,6 +461,7 @@ impl GrpcDestination {
             flow_id: spec.flow_id.clone().unwrap_or(flow_id),
             destination: spec.destination.clone().unwrap_or(destination),
             format,
+            wal: spec.payload_mode == PayloadMode::Wal,
             record_json: matches!(
                 spec.payload_mode,
                 PayloadMode::RecordJson | PayloadMode::Raw
@@ -596,21 +589,30 @@ impl GrpcDestination {
         schema: &TableSchema,
         changes: &[Change],
     ) -> Result<(), DestinationError> {
-        let format = if self.record_json {
-            WireFormat::Json
-        } else {
-            self.format
-        };
         let table = schema.qualified_name();
-        let payload = wallaby_codec::encode(format, schema, changes).map_err(|e| {
-            DestinationError::permanent(format!("encoding {table} as {}: {e}", format.as_str()))
-                .with_hint("map the offending type with spec.typeMappings (e.g. to string)")
-        })?;
+        let (payload, format_name, content_type) = if self.wal {
+            (
+                super::pgoutput::encode(schema, changes),
+                "pgoutput",
+                super::pgoutput::CONTENT_TYPE,
+            )
+        } else {
+            let format = if self.record_json {
+                WireFormat::Json
+            } else {
+                self.format
+            };
+            let payload = wallaby_codec::encode(format, schema, changes).map_err(|e| {
+                DestinationError::permanent(format!("encoding {table} as {}: {e}", format.as_str()))
+                    .with_hint("map the offending type with spec.typeMappings (e.g. to string)")
+            })?;
+            (payload, format.as_str(), format.content_type())
+        };
         let mut message = self.request("changes", payload, changes_key(schema, changes));
         message.table = table.clone();
         message.schema_version = schema.version;
-        message.format = format.as_str().into();
-        message.content_type = format.content_type().into();
+        message.format = format_name.into();
+        message.content_type = content_type.into();
         message.first_lsn = changes.first().map_or(0, |c| c.lsn);
         message.last_lsn = changes.last().map_or(0, |c| c.lsn);
         message.record_count = u32::try_from(changes.len()).unwrap_or(u32::MAX);
@@ -630,10 +632,23 @@ impl Destination for GrpcDestination {
             self.write_group(&schema, &group.changes).await?;
         }
         if !batch.messages.is_empty() {
-            let (payload, key) = messages_payload(batch);
+            let (json, key) = messages_payload(batch);
+            let (payload, format_name, content_type) = if self.wal {
+                (
+                    super::pgoutput::encode_messages(&batch.messages),
+                    "pgoutput",
+                    super::pgoutput::CONTENT_TYPE,
+                )
+            } else {
+                (
+                    json,
+                    WireFormat::Json.as_str(),
+                    WireFormat::Json.content_type(),
+                )
+            };
             let mut message = self.request("messages", payload, key);
-            message.format = WireFormat::Json.as_str().into();
-            message.content_type = WireFormat::Json.content_type().into();
+            message.format = format_name.into();
+            message.content_type = content_type.into();
             message.first_lsn = batch.messages.first().map_or(0, |m| m.lsn.0);
             message.last_lsn = batch.messages.last().map_or(0, |m| m.lsn.0);
             message.record_count = u32::try_from(batch.messages.len()).unwrap_or(u32::MAX);

@@ -365,3 +365,59 @@ pub fn parse_lsn(s: &str) -> u64 {
     let (hi, lo) = s.split_once('/').expect("lsn");
     (u64::from_str_radix(hi, 16).expect("hi") << 32) | u64::from_str_radix(lo, 16).expect("lo")
 }
+
+/// Applies one `payloadMode: wal` body (frames of pgoutput messages, see
+/// `destination::pgoutput`) to `rows`, keyed by the integer first column, each row as the
+/// text of its columns; parsed by pg_walstream's own pgoutput parser, i.e. what a consumer
+/// of the replication protocol would hold. Unchanged TOAST keeps the previous value.
+pub fn apply_pgoutput(
+    body: &[u8],
+    rows: &mut std::collections::BTreeMap<i32, Vec<Option<String>>>,
+) {
+    use pg_walstream::{LogicalReplicationMessage as M, LogicalReplicationParser, TupleData};
+    let cell = |t: &TupleData, i: usize| {
+        let c = t.get_column(i).unwrap();
+        (!c.is_null() && !c.is_unchanged()).then(|| c.as_string().unwrap())
+    };
+    let mut parser = LogicalReplicationParser::with_protocol_version(1);
+    let mut rest = body;
+    let mut in_tx = false;
+    let mut width = 0;
+    while !rest.is_empty() {
+        let len = u32::from_be_bytes(rest[8..12].try_into().unwrap()) as usize;
+        let message = parser
+            .parse_wal_message(&rest[12..12 + len])
+            .unwrap()
+            .message;
+        rest = &rest[12 + len..];
+        match message {
+            M::Begin { .. } => in_tx = true,
+            M::Commit { .. } => in_tx = false,
+            M::Relation { columns, .. } => width = columns.len(),
+            M::Insert { tuple, .. }
+            | M::Update {
+                new_tuple: tuple, ..
+            } => {
+                assert!(in_tx, "a change outside Begin/Commit");
+                assert_eq!(tuple.column_count(), width, "tuple width = Relation's");
+                let id: i32 = cell(&tuple, 0).unwrap().parse().unwrap();
+                let old = rows.get(&id).cloned();
+                let values = (0..width)
+                    .map(
+                        |i| match (&old, tuple.get_column(i).unwrap().is_unchanged()) {
+                            (Some(old), true) => old[i].clone(),
+                            _ => cell(&tuple, i),
+                        },
+                    )
+                    .collect();
+                rows.insert(id, values);
+            }
+            M::Delete { old_tuple, .. } => {
+                assert!(in_tx, "a change outside Begin/Commit");
+                rows.remove(&cell(&old_tuple, 0).unwrap().parse::<i32>().unwrap());
+            }
+            other => panic!("unexpected pgoutput message {other:?}"),
+        }
+    }
+    assert!(!in_tx, "every Begin has its Commit");
+}
