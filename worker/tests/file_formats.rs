@@ -10,7 +10,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::{TestDb, Worker, wait_for};
-use wallaby_codec::{ColumnSchema, TableSchema, Value, WireFormat};
+use wallaby_codec::{Value, WireFormat};
 
 const DEADLINE: Duration = Duration::from_secs(60);
 
@@ -68,26 +68,9 @@ fn read_back(dir: &Path, format: WireFormat) -> Vec<(i32, String, String)> {
             continue;
         }
         let bytes = std::fs::read(&path).unwrap();
-        let ps = wallaby_codec::payload_schema(format, &bytes).unwrap();
-        assert_eq!(ps.table, "public.t");
-        let schema = TableSchema {
-            schema: "public".into(),
-            table: "t".into(),
-            columns: ps
-                .columns
-                .iter()
-                .map(|c| ColumnSchema {
-                    name: c.name.clone(),
-                    ty: std::sync::Arc::new(
-                        wallaby_worker::source::types::builtin_type(c.oid, c.typmod).unwrap(),
-                    ),
-                    key: c.key,
-                    mapped_type: c.mapped_type.clone(),
-                })
-                .collect(),
-            version: ps.schema_version,
-        };
-        for change in wallaby_codec::decode(format, &schema, &bytes).unwrap() {
+        let (schema, changes) = common::decode_payload(format, &bytes);
+        assert_eq!(schema.qualified_name(), "public.t");
+        for change in changes {
             let after = change.after.unwrap();
             let id = match &after.values[0] {
                 Value::Int4(i) => *i,

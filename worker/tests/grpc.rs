@@ -22,7 +22,7 @@ use tonic::codegen::{BoxFuture, Context, Poll, Service, http};
 use tonic::metadata::MetadataMap;
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tonic::{Code, Status};
-use wallaby_codec::{Change, ColumnSchema, Op, TableSchema, Value, WireFormat};
+use wallaby_codec::{Change, Op, TableSchema, Value, WireFormat};
 use wallaby_worker::destination::grpc::{IngestBatchRequest, IngestBatchResponse};
 
 const DEADLINE: Duration = Duration::from_secs(60);
@@ -283,25 +283,7 @@ async fn attach(db: &TestDb) {
 }
 
 fn decode(format: WireFormat, body: &[u8]) -> (TableSchema, Vec<Change>) {
-    let ps = wallaby_codec::payload_schema(format, body).unwrap();
-    let (schema_name, table) = ps.table.split_once('.').unwrap();
-    let schema = TableSchema {
-        schema: schema_name.into(),
-        table: table.into(),
-        columns: ps
-            .columns
-            .iter()
-            .map(|c| ColumnSchema {
-                name: c.name.clone(),
-                ty: Arc::new(wallaby_worker::source::types::builtin_type(c.oid, c.typmod).unwrap()),
-                key: c.key,
-                mapped_type: c.mapped_type.clone(),
-            })
-            .collect(),
-        version: ps.schema_version,
-    };
-    let changes = wallaby_codec::decode(format, &schema, body).unwrap();
-    (schema, changes)
+    common::decode_payload(format, body)
 }
 
 type Rows = BTreeMap<i32, Vec<Option<String>>>;

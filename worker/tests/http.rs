@@ -18,7 +18,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use common::{TestDb, Worker, parse_lsn, wait_for};
-use wallaby_codec::{Change, ColumnSchema, Op, TableSchema, Value, WireFormat};
+use wallaby_codec::{Change, Op, TableSchema, Value, WireFormat};
 
 const DEADLINE: Duration = Duration::from_secs(60);
 
@@ -190,25 +190,7 @@ async fn attach(db: &TestDb) {
 
 /// Decodes one request body back to its schema and changes.
 fn decode(format: WireFormat, body: &[u8]) -> (TableSchema, Vec<Change>) {
-    let ps = wallaby_codec::payload_schema(format, body).unwrap();
-    let (schema_name, table) = ps.table.split_once('.').unwrap();
-    let schema = TableSchema {
-        schema: schema_name.into(),
-        table: table.into(),
-        columns: ps
-            .columns
-            .iter()
-            .map(|c| ColumnSchema {
-                name: c.name.clone(),
-                ty: Arc::new(wallaby_worker::source::types::builtin_type(c.oid, c.typmod).unwrap()),
-                key: c.key,
-                mapped_type: c.mapped_type.clone(),
-            })
-            .collect(),
-        version: ps.schema_version,
-    };
-    let changes = wallaby_codec::decode(format, &schema, body).unwrap();
-    (schema, changes)
+    common::decode_payload(format, body)
 }
 
 type Rows = BTreeMap<i32, Vec<Option<String>>>;

@@ -10,7 +10,6 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{TestDb, parse_lsn, wait_for};
@@ -21,7 +20,7 @@ use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
-use wallaby_codec::{Change, ColumnSchema, Op, TableSchema, Value, WireFormat};
+use wallaby_codec::{Change, Op, TableSchema, Value, WireFormat};
 use wallaby_worker::run::{RunOptions, open_resolved, run_with};
 use wallaby_worker::standalone;
 
@@ -38,30 +37,8 @@ struct Record {
 
 impl Record {
     fn changes(&self, format: WireFormat) -> Vec<(TableSchema, Change)> {
-        let ps = wallaby_codec::payload_schema(format, &self.payload).unwrap();
-        let (schema, table) = ps.table.split_once('.').unwrap();
-        let schema = TableSchema {
-            schema: schema.into(),
-            table: table.into(),
-            columns: ps
-                .columns
-                .iter()
-                .map(|c| ColumnSchema {
-                    name: c.name.clone(),
-                    ty: Arc::new(
-                        wallaby_worker::source::types::builtin_type(c.oid, c.typmod).unwrap(),
-                    ),
-                    key: c.key,
-                    mapped_type: c.mapped_type.clone(),
-                })
-                .collect(),
-            version: ps.schema_version,
-        };
-        wallaby_codec::decode(format, &schema, &self.payload)
-            .unwrap()
-            .into_iter()
-            .map(|c| (schema.clone(), c))
-            .collect()
+        let (schema, changes) = common::decode_payload(format, &self.payload);
+        changes.into_iter().map(|c| (schema.clone(), c)).collect()
     }
 }
 

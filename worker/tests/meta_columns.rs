@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use common::{TestDb, Worker, records, wait_for};
 use serde_json::{Value as Json, json};
-use wallaby_codec::{ColumnSchema, Op, TableSchema, Value, WireFormat};
+use wallaby_codec::{Op, Value, WireFormat};
 
 const DEADLINE: Duration = Duration::from_secs(60);
 
@@ -74,26 +74,9 @@ fn parquet_changes(dir: &Path) -> Vec<(Vec<String>, wallaby_codec::Change)> {
             continue;
         }
         let bytes = std::fs::read(&path).unwrap();
-        let ps = wallaby_codec::payload_schema(WireFormat::Parquet, &bytes).unwrap();
-        let schema = TableSchema {
-            schema: "public".into(),
-            table: "t".into(),
-            columns: ps
-                .columns
-                .iter()
-                .map(|c| ColumnSchema {
-                    name: c.name.clone(),
-                    ty: std::sync::Arc::new(
-                        wallaby_worker::source::types::builtin_type(c.oid, c.typmod).unwrap(),
-                    ),
-                    key: c.key,
-                    mapped_type: c.mapped_type.clone(),
-                })
-                .collect(),
-            version: ps.schema_version,
-        };
+        let (schema, changes) = common::decode_payload(WireFormat::Parquet, &bytes);
         let names: Vec<String> = schema.columns.iter().map(|c| c.name.clone()).collect();
-        for change in wallaby_codec::decode(WireFormat::Parquet, &schema, &bytes).unwrap() {
+        for change in changes {
             out.push((names.clone(), change));
         }
     }

@@ -20,7 +20,7 @@ use aws_sdk_s3::config::{
     BehaviorVersion, Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
 };
 use common::{TestDb, Worker, parse_lsn, wait_for};
-use wallaby_codec::{Change, ColumnSchema, TableSchema, Value, WireFormat};
+use wallaby_codec::{Change, Value, WireFormat};
 
 const DEADLINE: Duration = Duration::from_secs(90);
 
@@ -177,26 +177,7 @@ fn decode(key: &str, body: &[u8]) -> Vec<Change> {
     } else {
         (format_of(key), body.to_vec())
     };
-    let ps = wallaby_codec::payload_schema(format, &bytes).unwrap();
-    let (schema_name, table) = ps.table.split_once('.').unwrap();
-    let schema = TableSchema {
-        schema: schema_name.into(),
-        table: table.into(),
-        columns: ps
-            .columns
-            .iter()
-            .map(|c| ColumnSchema {
-                name: c.name.clone(),
-                ty: std::sync::Arc::new(
-                    wallaby_worker::source::types::builtin_type(c.oid, c.typmod).unwrap(),
-                ),
-                key: c.key,
-                mapped_type: c.mapped_type.clone(),
-            })
-            .collect(),
-        version: ps.schema_version,
-    };
-    let changes = wallaby_codec::decode(format, &schema, &bytes).unwrap();
+    let (schema, changes) = common::decode_payload(format, &bytes);
     // Rendered back to PostgreSQL's text to compare with `::text` of the source.
     changes
         .into_iter()

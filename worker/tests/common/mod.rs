@@ -421,3 +421,33 @@ pub fn apply_pgoutput(
     }
     assert!(!in_tx, "every Begin has its Commit");
 }
+
+/// Decodes one self-describing payload (any wire format) into the schema it carries and
+/// its changes. Only built-in column types: what the destination tests' tables use.
+pub fn decode_payload(
+    format: wallaby_codec::WireFormat,
+    bytes: &[u8],
+) -> (wallaby_codec::TableSchema, Vec<wallaby_codec::Change>) {
+    let ps = wallaby_codec::payload_schema(format, bytes).unwrap();
+    let (schema, table) = ps.table.split_once('.').unwrap();
+    let schema = wallaby_codec::TableSchema {
+        schema: schema.into(),
+        table: table.into(),
+        columns: ps
+            .columns
+            .iter()
+            .map(|c| wallaby_codec::ColumnSchema {
+                name: c.name.clone(),
+                ty: std::sync::Arc::new(
+                    wallaby_worker::source::types::builtin_type(c.oid, c.typmod)
+                        .unwrap_or_else(|| panic!("{} is not a built-in type", c.oid)),
+                ),
+                key: c.key,
+                mapped_type: c.mapped_type.clone(),
+            })
+            .collect(),
+        version: ps.schema_version,
+    };
+    let changes = wallaby_codec::decode(format, &schema, bytes).unwrap();
+    (schema, changes)
+}
