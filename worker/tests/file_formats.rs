@@ -102,10 +102,7 @@ async fn every_format_decodes_back_to_the_source_rows() {
     let dir = tempfile::tempdir().unwrap();
     let m = manifest(dir.path(), &db);
     let worker = Worker::spawn(&m, dir.path());
-    wait_for("the worker to attach to the slot", DEADLINE, async || {
-        db.slot(&db.name).await.filter(|(_, active)| *active)
-    })
-    .await;
+    db.attached().await;
     sql.batch_execute(
         "INSERT INTO t VALUES (1, 'ada', 12.50), (2, 'bob, \"quoted\"', -0.01), (3, 'ünï', 99999999.99)",
     )

@@ -276,10 +276,7 @@ async fn setup(prefix: &str) -> TestDb {
 }
 
 async fn attach(db: &TestDb) {
-    wait_for("the worker to attach to the slot", DEADLINE, async || {
-        db.slot(&db.name).await.filter(|(_, active)| *active)
-    })
-    .await;
+    db.attached().await;
 }
 
 fn decode(format: WireFormat, body: &[u8]) -> (TableSchema, Vec<Change>) {

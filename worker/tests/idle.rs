@@ -41,10 +41,7 @@ async fn an_idle_slot_does_not_retain_wal_of_unpublished_tables() {
     let dir = tempfile::tempdir().unwrap();
     let manifest = write_manifest(dir.path(), &db.dsn, &db.name, &["public.published"], "");
     let worker = Worker::spawn(&manifest, dir.path());
-    wait_for("the worker to attach to the slot", DEADLINE, async || {
-        db.slot(&db.name).await.filter(|(_, active)| *active)
-    })
-    .await;
+    db.attached().await;
     sql.batch_execute("INSERT INTO published VALUES (1, 'one')")
         .await
         .unwrap();

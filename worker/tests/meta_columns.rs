@@ -93,10 +93,7 @@ async fn soft_delete_append_mode_and_metadata_columns_rewrite_the_changes() {
     let dir = tempfile::tempdir().unwrap();
     let m = manifest(dir.path(), &db);
     let worker = Worker::spawn(&m, dir.path());
-    wait_for("the worker to attach to the slot", DEADLINE, async || {
-        db.slot(&db.name).await.filter(|(_, active)| *active)
-    })
-    .await;
+    db.attached().await;
     let before_insert = chrono::Utc::now();
     sql.batch_execute("INSERT INTO t VALUES (1, 'ada'), (2, 'bob')")
         .await
@@ -255,10 +252,7 @@ spec: {{type: file, file: {{path: "{out}"}}, appendMode: true}}
     let m = dir.path().join("flow.yaml");
     std::fs::write(&m, text).unwrap();
     let mut worker = Worker::spawn(&m, dir.path());
-    wait_for("the worker to attach to the slot", DEADLINE, async || {
-        db.slot(&db.name).await.filter(|(_, active)| *active)
-    })
-    .await;
+    db.attached().await;
     let slot_before: Option<String> = sql
         .query_one(
             "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",

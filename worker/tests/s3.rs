@@ -350,10 +350,7 @@ async fn create_table(sql: &tokio_postgres::Client) {
 }
 
 async fn attached(db: &TestDb) {
-    wait_for("the worker to attach to the slot", DEADLINE, async || {
-        db.slot(&db.name).await.filter(|(_, active)| *active)
-    })
-    .await;
+    db.attached().await;
 }
 
 async fn current_lsn(sql: &tokio_postgres::Client) -> u64 {

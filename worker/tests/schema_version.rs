@@ -21,10 +21,7 @@ async fn a_new_column_starts_a_new_schema_version() {
     let dir = tempfile::tempdir().unwrap();
     let manifest = write_manifest(dir.path(), &db.dsn, &db.name, &["public.t"], "");
     let worker = Worker::spawn(&manifest, dir.path());
-    wait_for("the worker to attach to the slot", DEADLINE, async || {
-        db.slot(&db.name).await.filter(|(_, active)| *active)
-    })
-    .await;
+    db.attached().await;
     sql.batch_execute("INSERT INTO t VALUES (1, 'x')")
         .await
         .unwrap();

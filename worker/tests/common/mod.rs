@@ -140,6 +140,17 @@ impl TestDb {
             .map(|r| (r.get(0), r.get(1)))
     }
 
+    /// Waits (60 s at most) until a worker is attached to the database's slot (named
+    /// after the database).
+    pub async fn attached(&self) {
+        wait_for(
+            "the worker to attach to the slot",
+            Duration::from_secs(60),
+            async || self.slot(&self.name).await.filter(|(_, active)| *active),
+        )
+        .await;
+    }
+
     pub async fn drop_all(self) {
         let admin = connect(superuser_dsn()).await;
         let _ = admin
