@@ -30,7 +30,11 @@ fi
 "$here/pg.sh" start >/dev/null
 eval "$("$here/pg.sh" env)"
 
-build=(cargo build --locked -p wallaby-worker -p wallaby-bench --bins)
-[[ "$profile" == release ]] && build+=(--release)
-"${build[@]}"
+if [[ "$profile" == release ]]; then
+  cargo build --locked --release -p wallaby-worker -p wallaby-bench --bins
+else
+  # The whole workspace, as `cargo test --workspace` resolved its features: after the tests
+  # this only links the two binaries.
+  cargo build --locked --workspace --bins
+fi
 exec "${CARGO_TARGET_DIR:-target}/$profile/wallaby-bench" "${args[@]}"
