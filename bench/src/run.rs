@@ -127,6 +127,13 @@ async fn run_in_database(
             .await
             .with_context(|| format!("setting up {workload}: {}", first_line(stmt)))?;
     }
+    // No autovacuum of the fresh table while the targets run: it would compete with the
+    // first of them for the two cores.
+    sql.batch_execute(
+        "ALTER TABLE t SET (autovacuum_enabled = false, toast.autovacuum_enabled = false)",
+    )
+    .await
+    .with_context(|| format!("disabling autovacuum on {db}.t"))?;
     sql.batch_execute(&format!("CREATE PUBLICATION {PUBLICATION} FOR TABLE t"))
         .await
         .with_context(|| format!("creating publication {PUBLICATION} in {db}"))?;
@@ -152,6 +159,11 @@ async fn run_in_database(
     let generate_seconds = began.elapsed().as_secs_f64();
     let end = pg::insert_lsn(&sql).await?;
     pg::wait_flushed(&sql, &end).await?;
+    // Write the generation's dirty buffers out now rather than during the first target's
+    // run (the checkpoint record lies after the end LSN and carries no changes).
+    sql.batch_execute("CHECKPOINT")
+        .await
+        .context("running CHECKPOINT after the generation")?;
     let generated = Generated {
         workload: workload.name().into(),
         description: plan.description.clone(),
