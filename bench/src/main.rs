@@ -274,6 +274,10 @@ async fn run(mut cli: Cli) -> Result<bool> {
     if let Some(docs) = &cli.docs {
         write(docs, &docs_page(&results, &table))?;
     }
+    // Successful runs removed their directories; what is left are failed runs' logs.
+    for w in workload::ALL {
+        let _ = std::fs::remove_dir(out.join("work").join(w.name()));
+    }
     let _ = std::fs::remove_dir(out.join("work"));
     Ok(ok)
 }

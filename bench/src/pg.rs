@@ -161,6 +161,21 @@ pub async fn slot_walsender(client: &Client, slot: &str) -> Result<Option<u32>> 
         .and_then(|p| u32::try_from(p).ok()))
 }
 
+/// `confirmed_flush_lsn` of `slot` as a byte offset (0 when unset).
+pub async fn confirmed_flush(client: &Client, slot: &str) -> Result<Lsn> {
+    let row = client
+        .query_one(
+            "SELECT coalesce(confirmed_flush_lsn, '0/0')::text FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .with_context(|| format!("reading confirmed_flush_lsn of slot {slot}"))?;
+    let text: String = row.get(0);
+    let bytes = parse_lsn(&text)
+        .with_context(|| format!("confirmed_flush_lsn {text:?} of slot {slot} is not X/Y"))?;
+    Ok(Lsn { text, bytes })
+}
+
 /// `SELECT version()`.
 pub async fn server_version(client: &Client) -> Result<String> {
     let row = client

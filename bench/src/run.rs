@@ -46,6 +46,14 @@ pub enum RunError {
         expected: u64,
         got: u64,
     },
+    #[error(
+        "baseline on {workload}: pg_recvlogical exited with its slot confirmed at {confirmed}, before the end LSN {end}; it did not read every change"
+    )]
+    BaselineShort {
+        workload: Workload,
+        confirmed: String,
+        end: String,
+    },
     #[error("{what} exited with {status}; last lines of its log {log}:\n{tail}")]
     ChildFailed {
         what: String,
@@ -249,7 +257,17 @@ async fn run_target(
             settings.run_timeout,
         )
         .await?;
-        // pg_recvlogical writes to /dev/null: its rows are the workload's by definition.
+        // Its output goes to /dev/null; that it read everything shows in the slot: at exit
+        // it confirms what it received, which must reach the end LSN.
+        let confirmed = pg::confirmed_flush(sql, &slot).await?;
+        if confirmed.bytes < end.bytes {
+            return Err(RunError::BaselineShort {
+                workload,
+                confirmed: confirmed.text,
+                end: end.text.clone(),
+            }
+            .into());
+        }
         return Ok((sample, plan.changes));
     }
 
