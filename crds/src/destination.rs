@@ -480,7 +480,7 @@ pub enum PayloadMode {
     RecordJson,
     /// Alias of `recordJson`.
     Raw,
-    /// Raw pgoutput bytes.
+    /// pgoutput protocol messages of the table group, rebuilt from the decoded changes.
     Wal,
 }
 
@@ -611,6 +611,16 @@ pub struct GrpcSpec {
     /// Logical destination name forwarded in each request (default: this object's name).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub destination: Option<String>,
+    /// Largest request the server accepts, in bytes (gRPC servers refuse messages above 4
+    /// MiB by default). A table group whose request would be larger is split into several
+    /// calls, each under the limit.
+    #[serde(default = "default_grpc_max_message_bytes")]
+    #[schemars(range(min = 65536))]
+    pub max_message_bytes: u64,
+}
+
+fn default_grpc_max_message_bytes() -> u64 {
+    4 * 1024 * 1024
 }
 
 fn yes() -> bool {

@@ -40,6 +40,8 @@ struct IngestState {
     queued: VecDeque<Code>,
     /// Status for every call while set (an outage).
     failing: Option<Code>,
+    /// Largest request the server decodes (tonic's default, 4 MiB, when `None`).
+    max_request: Option<usize>,
 }
 
 /// The in-test `IngestService`.
@@ -122,11 +124,15 @@ impl Service<http::Request<tonic::body::Body>> for Ingest {
             wallaby_worker::destination::grpc::INGEST_BATCH_PATH
         );
         let handler = IngestBatch(self.clone());
+        let max_request = self.state().max_request;
         Box::pin(async move {
             let mut grpc = tonic::server::Grpc::new(tonic_prost::ProstCodec::<
                 IngestBatchResponse,
                 IngestBatchRequest,
             >::default());
+            if let Some(limit) = max_request {
+                grpc = grpc.max_decoding_message_size(limit);
+            }
             Ok(grpc.unary(handler, request).await)
         })
     }
@@ -446,6 +452,90 @@ async fn payload_mode_wal_sends_pgoutput_that_replays_to_the_postgres_rows() {
     let (code, log) = worker.terminate();
     assert_eq!(code, Some(0), "{log}");
     db.drop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn groups_above_max_message_bytes_are_split_under_the_servers_limit() {
+    let db = setup("grpc_split").await;
+    let (ingest, addr) = Ingest::start().await;
+    ingest.state().max_request = Some(64 * 1024);
+    let dir = tempfile::tempdir().unwrap();
+    let m = manifest(
+        dir.path(),
+        &db,
+        &[(
+            "sink",
+            format!(
+                "{{type: grpc, format: json, grpc: {{endpoint: \"{addr}\", maxMessageBytes: 65536}}}}"
+            ),
+        )],
+    );
+    let worker = Worker::spawn(&m, dir.path());
+    attach(&db).await;
+    // One transaction, one batch: 40 rows of ~12.8 KB TOASTed text, about 550 KB of JSON.
+    db.client()
+        .await
+        .batch_execute(&format!(
+            "INSERT INTO t SELECT g, 'title ' || g, {BIG} FROM generate_series(1, 40) g"
+        ))
+        .await
+        .unwrap();
+    let want = postgres_rows(&db).await;
+    wait_for(
+        "the split calls to add up to PostgreSQL's rows",
+        DEADLINE,
+        async || (replay(&ingest) == want).then_some(()),
+    )
+    .await;
+    let calls = ingest.accepted();
+    assert!(calls.len() >= 9, "{} calls for ~550 KB", calls.len());
+    let mut next_lsn = 0;
+    for (_, m) in &calls {
+        let (schema, changes) = decode(WireFormat::Json, &m.payload);
+        assert!(m.payload.len() < 64 * 1024, "{} bytes", m.payload.len());
+        assert!(m.first_lsn > next_lsn, "calls in commit order");
+        next_lsn = m.last_lsn;
+        assert_eq!(
+            m.idempotency_key,
+            wallaby_worker::destination::http::changes_key(&schema, &changes),
+            "each call's key covers exactly its changes"
+        );
+    }
+    let (code, log) = worker.terminate();
+    assert_eq!(code, Some(0), "{log}");
+
+    // The server's limit below maxMessageBytes: refused, with the fix in the hint.
+    let db2 = setup("grpc_toolarge").await;
+    let (ingest2, addr2) = Ingest::start().await;
+    ingest2.state().max_request = Some(64 * 1024);
+    let m = manifest(
+        dir.path(),
+        &db2,
+        &[(
+            "sink",
+            format!("{{type: grpc, format: json, grpc: {{endpoint: \"{addr2}\"}}}}"),
+        )],
+    );
+    let worker = Worker::spawn(&m, dir.path());
+    attach(&db2).await;
+    db2.client()
+        .await
+        .batch_execute(&format!(
+            "INSERT INTO t SELECT g, 'title ' || g, {BIG} FROM generate_series(1, 40) g"
+        ))
+        .await
+        .unwrap();
+    let (code, log) = exit(worker).await;
+    assert_ne!(code, Some(0), "{log}");
+    assert!(log.contains("message length too large"), "{log}");
+    assert!(
+        log.contains(
+            "the server's maximum receive message size is below spec.grpc.maxMessageBytes"
+        ),
+        "{log}"
+    );
+    db.drop_all().await;
+    db2.drop_all().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,7 +7,7 @@
 //! the call goes through tonic's generic client, so building needs no `protoc`. TLS uses
 //! the Mozilla roots, or the PEM CA of `tls.ca`, and a client certificate for mutual TLS.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -259,6 +259,8 @@ pub struct GrpcDestination {
     /// `payloadMode: wal`: payloads are pgoutput messages ([`super::pgoutput`]).
     wal: bool,
     timeout: Duration,
+    /// `spec.grpc.maxMessageBytes`: larger table groups are split into several calls.
+    max_message_bytes: u64,
     metadata: MetadataMap,
     overrides: TypeOverrides,
     /// What TLS was set up with, to explain a failed handshake.
@@ -266,6 +268,10 @@ pub struct GrpcDestination {
     /// Explains transport failures of a TLS channel; `None` in plain text.
     probe: Option<TlsProbe>,
 }
+
+/// Room kept under `maxMessageBytes` for the request's fields around the payload (table,
+/// flow id, destination, idempotency key, LSNs) and the gRPC frame.
+const REQUEST_ENVELOPE_BYTES: u64 = 16 * 1024;
 
 /// Longest a [`TlsProbe`] waits for the server's verdict.
 const PROBE_WAIT: Duration = Duration::from_secs(5);
@@ -404,6 +410,7 @@ impl std::fmt::Debug for GrpcDestination {
             .field("record_json", &self.record_json)
             .field("wal", &self.wal)
             .field("timeout", &self.timeout)
+            .field("max_message_bytes", &self.max_message_bytes)
             .finish_non_exhaustive()
     }
 }
@@ -467,6 +474,7 @@ impl GrpcDestination {
                 PayloadMode::RecordJson | PayloadMode::Raw
             ),
             timeout,
+            max_message_bytes: spec.max_message_bytes,
             metadata: metadata(spec)?,
             overrides,
         })
@@ -590,34 +598,70 @@ impl GrpcDestination {
         changes: &[Change],
     ) -> Result<(), DestinationError> {
         let table = schema.qualified_name();
-        let (payload, format_name, content_type) = if self.wal {
-            (
+        // Halves of a group too large for one request go first-half-first, so the calls
+        // keep commit order; the split is deterministic, so a re-delivered batch is split
+        // the same way and carries the same idempotency keys.
+        let mut queue: VecDeque<&[Change]> = VecDeque::from([changes]);
+        while let Some(chunk) = queue.pop_front() {
+            let (payload, format_name, content_type) = self.encode(schema, chunk)?;
+            if payload.len() as u64 + REQUEST_ENVELOPE_BYTES > self.max_message_bytes {
+                if chunk.len() > 1 {
+                    let (first, second) = chunk.split_at(chunk.len() / 2);
+                    queue.push_front(second);
+                    queue.push_front(first);
+                    continue;
+                }
+                return Err(DestinationError::permanent(format!(
+                    "gRPC IngestBatch to {}: one change of {table} at LSN {} encodes to {} bytes, above spec.grpc.maxMessageBytes {}",
+                    self.endpoint,
+                    crate::lsn::Lsn(chunk[0].lsn),
+                    payload.len(),
+                    self.max_message_bytes
+                ))
+                .with_hint("raise spec.grpc.maxMessageBytes together with the server's maximum receive message size"));
+            }
+            let mut message = self.request("changes", payload, changes_key(schema, chunk));
+            message.table = table.clone();
+            message.schema_version = schema.version;
+            message.format = format_name.into();
+            message.content_type = content_type.into();
+            message.first_lsn = chunk.first().map_or(0, |c| c.lsn);
+            message.last_lsn = chunk.last().map_or(0, |c| c.lsn);
+            message.record_count = u32::try_from(chunk.len()).unwrap_or(u32::MAX);
+            self.call(&format!("{} changes of {table}", chunk.len()), message)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// The payload of `changes` in the destination's payload mode, with its format name
+    /// and content type.
+    fn encode(
+        &self,
+        schema: &TableSchema,
+        changes: &[Change],
+    ) -> Result<(Vec<u8>, &'static str, &'static str), DestinationError> {
+        if self.wal {
+            return Ok((
                 super::pgoutput::encode(schema, changes),
                 "pgoutput",
                 super::pgoutput::CONTENT_TYPE,
-            )
+            ));
+        }
+        let format = if self.record_json {
+            WireFormat::Json
         } else {
-            let format = if self.record_json {
-                WireFormat::Json
-            } else {
-                self.format
-            };
-            let payload = wallaby_codec::encode(format, schema, changes).map_err(|e| {
-                DestinationError::permanent(format!("encoding {table} as {}: {e}", format.as_str()))
-                    .with_hint("map the offending type with spec.typeMappings (e.g. to string)")
-            })?;
-            (payload, format.as_str(), format.content_type())
+            self.format
         };
-        let mut message = self.request("changes", payload, changes_key(schema, changes));
-        message.table = table.clone();
-        message.schema_version = schema.version;
-        message.format = format_name.into();
-        message.content_type = content_type.into();
-        message.first_lsn = changes.first().map_or(0, |c| c.lsn);
-        message.last_lsn = changes.last().map_or(0, |c| c.lsn);
-        message.record_count = u32::try_from(changes.len()).unwrap_or(u32::MAX);
-        self.call(&format!("{} changes of {table}", changes.len()), message)
-            .await
+        let payload = wallaby_codec::encode(format, schema, changes).map_err(|e| {
+            DestinationError::permanent(format!(
+                "encoding {} as {}: {e}",
+                schema.qualified_name(),
+                format.as_str()
+            ))
+            .with_hint("map the offending type with spec.typeMappings (e.g. to string)")
+        })?;
+        Ok((payload, format.as_str(), format.content_type()))
     }
 }
 
@@ -668,6 +712,12 @@ impl Destination for GrpcDestination {
 /// wrong and resending the same batch cannot help.
 fn classify(target: &str, status: &Status) -> DestinationError {
     let message = format!("{target}: status {:?}: {}", status.code(), status.message());
+    if status.message().contains("message length too large") {
+        // tonic's (and grpc-go's) wording for a request above the server's receive limit.
+        return DestinationError::permanent(message).with_hint(
+            "the server's maximum receive message size is below spec.grpc.maxMessageBytes: set maxMessageBytes to the server's limit (requests are split to stay under it)",
+        );
+    }
     match status.code() {
         // tonic reports a refused or broken connection as UNAVAILABLE too.
         Code::Unavailable => DestinationError::transient(message).with_hint(
