@@ -4,7 +4,7 @@
 #
 #   e2e/bench.sh                  full run; writes bench-results/ and docs/benchmarks.md
 #   e2e/bench.sh --scale 0.1      smaller workloads (any wallaby-bench option passes through)
-#   e2e/bench.sh --smoke          CI: ~2k rows per workload, file + http; exit 1 if rows are lost
+#   e2e/bench.sh --smoke          CI: ~2k rows per workload, file + http + grpc; exit 1 if rows are lost
 #   e2e/bench.sh --debug --smoke  the same with the debug build (what e2e/test.sh already built)
 #
 # Needs pg_recvlogical (postgresql-client-15) and s3s-fs (e2e/setup.sh installs both).

@@ -39,14 +39,15 @@ struct Cli {
     /// transactions, …).
     #[arg(long, default_value_t = 1.0)]
     scale: f64,
-    /// CI mode: scale 0.002 (about 2k rows per workload), targets file-json, file-parquet
-    /// and http, a 2-second latency run. Fails when a run loses rows; never on time.
+    /// CI mode: scale 0.002 (about 2k rows per workload), targets file-json, file-parquet,
+    /// http and grpc, a 2-second latency run. Fails when a run loses rows; never on time.
     #[arg(long)]
     smoke: bool,
     /// Workloads to run (comma-separated; default all).
     #[arg(long, value_delimiter = ',')]
     workloads: Vec<Workload>,
-    /// Targets to run (comma-separated; default baseline,file-json,file-parquet,kafka,s3,http).
+    /// Targets to run (comma-separated; default
+    /// baseline,file-json,file-parquet,kafka,s3,http,grpc).
     #[arg(long, value_delimiter = ',')]
     targets: Vec<Target>,
     /// Length of the latency run in seconds (0 skips it).
@@ -135,7 +136,12 @@ async fn run(mut cli: Cli) -> Result<bool> {
     if cli.smoke {
         cli.scale = 0.002;
         if cli.targets.is_empty() {
-            cli.targets = vec![Target::FileJson, Target::FileParquet, Target::Http];
+            cli.targets = vec![
+                Target::FileJson,
+                Target::FileParquet,
+                Target::Http,
+                Target::Grpc,
+            ];
         }
         cli.latency_seconds = cli.latency_seconds.min(2);
     }
@@ -169,6 +175,7 @@ async fn run(mut cli: Cli) -> Result<bool> {
     }
     let s3s_fs = s3s_fs(cli.s3s_fs.as_deref());
     let (http, http_base) = HttpCounter::start().await?;
+    let grpc_addr = http.start_grpc().await?;
     let settings = Settings {
         superuser_dsn: cli.dsn.clone(),
         worker_bin,
@@ -180,6 +187,7 @@ async fn run(mut cli: Cli) -> Result<bool> {
         decoding_work_mem: cli.decoding_work_mem.clone(),
         run_timeout: Duration::from_secs(cli.run_timeout_seconds),
         http_base,
+        grpc_addr,
     };
     let admin = pg::connect(&cli.dsn).await?;
     let postgres = pg::server_version(&admin).await?;

@@ -31,6 +31,7 @@ pub struct Settings {
     pub decoding_work_mem: String,
     pub run_timeout: Duration,
     pub http_base: String,
+    pub grpc_addr: String,
 }
 
 /// Why a run gave no figure.
@@ -299,6 +300,7 @@ async fn run_target(
         Peer::Kafka(k) => k.records()?,
         Peer::S3(p) => targets::count_rows(&p.dir.join(S3_BUCKET))?,
         Peer::None if target == Target::Http => http.rows(&format!("/{}", workload.name())),
+        Peer::None if target == Target::Grpc => http.rows(&format!("grpc:{}", workload.name())),
         Peer::None => targets::count_rows(&out)?,
     };
     drop(peer);
@@ -374,6 +376,14 @@ async fn destination(
             format!(
                 "  type: http\n  format: json\n  http: {{url: \"{}/{}\"}}\n",
                 settings.http_base,
+                workload.name()
+            ),
+            Peer::None,
+        ),
+        Target::Grpc => (
+            format!(
+                "  type: grpc\n  format: json\n  grpc: {{endpoint: \"{}\", destination: {}}}\n",
+                settings.grpc_addr,
                 workload.name()
             ),
             Peer::None,

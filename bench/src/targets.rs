@@ -1,7 +1,8 @@
 //! Where the worker writes in a run, and how the harness checks what arrived: the `file`
 //! directory (JSON lines or Parquet files), librdkafka's in-process mock cluster, an
-//! `s3s-fs` process with its own directory and port, and an in-process HTTP endpoint that
-//! answers 200 and sums the `x-wallaby-rows` header of each request.
+//! `s3s-fs` process with its own directory and port, an in-process HTTP endpoint that
+//! answers 200 and sums the `x-wallaby-rows` header of each request, and an in-process gRPC
+//! `IngestService` that sums the `record_count` of each `IngestBatch` call.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -21,6 +22,9 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
 
+use tonic::codegen::{BoxFuture, Poll, Service, http};
+use wallaby_worker::destination::grpc::{IngestBatchRequest, IngestBatchResponse};
+
 use crate::proc::ChildGuard;
 
 /// What a run delivers to: `pg_recvlogical` (the baseline) or one worker destination.
@@ -32,15 +36,17 @@ pub enum Target {
     Kafka,
     S3,
     Http,
+    Grpc,
 }
 
-pub const ALL: [Target; 6] = [
+pub const ALL: [Target; 7] = [
     Target::Baseline,
     Target::FileJson,
     Target::FileParquet,
     Target::Kafka,
     Target::S3,
     Target::Http,
+    Target::Grpc,
 ];
 
 impl Target {
@@ -52,6 +58,7 @@ impl Target {
             Self::Kafka => "kafka",
             Self::S3 => "s3",
             Self::Http => "http",
+            Self::Grpc => "grpc",
         }
     }
 
@@ -67,6 +74,9 @@ impl Target {
             Self::S3 => "worker, s3 destination (s3s-fs on localhost), Parquet",
             Self::Http => {
                 "worker, http destination (hyper endpoint in the harness answering 200), JSON"
+            }
+            Self::Grpc => {
+                "worker, grpc destination (tonic IngestService in the harness answering OK), JSON"
             }
         }
     }
@@ -95,7 +105,8 @@ impl FromStr for Target {
     }
 }
 
-/// Rows counted per request path by the HTTP endpoint.
+/// Rows counted per request path by the HTTP endpoint (and per `grpc:<destination>` by the
+/// gRPC endpoint).
 #[derive(Debug, Clone, Default)]
 pub struct HttpCounter {
     rows: Arc<Mutex<HashMap<String, u64>>>,
@@ -150,6 +161,81 @@ async fn count(
         .entry(uri.path().to_owned())
         .or_default() += rows;
     StatusCode::OK
+}
+
+impl HttpCounter {
+    /// Serves `IngestService/IngestBatch` on 127.0.0.1 (any free port) for the rest of the
+    /// harness, counting into the same table under `grpc:<destination>`; returns host:port.
+    pub async fn start_grpc(&self) -> Result<String> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .context("binding the gRPC endpoint on 127.0.0.1")?;
+        let addr = listener
+            .local_addr()
+            .context("reading the gRPC endpoint's address")?;
+        let service = IngestService(self.clone());
+        tokio::spawn(async move {
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+                .await
+        });
+        Ok(addr.to_string())
+    }
+}
+
+/// The ingest server: a tonic service routing every call to [`IngestBatch`].
+#[derive(Clone)]
+struct IngestService(HttpCounter);
+
+impl tonic::server::NamedService for IngestService {
+    const NAME: &'static str = "wallaby.ingest.v1.IngestService";
+}
+
+impl Service<http::Request<tonic::body::Body>> for IngestService {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        let handler = IngestBatch(self.0.clone());
+        Box::pin(async move {
+            let mut grpc = tonic::server::Grpc::new(tonic_prost::ProstCodec::<
+                IngestBatchResponse,
+                IngestBatchRequest,
+            >::default());
+            Ok(grpc.unary(handler, request).await)
+        })
+    }
+}
+
+/// `IngestBatch`: counts the changes of a call and answers OK.
+struct IngestBatch(HttpCounter);
+
+impl tonic::server::UnaryService<IngestBatchRequest> for IngestBatch {
+    type Response = IngestBatchResponse;
+    type Future = BoxFuture<tonic::Response<IngestBatchResponse>, tonic::Status>;
+
+    fn call(&mut self, request: tonic::Request<IngestBatchRequest>) -> Self::Future {
+        let counter = self.0.clone();
+        Box::pin(async move {
+            let message = request.into_inner();
+            let accepted = u64::from(message.record_count);
+            if message.kind == "changes" {
+                *counter
+                    .rows
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .entry(format!("grpc:{}", message.destination))
+                    .or_default() += accepted;
+            }
+            Ok(tonic::Response::new(IngestBatchResponse { accepted }))
+        })
+    }
 }
 
 /// librdkafka's mock cluster (one broker) with one topic for one run; dropped after it.
