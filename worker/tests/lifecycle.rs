@@ -565,13 +565,19 @@ async fn the_source_state_row_follows_the_flow() {
         .await
         .unwrap()
         .get(0);
-    let (_, confirmed, updated, _) =
-        wait_for("the checkpoint in the state row", DEADLINE, async || {
-            state_row(&sql, table, "default/test")
-                .await
-                .filter(|r| r.1.is_some())
-        })
-        .await;
+    // The row may first record an earlier confirmation (an idle keepalive before the
+    // insert): wait for the one that covers the change.
+    let (_, confirmed, updated, _) = wait_for(
+        "the change's checkpoint in the state row",
+        DEADLINE,
+        async || {
+            state_row(&sql, table, "default/test").await.filter(|r| {
+                r.1.as_deref()
+                    .is_some_and(|c| parse_lsn(c) + 4096 >= parse_lsn(&change_lsn))
+            })
+        },
+    )
+    .await;
     assert!(updated > started, "updated_at advanced");
     let confirmed = confirmed.unwrap();
     // The row records what the worker confirmed; the slot hears of it at the next status
