@@ -23,6 +23,6 @@ cargo fmt --all -- --check
 echo "== cargo clippy --all-targets -- -D warnings" >&2
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== cargo test" >&2
-cargo test --workspace --locked "$@"
+cargo test --workspace --locked --no-fail-fast "$@"
 echo "== benchmark smoke run (e2e/bench.sh --debug --smoke: ~2k rows per workload; fails if rows are lost, never on time)" >&2
 "$here/bench.sh" --debug --smoke --out "${CARGO_TARGET_DIR:-target}/bench-smoke"
