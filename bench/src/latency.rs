@@ -69,43 +69,19 @@ async fn run_in_database(settings: &Settings, plan: &LatencyPlan) -> Result<Late
     let out = dir.join("out");
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let manifest = dir.join("flow.yaml");
+    let destination = format!(
+        "  type: file\n  format: json\n  file: {{path: \"{}\"}}\n",
+        out.display()
+    );
     std::fs::write(
         &manifest,
-        format!(
-            r#"apiVersion: wallaby.dev/v1alpha1
-kind: Flow
-metadata: {{name: latency}}
-spec:
-  source:
-    postgres:
-      secretRef: {{name: pg}}
-      slot: {SLOT}
-      publication: {PUBLICATION}
-      tables: ["public.t"]
-      createSlot: false
-      ensurePublication: false
-      ensureState: false
-      batchSize: {batch_size}
-      batchTimeout: {batch_timeout}
-      statusInterval: 1s
-  destinations: [{{name: out}}]
----
-apiVersion: v1
-kind: Secret
-metadata: {{name: pg}}
-stringData: {{dsn: "{dsn}"}}
----
-apiVersion: wallaby.dev/v1alpha1
-kind: Destination
-metadata: {{name: out}}
-spec:
-  type: file
-  format: json
-  file: {{path: "{out}"}}
-"#,
-            batch_size = settings.batch_size,
-            batch_timeout = plan.batch_timeout,
-            out = out.display(),
+        crate::run::manifest_text(
+            "latency",
+            SLOT,
+            &dsn,
+            (settings.batch_size, &plan.batch_timeout),
+            "1s",
+            &destination,
         ),
     )
     .with_context(|| format!("writing {}", manifest.display()))?;

@@ -275,8 +275,15 @@ async fn run_target(
     let out = dir.join("out");
     let (destination, peer) = destination(settings, workload, target, &out).await?;
     let manifest = dir.join("flow.yaml");
-    std::fs::write(&manifest, manifest_text(settings, &slot, dsn, &destination))
-        .with_context(|| format!("writing {}", manifest.display()))?;
+    let text = manifest_text(
+        "bench",
+        &slot,
+        dsn,
+        (settings.batch_size, &settings.batch_timeout),
+        "200ms",
+        &destination,
+    );
+    std::fs::write(&manifest, text).with_context(|| format!("writing {}", manifest.display()))?;
     let mut cmd = Command::new(&settings.worker_bin);
     cmd.current_dir(dir)
         .args(["run", "-f"])
@@ -391,11 +398,21 @@ async fn destination(
     })
 }
 
-fn manifest_text(settings: &Settings, slot: &str, dsn: &str, destination: &str) -> String {
+/// A standalone manifest: one Flow reading the pre-created `slot` (and [`PUBLICATION`]) of
+/// `public.t` into one Destination `out` whose spec lines are `destination`.
+pub fn manifest_text(
+    flow: &str,
+    slot: &str,
+    dsn: &str,
+    batching: (u32, &str),
+    status_interval: &str,
+    destination: &str,
+) -> String {
+    let (batch_size, batch_timeout) = batching;
     format!(
         r#"apiVersion: wallaby.dev/v1alpha1
 kind: Flow
-metadata: {{name: bench}}
+metadata: {{name: {flow}}}
 spec:
   source:
     postgres:
@@ -408,7 +425,7 @@ spec:
       ensureState: false
       batchSize: {batch_size}
       batchTimeout: {batch_timeout}
-      statusInterval: 200ms
+      statusInterval: {status_interval}
   destinations: [{{name: out}}]
 ---
 apiVersion: v1
@@ -420,9 +437,7 @@ apiVersion: wallaby.dev/v1alpha1
 kind: Destination
 metadata: {{name: out}}
 spec:
-{destination}"#,
-        batch_size = settings.batch_size,
-        batch_timeout = settings.batch_timeout,
+{destination}"#
     )
 }
 
