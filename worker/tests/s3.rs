@@ -540,12 +540,20 @@ async fn a_batch_delivered_again_after_kill_9_overwrites_the_same_objects() {
     .await;
     let (code, stop_log) = worker.terminate();
     assert_eq!(code, Some(0), "{log}{stop_log}");
+    let again = objects(&client, "redo").await;
+    // The transaction's commit LSN, from the delivered changes (`end` above may include
+    // WAL that tests running alongside wrote after the insert).
+    let commit_lsn = again
+        .iter()
+        .flat_map(|(k, body)| decode(k, body))
+        .map(|c| c.commit_lsn)
+        .max()
+        .unwrap();
     let (confirmed, _) = db.slot(&db.name).await.unwrap();
     assert!(
-        parse_lsn(&confirmed) >= end,
-        "the clean stop confirmed the batch: {confirmed}"
+        parse_lsn(&confirmed) > commit_lsn,
+        "the clean stop confirmed the batch: {confirmed} after commit {commit_lsn:X}"
     );
-    let again = objects(&client, "redo").await;
     assert_eq!(
         again.keys().collect::<Vec<_>>(),
         first.keys().collect::<Vec<_>>(),
