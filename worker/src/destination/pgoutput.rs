@@ -30,16 +30,14 @@ pub fn encode(schema: &TableSchema, changes: &[Change]) -> Vec<u8> {
     let relation_id = relation_id(schema);
     let first_lsn = changes.first().map_or(0, |c| c.lsn);
     frame(&mut out, first_lsn, &relation(schema, relation_id));
-    let mut open: Option<(u32, u64)> = None;
+    // The transaction being framed: (xid, commit LSN, commit time). A transaction's
+    // changes are contiguous in a group and share its commit time.
+    let mut open: Option<(u32, u64, i64)> = None;
     for change in changes {
-        let tx = (change.xid, change.commit_lsn);
-        if open != Some(tx) {
-            if let Some((_, commit_lsn)) = open {
-                frame(
-                    &mut out,
-                    commit_lsn,
-                    &commit(commit_lsn, last_time(changes, tx)),
-                );
+        let tx = (change.xid, change.commit_lsn, change.commit_time_micros);
+        if open.map(|(xid, lsn, _)| (xid, lsn)) != Some((tx.0, tx.1)) {
+            if let Some((_, commit_lsn, time)) = open {
+                frame(&mut out, commit_lsn, &commit(commit_lsn, time));
             }
             frame(&mut out, change.commit_lsn, &begin(change));
             open = Some(tx);
@@ -50,12 +48,8 @@ pub fn encode(schema: &TableSchema, changes: &[Change]) -> Vec<u8> {
             &row_message(schema, relation_id, change),
         );
     }
-    if let Some((xid, commit_lsn)) = open {
-        frame(
-            &mut out,
-            commit_lsn,
-            &commit(commit_lsn, last_time(changes, (xid, commit_lsn))),
-        );
+    if let Some((_, commit_lsn, time)) = open {
+        frame(&mut out, commit_lsn, &commit(commit_lsn, time));
     }
     out
 }
@@ -87,14 +81,6 @@ pub fn relation_id(schema: &TableSchema) -> u32 {
         h = h.wrapping_mul(0x0100_0193);
     }
     h.max(1)
-}
-
-fn last_time(changes: &[Change], tx: (u32, u64)) -> i64 {
-    changes
-        .iter()
-        .rev()
-        .find(|c| (c.xid, c.commit_lsn) == tx)
-        .map_or(0, |c| c.commit_time_micros)
 }
 
 fn frame(out: &mut Vec<u8>, lsn: u64, message: &[u8]) {
@@ -153,14 +139,14 @@ fn commit(commit_lsn: u64, time: i64) -> Vec<u8> {
     m
 }
 
-fn tuple(out: &mut Vec<u8>, schema: &TableSchema, row: &Row) {
+/// A TupleData; columns PostgreSQL did not send are written as `absent` (`u` for
+/// unchanged TOAST in a new tuple, `n` for the non-identity columns of a key tuple).
+fn tuple(out: &mut Vec<u8>, schema: &TableSchema, row: &Row, absent: u8) {
     let n = i16::try_from(row.values.len()).unwrap_or(i16::MAX);
     out.extend_from_slice(&n.to_be_bytes());
     for (i, (value, column)) in row.values.iter().zip(&schema.columns).enumerate() {
         if row.absent.contains(&i) {
-            // An old key tuple sends the other columns as NULL; a new tuple marks
-            // unchanged TOAST as `u`.
-            out.push(b'u');
+            out.push(absent);
             continue;
         }
         if matches!(value, wallaby_codec::Value::Null) {
@@ -178,21 +164,10 @@ fn tuple(out: &mut Vec<u8>, schema: &TableSchema, row: &Row) {
 fn old_tuple(out: &mut Vec<u8>, schema: &TableSchema, row: &Row) {
     if row.absent.is_empty() {
         out.push(b'O');
-        tuple(out, schema, row);
     } else {
         out.push(b'K');
-        let key_only = Row {
-            values: row.values.clone(),
-            absent: Vec::new(),
-        };
-        let mut nulls = key_only;
-        for &i in &row.absent {
-            if let Some(v) = nulls.values.get_mut(i) {
-                *v = wallaby_codec::Value::Null;
-            }
-        }
-        tuple(out, schema, &nulls);
     }
+    tuple(out, schema, row, b'n');
 }
 
 fn row_message(schema: &TableSchema, relation_id: u32, change: &Change) -> Vec<u8> {
@@ -203,7 +178,7 @@ fn row_message(schema: &TableSchema, relation_id: u32, change: &Change) -> Vec<u
             m.extend_from_slice(&relation_id.to_be_bytes());
             m.push(b'N');
             if let Some(after) = &change.after {
-                tuple(&mut m, schema, after);
+                tuple(&mut m, schema, after, b'u');
             }
         }
         Op::Update => {
@@ -214,7 +189,7 @@ fn row_message(schema: &TableSchema, relation_id: u32, change: &Change) -> Vec<u
             }
             m.push(b'N');
             if let Some(after) = &change.after {
-                tuple(&mut m, schema, after);
+                tuple(&mut m, schema, after, b'u');
             }
         }
         Op::Delete => {
