@@ -20,9 +20,10 @@ use tonic::metadata::{AsciiMetadataKey, AsciiMetadataValue, MetadataMap};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Code, Status};
 use wallaby_codec::{Change, TableSchema, WireFormat};
-use wallaby_crds::destination::{DestinationSpec, GrpcSpec, PayloadMode};
+use wallaby_crds::destination::{DestinationSpec, GrpcSpec};
 
 use super::http::{changes_key, messages_payload};
+use super::payload::{BodyMode, Encoded};
 use super::{Destination, DestinationError, TypeOverrides, WriteAck};
 use crate::batch::ChangeBatch;
 use crate::standalone::SecretSource;
@@ -255,9 +256,7 @@ pub struct GrpcDestination {
     flow_id: String,
     destination: String,
     format: WireFormat,
-    record_json: bool,
-    /// `payloadMode: wal`: payloads are pgoutput messages ([`super::pgoutput`]).
-    wal: bool,
+    mode: BodyMode,
     timeout: Duration,
     /// `spec.grpc.maxMessageBytes`: larger table groups are split into several calls.
     max_message_bytes: u64,
@@ -407,8 +406,7 @@ impl std::fmt::Debug for GrpcDestination {
             .field("flow_id", &self.flow_id)
             .field("destination", &self.destination)
             .field("format", &self.format)
-            .field("record_json", &self.record_json)
-            .field("wal", &self.wal)
+            .field("mode", &self.mode)
             .field("timeout", &self.timeout)
             .field("max_message_bytes", &self.max_message_bytes)
             .finish_non_exhaustive()
@@ -468,11 +466,7 @@ impl GrpcDestination {
             flow_id: spec.flow_id.clone().unwrap_or(flow_id),
             destination: spec.destination.clone().unwrap_or(destination),
             format,
-            wal: spec.payload_mode == PayloadMode::Wal,
-            record_json: matches!(
-                spec.payload_mode,
-                PayloadMode::RecordJson | PayloadMode::Raw
-            ),
+            mode: BodyMode::of(spec.payload_mode),
             timeout,
             max_message_bytes: spec.max_message_bytes,
             metadata: metadata(spec)?,
@@ -603,7 +597,11 @@ impl GrpcDestination {
         // the same way and carries the same idempotency keys.
         let mut queue: VecDeque<&[Change]> = VecDeque::from([changes]);
         while let Some(chunk) = queue.pop_front() {
-            let (payload, format_name, content_type) = self.encode(schema, chunk)?;
+            let Encoded {
+                body: payload,
+                format: format_name,
+                content_type,
+            } = self.mode.encode_group(self.format, schema, chunk)?;
             if payload.len() as u64 + REQUEST_ENVELOPE_BYTES > self.max_message_bytes {
                 if chunk.len() > 1 {
                     let (first, second) = chunk.split_at(chunk.len() / 2);
@@ -633,36 +631,6 @@ impl GrpcDestination {
         }
         Ok(())
     }
-
-    /// The payload of `changes` in the destination's payload mode, with its format name
-    /// and content type.
-    fn encode(
-        &self,
-        schema: &TableSchema,
-        changes: &[Change],
-    ) -> Result<(Vec<u8>, &'static str, &'static str), DestinationError> {
-        if self.wal {
-            return Ok((
-                super::pgoutput::encode(schema, changes),
-                "pgoutput",
-                super::pgoutput::CONTENT_TYPE,
-            ));
-        }
-        let format = if self.record_json {
-            WireFormat::Json
-        } else {
-            self.format
-        };
-        let payload = wallaby_codec::encode(format, schema, changes).map_err(|e| {
-            DestinationError::permanent(format!(
-                "encoding {} as {}: {e}",
-                schema.qualified_name(),
-                format.as_str()
-            ))
-            .with_hint("map the offending type with spec.typeMappings (e.g. to string)")
-        })?;
-        Ok((payload, format.as_str(), format.content_type()))
-    }
 }
 
 #[async_trait]
@@ -677,19 +645,11 @@ impl Destination for GrpcDestination {
         }
         if !batch.messages.is_empty() {
             let (json, key) = messages_payload(batch);
-            let (payload, format_name, content_type) = if self.wal {
-                (
-                    super::pgoutput::encode_messages(&batch.messages),
-                    "pgoutput",
-                    super::pgoutput::CONTENT_TYPE,
-                )
-            } else {
-                (
-                    json,
-                    WireFormat::Json.as_str(),
-                    WireFormat::Json.content_type(),
-                )
-            };
+            let Encoded {
+                body: payload,
+                format: format_name,
+                content_type,
+            } = self.mode.encode_messages(json, &batch.messages);
             let mut message = self.request("messages", payload, key);
             message.format = format_name.into();
             message.content_type = content_type.into();
@@ -811,12 +771,10 @@ fn metadata(spec: &GrpcSpec) -> Result<MetadataMap, GrpcConfigError> {
             .map_err(|e| bad(format!("not a valid ASCII metadata value: {e}")))?;
         map.insert(key, value);
     }
-    let mode = match spec.payload_mode {
-        PayloadMode::Wire => "wire",
-        PayloadMode::RecordJson | PayloadMode::Raw => "recordJson",
-        PayloadMode::Wal => "wal",
-    };
-    map.insert(PAYLOAD_MODE_METADATA, AsciiMetadataValue::from_static(mode));
+    map.insert(
+        PAYLOAD_MODE_METADATA,
+        AsciiMetadataValue::from_static(BodyMode::of(spec.payload_mode).as_str()),
+    );
     Ok(map)
 }
 

@@ -27,8 +27,9 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use sha2::{Digest, Sha256};
 use wallaby_codec::{Change, TableSchema, WireFormat};
-use wallaby_crds::destination::{DestinationSpec, HttpMethod, HttpSpec, PayloadMode};
+use wallaby_crds::destination::{DestinationSpec, HttpMethod, HttpSpec};
 
+use super::payload::{BodyMode, Encoded};
 use super::{Destination, DestinationError, TypeOverrides, WriteAck};
 use crate::batch::ChangeBatch;
 use crate::standalone::SecretSource;
@@ -81,27 +82,6 @@ pub enum HttpConfigError {
     /// TLS set-up failed.
     #[error("TLS set-up for spec.http.url failed: {0}")]
     Tls(String),
-}
-
-/// The body shape actually sent.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum BodyMode {
-    /// The group's payload in the destination's format.
-    Wire,
-    /// The group's JSON-lines payload, whatever the format.
-    RecordJson,
-    /// The group as pgoutput protocol messages ([`super::pgoutput`]).
-    Wal,
-}
-
-impl BodyMode {
-    fn as_str(self) -> &'static str {
-        match self {
-            Self::Wire => "wire",
-            Self::RecordJson => "recordJson",
-            Self::Wal => "wal",
-        }
-    }
 }
 
 /// Webhook client of one Destination.
@@ -208,11 +188,7 @@ impl HttpDestination {
         overrides: TypeOverrides,
     ) -> Result<Self, HttpConfigError> {
         let url = parse_url(&spec.url)?;
-        let mode = match spec.payload_mode {
-            PayloadMode::Wire => BodyMode::Wire,
-            PayloadMode::RecordJson | PayloadMode::Raw => BodyMode::RecordJson,
-            PayloadMode::Wal => BodyMode::Wal,
-        };
+        let mode = BodyMode::of(spec.payload_mode);
         let timeout = spec.timeout.parse().map_err(HttpConfigError::Timeout)?;
         let mut headers = HeaderMap::new();
         for (name, value) in &spec.headers {
@@ -327,27 +303,11 @@ impl HttpDestination {
         changes: &[Change],
     ) -> Result<(), DestinationError> {
         let table = schema.qualified_name();
-        let (body, content_type, format_name) = match self.mode {
-            BodyMode::Wal => (
-                super::pgoutput::encode(schema, changes),
-                super::pgoutput::CONTENT_TYPE,
-                "pgoutput",
-            ),
-            BodyMode::Wire | BodyMode::RecordJson => {
-                let format = match self.mode {
-                    BodyMode::Wire => self.format,
-                    _ => WireFormat::Json,
-                };
-                let body = wallaby_codec::encode(format, schema, changes).map_err(|e| {
-                    DestinationError::permanent(format!(
-                        "encoding {table} as {}: {e}",
-                        format.as_str()
-                    ))
-                    .with_hint("map the offending type with spec.typeMappings (e.g. to string)")
-                })?;
-                (body, format.content_type(), format.as_str())
-            }
-        };
+        let Encoded {
+            body,
+            format: format_name,
+            content_type,
+        } = self.mode.encode_group(self.format, schema, changes)?;
         let first = changes.first().map_or(0, |c| c.lsn);
         let last = changes.last().map_or(0, |c| c.lsn);
         let mut extra = HeaderMap::new();
@@ -390,14 +350,9 @@ impl HttpDestination {
 
     async fn write_messages(&self, batch: &ChangeBatch) -> Result<(), DestinationError> {
         let (json, key) = messages_payload(batch);
-        let (body, content_type) = if self.mode == BodyMode::Wal {
-            (
-                super::pgoutput::encode_messages(&batch.messages),
-                super::pgoutput::CONTENT_TYPE,
-            )
-        } else {
-            (json, WireFormat::Json.content_type())
-        };
+        let Encoded {
+            body, content_type, ..
+        } = self.mode.encode_messages(json, &batch.messages);
         let mut extra = HeaderMap::new();
         put(&mut extra, CONTENT_TYPE, content_type);
         put(&mut extra, self.idempotency_header.clone(), &key);

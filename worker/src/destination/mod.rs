@@ -18,6 +18,7 @@ pub mod grpc;
 pub mod http;
 pub mod kafka;
 pub mod meta;
+pub mod payload;
 pub mod pgoutput;
 pub mod s3;
 
