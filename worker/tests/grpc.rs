@@ -22,7 +22,7 @@ use tonic::codegen::{BoxFuture, Context, Poll, Service, http};
 use tonic::metadata::MetadataMap;
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tonic::{Code, Status};
-use wallaby_codec::{Change, Op, TableSchema, Value, WireFormat};
+use wallaby_codec::{Change, TableSchema, WireFormat};
 use wallaby_worker::destination::grpc::{IngestBatchRequest, IngestBatchResponse};
 
 const DEADLINE: Duration = Duration::from_secs(60);
@@ -269,16 +269,7 @@ stringData: {{dsn: "{dsn}"}}
 }
 
 async fn setup(prefix: &str) -> TestDb {
-    let db = TestDb::create(prefix).await;
-    db.client()
-        .await
-        .batch_execute(
-            "CREATE TABLE t (id int PRIMARY KEY, title text, big text);
-             ALTER TABLE t ALTER COLUMN big SET STORAGE EXTERNAL;",
-        )
-        .await
-        .unwrap();
-    db
+    common::toast_table_db(prefix).await
 }
 
 async fn attach(db: &TestDb) {
@@ -289,7 +280,7 @@ fn decode(format: WireFormat, body: &[u8]) -> (TableSchema, Vec<Change>) {
     common::decode_payload(format, body)
 }
 
-type Rows = BTreeMap<i32, Vec<Option<String>>>;
+type Rows = common::TextRows;
 
 /// Applies every accepted call's changes in order; an absent (unchanged TOAST) value keeps
 /// the previous one.
@@ -306,51 +297,17 @@ fn replay(ingest: &Ingest) -> Rows {
             other => panic!("unexpected format {other}"),
         };
         let (schema, changes) = decode(format, &m.payload);
-        for c in changes {
-            let id_of = |row: &wallaby_codec::Row| match row.values[0] {
-                Value::Int4(i) => i,
-                ref other => panic!("id decoded as {other:?}"),
-            };
-            if c.op == Op::Delete {
-                rows.remove(&id_of(c.before.as_ref().unwrap()));
-                continue;
-            }
-            let after = c.after.unwrap();
-            let id = id_of(&after);
-            let old = rows.get(&id).cloned();
-            let values = after
-                .values
-                .iter()
-                .enumerate()
-                .map(|(i, v)| match (&old, after.absent.contains(&i)) {
-                    (Some(old), true) => old[i].clone(),
-                    _ => (*v != Value::Null)
-                        .then(|| wallaby_codec::text::render(&schema.columns[i].ty, v)),
-                })
-                .collect();
-            rows.insert(id, values);
-        }
+        common::apply_changes(&schema, changes, &mut rows);
     }
     rows
 }
 
 async fn postgres_rows(db: &TestDb) -> Rows {
-    db.client()
-        .await
-        .query("SELECT id, id::text, title, big FROM t ORDER BY 1", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), vec![r.get(1), r.get(2), r.get(3)]))
-        .collect()
+    common::toast_table_rows(db).await
 }
 
-async fn exit(mut worker: Worker) -> (Option<i32>, String) {
-    let code = wait_for("the worker to exit", DEADLINE, async || {
-        worker.child.try_wait().unwrap().map(|s| s.code())
-    })
-    .await;
-    (code, worker.log_text())
+async fn exit(worker: Worker) -> (Option<i32>, String) {
+    worker.exit_by_itself().await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,7 +8,7 @@
 
 mod common;
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -18,7 +18,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use common::{TestDb, Worker, parse_lsn, wait_for};
-use wallaby_codec::{Change, Op, TableSchema, Value, WireFormat};
+use wallaby_codec::{Change, TableSchema, WireFormat};
 
 const DEADLINE: Duration = Duration::from_secs(60);
 
@@ -169,16 +169,7 @@ stringData: {{Authorization: "Bearer s3cret"}}
 }
 
 async fn setup(prefix: &str) -> TestDb {
-    let db = TestDb::create(prefix).await;
-    db.client()
-        .await
-        .batch_execute(
-            "CREATE TABLE t (id int PRIMARY KEY, title text, big text);
-             ALTER TABLE t ALTER COLUMN big SET STORAGE EXTERNAL;",
-        )
-        .await
-        .unwrap();
-    db
+    common::toast_table_db(prefix).await
 }
 
 async fn attach(db: &TestDb) {
@@ -190,11 +181,7 @@ fn decode(format: WireFormat, body: &[u8]) -> (TableSchema, Vec<Change>) {
     common::decode_payload(format, body)
 }
 
-type Rows = BTreeMap<i32, Vec<Option<String>>>;
-
-fn text(schema: &TableSchema, i: usize, v: &Value) -> Option<String> {
-    (*v != Value::Null).then(|| wallaby_codec::text::render(&schema.columns[i].ty, v))
-}
+type Rows = common::TextRows;
 
 /// Applies the changes of every accepted request on `path` in order: the table the
 /// endpoint would hold. An unchanged TOAST value (absent) keeps the previous one.
@@ -202,32 +189,7 @@ fn replay(hook: &Hook, path: &str, format: WireFormat) -> Rows {
     let mut rows = Rows::new();
     for r in hook.accepted(path) {
         let (schema, changes) = decode(format, &r.body);
-        for c in changes {
-            let id_of = |row: &wallaby_codec::Row| match row.values[0] {
-                Value::Int4(i) => i,
-                ref other => panic!("id decoded as {other:?}"),
-            };
-            match c.op {
-                Op::Delete => {
-                    rows.remove(&id_of(c.before.as_ref().unwrap()));
-                }
-                _ => {
-                    let after = c.after.unwrap();
-                    let id = id_of(&after);
-                    let old = rows.get(&id).cloned();
-                    let values = after
-                        .values
-                        .iter()
-                        .enumerate()
-                        .map(|(i, v)| match (&old, after.absent.contains(&i)) {
-                            (Some(old), true) => old[i].clone(),
-                            _ => text(&schema, i, v),
-                        })
-                        .collect();
-                    rows.insert(id, values);
-                }
-            }
-        }
+        common::apply_changes(&schema, changes, &mut rows);
     }
     rows
 }
@@ -242,14 +204,7 @@ fn replay_wal(hook: &Hook, path: &str) -> Rows {
 }
 
 async fn postgres_rows(db: &TestDb) -> Rows {
-    db.client()
-        .await
-        .query("SELECT id, id::text, title, big FROM t ORDER BY 1", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), vec![r.get(1), r.get(2), r.get(3)]))
-        .collect()
+    common::toast_table_rows(db).await
 }
 
 fn header<'a>(r: &'a Received, name: &str) -> &'a str {
@@ -259,13 +214,8 @@ fn header<'a>(r: &'a Received, name: &str) -> &'a str {
         .unwrap_or_else(|| panic!("no {name} header in {:?}", r.headers))
 }
 
-/// Waits for the worker to exit by itself; returns its code and log.
-async fn exit(mut worker: Worker) -> (Option<i32>, String) {
-    let code = wait_for("the worker to exit", DEADLINE, async || {
-        worker.child.try_wait().unwrap().map(|s| s.code())
-    })
-    .await;
-    (code, worker.log_text())
+async fn exit(worker: Worker) -> (Option<i32>, String) {
+    worker.exit_by_itself().await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -462,3 +462,79 @@ pub fn decode_payload(
     let changes = wallaby_codec::decode(format, &schema, bytes).unwrap();
     (schema, changes)
 }
+
+/// Rows keyed by the integer first column, each as the text of its columns (what the
+/// request/response destination tests compare with PostgreSQL).
+pub type TextRows = std::collections::BTreeMap<i32, Vec<Option<String>>>;
+
+/// A database with table `t (id int primary key, title text, big text)`, `big` stored out
+/// of line (TOAST) so that updates can leave it unchanged.
+pub async fn toast_table_db(prefix: &str) -> TestDb {
+    let db = TestDb::create(prefix).await;
+    db.client()
+        .await
+        .batch_execute(
+            "CREATE TABLE t (id int PRIMARY KEY, title text, big text);
+             ALTER TABLE t ALTER COLUMN big SET STORAGE EXTERNAL;",
+        )
+        .await
+        .unwrap();
+    db
+}
+
+/// The rows of `t` as PostgreSQL prints them.
+pub async fn toast_table_rows(db: &TestDb) -> TextRows {
+    db.client()
+        .await
+        .query("SELECT id, id::text, title, big FROM t ORDER BY 1", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), vec![r.get(1), r.get(2), r.get(3)]))
+        .collect()
+}
+
+/// Applies decoded changes of `t` to `rows` in order: the table a consumer would hold. An
+/// unchanged TOAST value (absent) keeps the previous one.
+pub fn apply_changes(
+    schema: &wallaby_codec::TableSchema,
+    changes: Vec<wallaby_codec::Change>,
+    rows: &mut TextRows,
+) {
+    use wallaby_codec::{Op, Value};
+    let id_of = |row: &wallaby_codec::Row| match row.values[0] {
+        Value::Int4(i) => i,
+        ref other => panic!("id decoded as {other:?}"),
+    };
+    for c in changes {
+        if c.op == Op::Delete {
+            rows.remove(&id_of(c.before.as_ref().unwrap()));
+            continue;
+        }
+        let after = c.after.unwrap();
+        let id = id_of(&after);
+        let old = rows.get(&id).cloned();
+        let values = after
+            .values
+            .iter()
+            .enumerate()
+            .map(|(i, v)| match (&old, after.absent.contains(&i)) {
+                (Some(old), true) => old[i].clone(),
+                _ => (*v != Value::Null)
+                    .then(|| wallaby_codec::text::render(&schema.columns[i].ty, v)),
+            })
+            .collect();
+        rows.insert(id, values);
+    }
+}
+
+impl Worker {
+    /// Waits (60 s at most) for the worker to exit by itself; returns its code and log.
+    pub async fn exit_by_itself(mut self) -> (Option<i32>, String) {
+        let code = wait_for("the worker to exit", Duration::from_secs(60), async || {
+            self.child.try_wait().unwrap().map(|s| s.code())
+        })
+        .await;
+        (code, self.log_text())
+    }
+}
