@@ -9,15 +9,146 @@ use serde_json::{Map, Value as J, json};
 use super::{Layout, Res, Wire, mismatch, parse_op};
 use crate::value::{Change, RangeValue, Row, Value};
 
-pub(crate) fn encode(layout: &Layout<'_>, changes: &[Change]) -> Res<Vec<u8>> {
-    let mut out = Vec::with_capacity(256 + changes.len() * 256);
-    write_line(&mut out, &json!({ "wallaby_schema": layout.descriptor() }))?;
-    let table = layout.table();
-    for (n, change) in changes.iter().enumerate() {
-        let line =
-            change_to_json(layout, &table, change).map_err(|e| format!("change {n}: {e}"))?;
-        write_line(&mut out, &line)?;
+/// The parts of a JSON-lines payload that depend only on the table: the header line and
+/// each column's `"name":` key, escaped once, so a change is written straight into the
+/// output buffer without an intermediate `serde_json::Value` tree.
+#[derive(Debug)]
+pub(crate) struct Prepared {
+    header: Vec<u8>,
+    table_field: Vec<u8>,
+    column_keys: Vec<Vec<u8>>,
+    absent_names: Vec<Vec<u8>>,
+}
+
+impl Prepared {
+    pub(crate) fn new(layout: &Layout<'_>) -> Res<Self> {
+        let mut header = Vec::with_capacity(256);
+        write_line(
+            &mut header,
+            &json!({ "wallaby_schema": layout.descriptor() }),
+        )?;
+        let mut table_field = b"{\"table\":".to_vec();
+        put(&mut table_field, layout.table().as_str())?;
+        let mut column_keys = Vec::with_capacity(layout.schema.columns.len());
+        let mut absent_names = Vec::with_capacity(layout.schema.columns.len());
+        for column in &layout.schema.columns {
+            let mut name = Vec::with_capacity(column.name.len() + 2);
+            put(&mut name, column.name.as_str())?;
+            let mut key = name.clone();
+            key.push(b':');
+            column_keys.push(key);
+            absent_names.push(name);
+        }
+        Ok(Self {
+            header,
+            table_field,
+            column_keys,
+            absent_names,
+        })
     }
+
+    /// Appends the header line and one line per change to `out`.
+    pub(crate) fn encode_into(
+        &self,
+        layout: &Layout<'_>,
+        changes: &[Change],
+        out: &mut Vec<u8>,
+    ) -> Res<()> {
+        out.extend_from_slice(&self.header);
+        for (n, change) in changes.iter().enumerate() {
+            let start = out.len();
+            self.write_change(layout, change, out)
+                .map_err(|e| format!("change {n}: {e}"))?;
+            if n == 0 {
+                // Size the buffer once from the first line instead of doubling it ~10 times.
+                let line = out.len() - start;
+                out.reserve((changes.len() - 1) * (line + line / 8));
+            }
+        }
+        Ok(())
+    }
+
+    fn write_change(&self, layout: &Layout<'_>, c: &Change, out: &mut Vec<u8>) -> Res<()> {
+        out.extend_from_slice(&self.table_field);
+        out.extend_from_slice(b",\"schema_version\":");
+        put(out, &layout.schema.version)?;
+        out.extend_from_slice(b",\"op\":\"");
+        out.extend_from_slice(c.op.as_str().as_bytes());
+        out.extend_from_slice(b"\",\"commit_lsn\":");
+        put(out, &c.commit_lsn)?;
+        out.extend_from_slice(b",\"lsn\":");
+        put(out, &c.lsn)?;
+        out.extend_from_slice(b",\"commit_time\":");
+        write_timestamp(out, c.commit_time_micros, true)?;
+        out.extend_from_slice(b",\"xid\":");
+        put(out, &c.xid)?;
+        out.extend_from_slice(b",\"before\":");
+        self.write_row(layout, c.before.as_ref(), "before", out)?;
+        out.extend_from_slice(b",\"after\":");
+        self.write_row(layout, c.after.as_ref(), "after", out)?;
+        out.extend_from_slice(b",\"before_absent\":");
+        self.write_absent(c.before.as_ref(), out)?;
+        out.extend_from_slice(b",\"after_absent\":");
+        self.write_absent(c.after.as_ref(), out)?;
+        out.extend_from_slice(b"}\n");
+        Ok(())
+    }
+
+    fn write_row(
+        &self,
+        layout: &Layout<'_>,
+        row: Option<&Row>,
+        which: &str,
+        out: &mut Vec<u8>,
+    ) -> Res<()> {
+        let Some(row) = row else {
+            out.extend_from_slice(b"null");
+            return Ok(());
+        };
+        layout.check_row(row, which)?;
+        out.push(b'{');
+        let columns = self
+            .column_keys
+            .iter()
+            .zip(&layout.schema.columns)
+            .zip(&layout.wires)
+            .zip(&row.values);
+        for (i, (((key, column), wire), v)) in columns.enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(key);
+            write_value(out, wire, v)
+                .map_err(|e| format!("{which} column {:?}: {e}", column.name))?;
+        }
+        out.push(b'}');
+        Ok(())
+    }
+
+    fn write_absent(&self, row: Option<&Row>, out: &mut Vec<u8>) -> Res<()> {
+        out.push(b'[');
+        let absent = row.map_or(&[][..], |r| &r.absent[..]);
+        for (n, &i) in absent.iter().enumerate() {
+            let name = self.absent_names.get(i).ok_or_else(|| {
+                format!(
+                    "absent column index {i} is out of range ({} columns)",
+                    self.absent_names.len()
+                )
+            })?;
+            if n > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(name);
+        }
+        out.push(b']');
+        Ok(())
+    }
+}
+
+pub(crate) fn encode(layout: &Layout<'_>, changes: &[Change]) -> Res<Vec<u8>> {
+    let prepared = Prepared::new(layout)?;
+    let mut out = Vec::new();
+    prepared.encode_into(layout, changes, &mut out)?;
     Ok(out)
 }
 
@@ -27,41 +158,90 @@ fn write_line(out: &mut Vec<u8>, line: &J) -> Res<()> {
     Ok(())
 }
 
-fn change_to_json(layout: &Layout<'_>, table: &str, c: &Change) -> Res<J> {
-    let row = |row: &Option<Row>, which: &str| -> Res<(J, J)> {
-        let Some(row) = row else {
-            return Ok((J::Null, J::Array(Vec::new())));
-        };
-        layout.check_row(row, which)?;
-        let mut obj = Map::new();
-        for ((col, wire), v) in layout
-            .schema
-            .columns
-            .iter()
-            .zip(&layout.wires)
-            .zip(&row.values)
-        {
-            let j = to_json(wire, v).map_err(|e| format!("{which} column {:?}: {e}", col.name))?;
-            obj.insert(col.name.clone(), j);
+/// Serializes one scalar or string into `out` (serde_json's escaping and number
+/// formatting, no intermediate value).
+fn put<T: serde::Serialize + ?Sized>(out: &mut Vec<u8>, v: &T) -> Res<()> {
+    serde_json::to_writer(&mut *out, v).map_err(|e| e.to_string())
+}
+
+fn put_float(out: &mut Vec<u8>, f: f64) -> Res<()> {
+    if f.is_finite() {
+        put(out, &f)
+    } else if f.is_nan() {
+        put(out, "NaN")
+    } else if f > 0.0 {
+        put(out, "Infinity")
+    } else {
+        put(out, "-Infinity")
+    }
+}
+
+/// Writes `"YYYY-MM-DDTHH:MM:SS[.ffffff][Z]"` as [`timestamp_text`] renders it, composed in
+/// a fixed buffer (every row of most tables carries a timestamp); other years and the
+/// infinities go through [`timestamp_text`].
+fn write_timestamp(out: &mut Vec<u8>, micros: i64, utc: bool) -> Res<()> {
+    fn two(buf: &mut [u8], at: usize, v: u64) {
+        buf[at] = b'0' + (v / 10 % 10) as u8;
+        buf[at + 1] = b'0' + (v % 10) as u8;
+    }
+    if micros == i64::MIN || micros == i64::MAX {
+        return put(out, timestamp_text(micros, utc).as_str());
+    }
+    let (y, m, d) = civil_from_days(micros.div_euclid(MICROS_PER_DAY));
+    if !(0..=9999).contains(&y) {
+        return put(out, timestamp_text(micros, utc).as_str());
+    }
+    let of_day = micros.rem_euclid(MICROS_PER_DAY).unsigned_abs();
+    let (secs, frac) = (of_day / 1_000_000, of_day % 1_000_000);
+    let y = y.unsigned_abs();
+    let mut buf = *b"\"0000-00-00T00:00:00.000000Z\"";
+    two(&mut buf, 1, y / 100);
+    two(&mut buf, 3, y % 100);
+    two(&mut buf, 6, u64::from(m));
+    two(&mut buf, 9, u64::from(d));
+    two(&mut buf, 12, secs / 3600);
+    two(&mut buf, 15, secs / 60 % 60);
+    two(&mut buf, 18, secs % 60);
+    let mut end = 20;
+    if frac != 0 {
+        two(&mut buf, 21, frac / 10_000);
+        two(&mut buf, 23, frac / 100 % 100);
+        two(&mut buf, 25, frac % 100);
+        end = 27;
+    }
+    if utc {
+        buf[end] = b'Z';
+        end += 1;
+    }
+    buf[end] = b'"';
+    out.extend_from_slice(&buf[..=end]);
+    Ok(())
+}
+
+/// Writes a value as [`to_json`] renders it: the common scalar types directly, the nested
+/// ones (composites, ranges, arrays, …) through [`to_json`].
+fn write_value(out: &mut Vec<u8>, w: &Wire, v: &Value) -> Res<()> {
+    match (w, v) {
+        (_, Value::Null) => {
+            out.extend_from_slice(b"null");
+            Ok(())
         }
-        let absent = layout.absent_names(row)?;
-        Ok((J::Object(obj), json!(absent)))
-    };
-    let (before, before_absent) = row(&c.before, "before")?;
-    let (after, after_absent) = row(&c.after, "after")?;
-    Ok(json!({
-        "table": table,
-        "schema_version": layout.schema.version,
-        "op": c.op.as_str(),
-        "commit_lsn": c.commit_lsn,
-        "lsn": c.lsn,
-        "commit_time": timestamp_text(c.commit_time_micros, true),
-        "xid": c.xid,
-        "before": before,
-        "after": after,
-        "before_absent": before_absent,
-        "after_absent": after_absent,
-    }))
+        (Wire::Bool, Value::Bool(b)) => put(out, b),
+        (Wire::Int2, Value::Int2(i)) => put(out, i),
+        (Wire::Int4, Value::Int4(i)) => put(out, i),
+        (Wire::Int8, Value::Int8(i)) => put(out, i),
+        (Wire::Oid, Value::Oid(i)) => put(out, i),
+        (Wire::Money, Value::Money(m)) => put(out, m),
+        (Wire::Float4, Value::Float4(f)) => put_float(out, f64::from(*f)),
+        (Wire::Float8, Value::Float8(f)) => put_float(out, *f),
+        (Wire::Numeric, Value::Numeric(s)) => put(out, s.as_str()),
+        (Wire::Str(kind), v) => put(out, kind.unwrap(v).ok_or_else(|| mismatch(w, v))?),
+        (Wire::Date, Value::Date(d)) => put(out, date_text(*d).as_str()),
+        (Wire::Timestamp, Value::Timestamp(t)) => write_timestamp(out, *t, false),
+        (Wire::TimestampTz, Value::TimestampTz(t)) => write_timestamp(out, *t, true),
+        (Wire::Uuid, Value::Uuid(u)) => put(out, uuid_text(u).as_str()),
+        (w, v) => put(out, &to_json(w, v)?),
+    }
 }
 
 /// Decodes one payload, or several appended one after the other (a file written batch after
@@ -589,12 +769,59 @@ fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
 }
 
 fn ymd_text(days: i64) -> String {
+    let mut out = String::with_capacity(10);
+    push_ymd(&mut out, days);
+    out
+}
+
+/// Appends `value` zero-padded to `width` digits (temporal fields: no `format!` per value).
+fn push_digits(out: &mut String, value: u64, width: usize) {
+    let mut buf = [b'0'; 20];
+    let mut at = buf.len();
+    let mut v = value;
+    loop {
+        at -= 1;
+        buf[at] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    let digits = buf.len() - at;
+    for _ in digits..width {
+        out.push('0');
+    }
+    // ASCII digits only.
+    out.push_str(std::str::from_utf8(&buf[at..]).unwrap_or_default());
+}
+
+fn push_ymd(out: &mut String, days: i64) {
     let (y, m, d) = civil_from_days(days);
     if (0..=9999).contains(&y) {
-        format!("{y:04}-{m:02}-{d:02}")
+        push_digits(out, y.unsigned_abs(), 4);
     } else {
         // ISO 8601 expanded years, astronomical numbering (year 0 = 1 BC).
-        format!("{y:+05}-{m:02}-{d:02}")
+        out.push(if y < 0 { '-' } else { '+' });
+        push_digits(out, y.unsigned_abs(), 4);
+    }
+    out.push('-');
+    push_digits(out, u64::from(m), 2);
+    out.push('-');
+    push_digits(out, u64::from(d), 2);
+}
+
+/// Appends `HH:MM:SS[.ffffff]` for a non-negative time of day.
+fn push_time(out: &mut String, micros: u64) {
+    let secs = micros / 1_000_000;
+    let frac = micros % 1_000_000;
+    push_digits(out, secs / 3600, 2);
+    out.push(':');
+    push_digits(out, secs / 60 % 60, 2);
+    out.push(':');
+    push_digits(out, secs % 60, 2);
+    if frac != 0 {
+        out.push('.');
+        push_digits(out, frac, 6);
     }
 }
 
@@ -635,14 +862,9 @@ fn time_text(micros: i64) -> Res<String> {
     if micros < 0 {
         return Err(format!("time of {micros} µs is negative"));
     }
-    let secs = micros / 1_000_000;
-    let frac = micros % 1_000_000;
-    let hms = format!("{:02}:{:02}:{:02}", secs / 3600, secs / 60 % 60, secs % 60);
-    Ok(if frac == 0 {
-        hms
-    } else {
-        format!("{hms}.{frac:06}")
-    })
+    let mut out = String::with_capacity(15);
+    push_time(&mut out, micros.unsigned_abs());
+    Ok(out)
 }
 
 fn parse_time(s: &str) -> Res<i64> {
@@ -699,11 +921,15 @@ fn timestamp_text(micros: i64, utc: bool) -> String {
         i64::MIN => "-infinity".into(),
         i64::MAX => "infinity".into(),
         t => {
-            let days = t.div_euclid(MICROS_PER_DAY);
-            let rest = t.rem_euclid(MICROS_PER_DAY);
-            // rest is in 0..MICROS_PER_DAY, so time_text cannot fail.
-            let time = time_text(rest).unwrap_or_default();
-            format!("{}T{time}{}", ymd_text(days), if utc { "Z" } else { "" })
+            let mut out = String::with_capacity(28);
+            push_ymd(&mut out, t.div_euclid(MICROS_PER_DAY));
+            out.push('T');
+            // rem_euclid is in 0..MICROS_PER_DAY: a valid time of day.
+            push_time(&mut out, t.rem_euclid(MICROS_PER_DAY).unsigned_abs());
+            if utc {
+                out.push('Z');
+            }
+            out
         }
     }
 }
@@ -747,8 +973,21 @@ mod tests {
         ] {
             let s = timestamp_text(t, true);
             assert_eq!(parse_timestamp(&s, true), Ok(t), "{s}");
+            for utc in [true, false] {
+                let mut direct = Vec::new();
+                write_timestamp(&mut direct, t, utc).unwrap();
+                let text = timestamp_text(t, utc);
+                assert_eq!(direct, serde_json::to_vec(&text).unwrap(), "{text}");
+            }
         }
         assert_eq!(timestamp_text(0, true), "1970-01-01T00:00:00Z");
+        assert_eq!(
+            timestamp_text(1_700_000_000_000_042, true),
+            "2023-11-14T22:13:20.000042Z"
+        );
+        assert_eq!(date_text(2_932_896), "9999-12-31");
+        assert_eq!(date_text(2_932_897), "+10000-01-01");
+        assert_eq!(time_text(86_400_000_000), Ok("24:00:00".into()));
         assert_eq!(timestamp_text(-1, false), "1969-12-31T23:59:59.999999");
         assert_eq!(date_text(-719_529), "-0001-12-31");
         for d in [0, -719_529, 2_000_000, i32::MIN + 1, i32::MAX - 1] {

@@ -101,15 +101,56 @@ pub fn encode(
     schema: &TableSchema,
     changes: &[Change],
 ) -> Result<Vec<u8>, CodecError> {
-    let layout = Layout::new(schema).map_err(|reason| error(format, "encode", schema, reason))?;
-    let result = match format {
-        WireFormat::Arrow => arrow::encode(&layout, changes),
-        WireFormat::Parquet => parquet::encode(&layout, changes),
-        WireFormat::Avro => avro::encode(&layout, changes),
-        WireFormat::Proto => proto::encode(&layout, changes),
-        WireFormat::Json => json::encode(&layout, changes),
-    };
-    result.map_err(|reason| error(format, "encode", schema, reason))
+    Encoder::new(format, schema)?.encode(changes)
+}
+
+/// An encoder prepared for one table schema: the column layout (and, for JSON, the header
+/// line and the escaped column keys) is built once and reused for every payload — what a
+/// destination that encodes one payload per change (Kafka) needs.
+#[derive(Debug)]
+pub struct Encoder<'a> {
+    format: WireFormat,
+    layout: Layout<'a>,
+    json: Option<json::Prepared>,
+}
+
+impl<'a> Encoder<'a> {
+    /// Prepares `format` for `schema`; fails when a column's type has no encoding in it.
+    pub fn new(format: WireFormat, schema: &'a TableSchema) -> Result<Self, CodecError> {
+        let prepare = || -> Res<(Layout<'a>, Option<json::Prepared>)> {
+            let layout = Layout::new(schema)?;
+            let json = match format {
+                WireFormat::Json => Some(json::Prepared::new(&layout)?),
+                _ => None,
+            };
+            Ok((layout, json))
+        };
+        let (layout, json) = prepare().map_err(|reason| error(format, "encode", schema, reason))?;
+        Ok(Self {
+            format,
+            layout,
+            json,
+        })
+    }
+
+    /// Encodes `changes` (of this schema) as one self-describing payload.
+    pub fn encode(&self, changes: &[Change]) -> Result<Vec<u8>, CodecError> {
+        let layout = &self.layout;
+        let result = match (self.format, &self.json) {
+            (WireFormat::Json, Some(prepared)) => {
+                let mut out = Vec::new();
+                prepared
+                    .encode_into(layout, changes, &mut out)
+                    .map(|()| out)
+            }
+            (WireFormat::Json, None) => json::encode(layout, changes),
+            (WireFormat::Arrow, _) => arrow::encode(layout, changes),
+            (WireFormat::Parquet, _) => parquet::encode(layout, changes),
+            (WireFormat::Avro, _) => avro::encode(layout, changes),
+            (WireFormat::Proto, _) => proto::encode(layout, changes),
+        };
+        result.map_err(|reason| error(self.format, "encode", layout.schema, reason))
+    }
 }
 
 /// Decodes a payload produced by [`encode`] back to its changes. The payload's embedded

@@ -141,6 +141,13 @@ pub(super) fn parse_timetz(text: &str) -> Result<(i64, i32), String> {
 /// timestamptz). Beyond i64 microseconds since 1970 (after 294246 AD) is an error: the
 /// value model counts from 1970, PostgreSQL from 2000.
 pub(super) fn parse_timestamp(text: &str, with_zone: bool) -> Result<i64, String> {
+    match parse_timestamp_iso(text.as_bytes(), with_zone) {
+        Some(micros) => Ok(micros),
+        None => parse_timestamp_general(text, with_zone),
+    }
+}
+
+fn parse_timestamp_general(text: &str, with_zone: bool) -> Result<i64, String> {
     match text {
         "infinity" => return Ok(i64::MAX),
         "-infinity" => return Ok(i64::MIN),
@@ -164,6 +171,76 @@ pub(super) fn parse_timestamp(text: &str, with_zone: bool) -> Result<i64, String
             "timestamp beyond the codec's range (i64 microseconds since 1970, up to 294246 AD)"
                 .to_owned()
         })
+}
+
+/// The form PostgreSQL prints with `DateStyle` ISO for years 1–9999 AD,
+/// `YYYY-MM-DD HH:MM:SS[.f{1,6}]` (then `±HH[:MM[:SS]]` with a zone), read by byte
+/// position: every replicated timestamp goes through here, so the common case does not
+/// split strings. `None` for anything else (BC, infinity, wider years, out-of-range
+/// fields), which the general parser handles or rejects with its precise message.
+fn parse_timestamp_iso(b: &[u8], with_zone: bool) -> Option<i64> {
+    fn digits(b: &[u8]) -> Option<i64> {
+        b.iter().try_fold(0i64, |n, &c| {
+            c.is_ascii_digit().then(|| n * 10 + i64::from(c - b'0'))
+        })
+    }
+    if b.len() < 19
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || b[10] != b' '
+        || b[13] != b':'
+        || b[16] != b':'
+    {
+        return None;
+    }
+    let (y, mo, d) = (digits(&b[0..4])?, digits(&b[5..7])?, digits(&b[8..10])?);
+    let (h, mi, sec) = (
+        digits(&b[11..13])?,
+        digits(&b[14..16])?,
+        digits(&b[17..19])?,
+    );
+    if y == 0 || !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 24 || mi > 59 || sec > 60
+    {
+        return None;
+    }
+    let mut rest = &b[19..];
+    let mut micros = 0;
+    if let Some(frac) = rest.strip_prefix(b".") {
+        let n = frac.iter().take_while(|c| c.is_ascii_digit()).count();
+        if n == 0 || n > 6 {
+            return None;
+        }
+        micros = digits(&frac[..n])? * 10_i64.pow(6 - n as u32);
+        rest = &frac[n..];
+    }
+    let mut offset = 0;
+    if with_zone {
+        let sign = match rest.first() {
+            Some(b'+') => 1,
+            Some(b'-') => -1,
+            _ => return None,
+        };
+        let mut unit = 3600;
+        let mut fields = rest[1..].split(|&c| c == b':');
+        for field in fields.by_ref().take(3) {
+            if field.len() != 2 {
+                return None;
+            }
+            offset += digits(field)? * unit;
+            unit /= 60;
+        }
+        if fields.next().is_some() {
+            return None;
+        }
+        offset *= sign;
+    } else if !rest.is_empty() {
+        return None;
+    }
+    let days = days_from_civil(y, mo, d);
+    Some(
+        days * MICROS_PER_DAY + ((h * 60 + mi) * 60 + sec) * MICROS_PER_SECOND + micros
+            - offset * MICROS_PER_SECOND,
+    )
 }
 
 fn push_ymd(days: i64, out: &mut String) -> bool {
@@ -325,4 +402,45 @@ pub(super) fn parse_interval(text: &str) -> Result<(i32, i32, i64), String> {
     let months = i32::try_from(months).map_err(|_| "months out of range".to_owned())?;
     let days = i32::try_from(days).map_err(|_| "days out of range".to_owned())?;
     Ok((months, days, micros))
+}
+
+#[cfg(test)]
+mod fast_path_tests {
+    use super::*;
+
+    #[test]
+    fn the_iso_fast_path_agrees_with_the_general_parser() {
+        for (text, zone) in [
+            ("2026-11-22 03:04:05", false),
+            ("2026-11-22 03:04:05.5", false),
+            ("2026-11-22 03:04:05.123456", false),
+            ("1970-01-01 00:00:00", false),
+            ("0001-01-01 00:00:00", false),
+            ("9999-12-31 24:00:00", false),
+            ("2026-11-22 03:04:05+00", true),
+            ("2026-11-22 03:04:05.000042+05:30", true),
+            ("1969-12-31 23:59:59.999999-09:30:15", true),
+            ("2000-02-29 12:00:00-12", true),
+        ] {
+            let fast = parse_timestamp_iso(text.as_bytes(), zone);
+            assert!(fast.is_some(), "{text} takes the fast path");
+            assert_eq!(
+                fast.map(Ok),
+                Some(parse_timestamp_general(text, zone)),
+                "{text}"
+            );
+        }
+        // Everything else goes to the general parser.
+        for (text, zone) in [
+            ("2026-11-22 03:04:05 BC", false),
+            ("12026-11-22 03:04:05", false),
+            ("2026-11-22 03:04:05.1234567", false),
+            ("2026-11-22 03:04:05", true),
+            ("2026-11-22 03:04:05+0530", true),
+            ("2026-13-22 03:04:05", false),
+            ("infinity", false),
+        ] {
+            assert_eq!(parse_timestamp_iso(text.as_bytes(), zone), None, "{text}");
+        }
+    }
 }
