@@ -175,7 +175,9 @@ pub struct Batcher {
     txn: Option<(u32, Lsn, DateTime<Utc>)>,
     /// Position of the table group for a schema in the current batch.
     group_index: HashMap<(u32, u32), usize>,
-    op_index: HashMap<(String, Op), usize>,
+    /// (relation id, schema version, op) → index in the batch's `op_counts` (one table name
+    /// per relation and version, so no name is built or hashed per row).
+    op_index: HashMap<(u32, u32, Op), usize>,
 }
 
 impl Batcher {
@@ -328,7 +330,6 @@ impl Batcher {
         };
 
         let key = (change.relation.id, schema.version);
-        let table = schema.qualified_name();
         let group = match self.group_index.get(&key) {
             Some(i) => *i,
             None => {
@@ -342,13 +343,16 @@ impl Batcher {
                 i
             }
         };
-        let op_slot = match self.op_index.get(&(table.clone(), change.op)) {
+        let op_key = (change.relation.id, schema.version, change.op);
+        let op_slot = match self.op_index.get(&op_key) {
             Some(i) => *i,
             None => {
                 let batch = self.batch();
-                batch.op_counts.push((table.clone(), change.op, 0));
+                batch
+                    .op_counts
+                    .push((schema.qualified_name(), change.op, 0));
                 let i = batch.op_counts.len() - 1;
-                self.op_index.insert((table, change.op), i);
+                self.op_index.insert(op_key, i);
                 i
             }
         };

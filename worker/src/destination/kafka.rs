@@ -334,38 +334,91 @@ pub fn unknown_placeholders(template: &str) -> Vec<String> {
     out
 }
 
-/// The record key: the key columns of the change as a JSON object, values as PostgreSQL
-/// prints them (the same bytes in every wire format). `None` for tables without a key.
-pub fn record_key(schema: &TableSchema, change: &Change) -> Option<String> {
-    let row = change.after.as_ref().or(change.before.as_ref())?;
-    let mut key = serde_json::Map::new();
-    for (i, column) in schema.columns.iter().enumerate().filter(|(_, c)| c.key) {
-        let value = match row.values.get(i) {
-            Some(wallaby_codec::Value::Null) | None => serde_json::Value::Null,
-            Some(v) => serde_json::Value::String(wallaby_codec::text::render(&column.ty, v)),
-        };
-        key.insert(column.name.clone(), value);
-    }
-    (!key.is_empty()).then(|| serde_json::Value::Object(key).to_string())
+/// What every record of one table in a batch shares: the prepared encoder, the topic, the
+/// key columns and the constant headers, so a record costs its own bytes only.
+struct TableRecords<'a> {
+    encoder: wallaby_codec::Encoder<'a>,
+    schema: &'a TableSchema,
+    /// Key columns in name order (the key object's member order) with their escaped
+    /// `"name":` prefix.
+    key_columns: Vec<(usize, String)>,
+    table: String,
+    schema_version: String,
+    format: &'static str,
 }
 
-/// Headers of a record: where the change comes from, so consumers can order, deduplicate
-/// (table, key, lsn) and pick the schema without decoding the value.
-fn headers(schema: &TableSchema, change: &Change, format: WireFormat) -> OwnedHeaders {
-    let pairs: [(&str, String); 6] = [
-        ("lsn", crate::lsn::Lsn(change.lsn).to_string()),
-        ("commit_lsn", crate::lsn::Lsn(change.commit_lsn).to_string()),
-        ("op", change.op.as_str().to_owned()),
-        ("table", schema.qualified_name()),
-        ("schema_version", schema.version.to_string()),
-        ("format", format.as_str().to_owned()),
-    ];
-    pairs.iter().fold(OwnedHeaders::new(), |h, (key, value)| {
-        h.insert(Header {
-            key,
-            value: Some(value.as_str()),
+impl<'a> TableRecords<'a> {
+    fn new(format: WireFormat, schema: &'a TableSchema) -> Result<Self, wallaby_codec::CodecError> {
+        let mut key_columns: Vec<(usize, &str)> = schema
+            .columns
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.key)
+            .map(|(i, c)| (i, c.name.as_str()))
+            .collect();
+        key_columns.sort_by(|a, b| a.1.cmp(b.1));
+        Ok(Self {
+            encoder: wallaby_codec::Encoder::new(format, schema)?,
+            schema,
+            key_columns: key_columns
+                .into_iter()
+                .map(|(i, name)| (i, format!("{}:", serde_json::Value::from(name))))
+                .collect(),
+            table: schema.qualified_name(),
+            schema_version: schema.version.to_string(),
+            format: format.as_str(),
         })
-    })
+    }
+
+    /// The record key: the key columns of the change as a JSON object (members in name
+    /// order), values as PostgreSQL prints them (the same bytes in every wire format).
+    /// `None` for tables without a key.
+    fn key(&self, change: &Change) -> Option<String> {
+        let row = change.after.as_ref().or(change.before.as_ref())?;
+        if self.key_columns.is_empty() {
+            return None;
+        }
+        let mut key = String::with_capacity(16 * self.key_columns.len());
+        key.push('{');
+        for (n, (i, name)) in self.key_columns.iter().enumerate() {
+            if n > 0 {
+                key.push(',');
+            }
+            key.push_str(name);
+            match row.values.get(*i) {
+                Some(wallaby_codec::Value::Null) | None => key.push_str("null"),
+                Some(v) => {
+                    let text = wallaby_codec::text::render(&self.schema.columns[*i].ty, v);
+                    key.push_str(&serde_json::Value::from(text).to_string());
+                }
+            }
+        }
+        key.push('}');
+        Some(key)
+    }
+
+    /// Headers of a record: where the change comes from, so consumers can order,
+    /// deduplicate (table, key, lsn) and pick the schema without decoding the value.
+    fn headers(&self, change: &Change) -> OwnedHeaders {
+        let lsn = crate::lsn::Lsn(change.lsn).to_string();
+        let commit_lsn = crate::lsn::Lsn(change.commit_lsn).to_string();
+        let pairs: [(&str, &str); 6] = [
+            ("lsn", &lsn),
+            ("commit_lsn", &commit_lsn),
+            ("op", change.op.as_str()),
+            ("table", &self.table),
+            ("schema_version", &self.schema_version),
+            ("format", self.format),
+        ];
+        pairs
+            .iter()
+            .fold(OwnedHeaders::new_with_capacity(6), |h, (key, value)| {
+                h.insert(Header {
+                    key,
+                    value: Some(*value),
+                })
+            })
+    }
 }
 
 #[async_trait]
@@ -379,16 +432,19 @@ impl Destination for KafkaDestination {
                 .entry((schema.schema.clone(), schema.table.clone()))
                 .or_insert_with(|| self.topic_of(&schema))
                 .clone();
+            let encoding_error = |e: wallaby_codec::CodecError| {
+                DestinationError::permanent(format!(
+                    "encoding a change of {} for Kafka topic {topic:?}: {e}",
+                    schema.qualified_name()
+                ))
+            };
+            let records = TableRecords::new(self.format, &schema).map_err(encoding_error)?;
             for change in &group.changes {
-                let value =
-                    wallaby_codec::encode(self.format, &schema, std::slice::from_ref(change))
-                        .map_err(|e| {
-                            DestinationError::permanent(format!(
-                                "encoding a change of {} for Kafka topic {topic:?}: {e}",
-                                schema.qualified_name()
-                            ))
-                        })?;
-                let key = record_key(&schema, change);
+                let value = records
+                    .encoder
+                    .encode(std::slice::from_ref(change))
+                    .map_err(encoding_error)?;
+                let key = records.key(change);
                 let size = (value.len() + key.as_ref().map_or(0, String::len)) as u64;
                 if size > self.max_record_bytes {
                     match self.oversize_policy {
@@ -415,7 +471,7 @@ impl Destination for KafkaDestination {
                         }
                     }
                 }
-                let headers = headers(&schema, change, self.format);
+                let headers = records.headers(change);
                 let mut record = FutureRecord::to(&topic).payload(&value).headers(headers);
                 if let Some(k) = &key {
                     record = record.key(k);

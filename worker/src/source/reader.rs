@@ -264,18 +264,21 @@ impl ReplicationReader {
             })
         });
         let _abort = AbortOnDrop(ticker);
+        // The ticker cancels the token in `wake`; this clone shares its state, so it is
+        // refreshed only after a wake-up, not per message.
+        let mut token = wake
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
         loop {
-            let token = wake
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .clone();
             let raw = match self.stream.next_raw_event(&token).await {
                 Ok(raw) => raw,
                 Err(ReplicationError::Cancelled(_)) if cancel.is_cancelled() => return Ok(()),
                 Err(ReplicationError::Cancelled(_)) => {
+                    token = cancel.child_token();
                     *wake
                         .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner) = cancel.child_token();
+                        .unwrap_or_else(std::sync::PoisonError::into_inner) = token.clone();
                     self.on_tick(confirmed.load(Ordering::Acquire)).await;
                     continue;
                 }
