@@ -604,7 +604,7 @@ impl ReplicationReader {
         &self,
         message: LogicalReplicationMessage,
         lsn: Lsn,
-    ) -> Result<Vec<SourceEvent>, SourceError> {
+    ) -> Result<Decoded, SourceError> {
         let event = match message {
             LogicalReplicationMessage::Begin {
                 final_lsn,
@@ -668,7 +668,7 @@ impl ReplicationReader {
                 })
             }
             LogicalReplicationMessage::Truncate { relation_ids, .. } => {
-                return relation_ids
+                let events = relation_ids
                     .iter()
                     .map(|id| {
                         Ok(SourceEvent::Row(RowChange {
@@ -680,7 +680,8 @@ impl ReplicationReader {
                             after: None,
                         }))
                     })
-                    .collect();
+                    .collect::<Result<Vec<_>, SourceError>>()?;
+                return Ok(None.into_iter().chain(events));
             }
             LogicalReplicationMessage::Message {
                 flags,
@@ -695,9 +696,9 @@ impl ReplicationReader {
             },
             // Type and Origin carry nothing the records need; two-phase messages are not
             // requested.
-            _ => return Ok(Vec::new()),
+            _ => return Ok(None.into_iter().chain(Vec::new())),
         };
-        Ok(vec![event])
+        Ok(Some(event).into_iter().chain(Vec::new()))
     }
 
     /// The relation as described to the transaction being decoded: inside a chunk, the
@@ -735,18 +736,43 @@ impl ReplicationReader {
     }
 }
 
-fn cells(tuple: &TupleData) -> Vec<Cell> {
-    tuple.columns.iter().map(cell).collect()
-}
+/// What one pgoutput message decodes to: one event, or several (a TRUNCATE of many
+/// tables) — without a heap allocation for the common single event.
+type Decoded = std::iter::Chain<std::option::IntoIter<SourceEvent>, std::vec::IntoIter<SourceEvent>>;
 
-fn cell(c: &ColumnData) -> Cell {
-    if c.is_null() {
-        Cell::Null
-    } else if c.is_unchanged() {
-        Cell::UnchangedToast
-    } else {
-        Cell::Text(bytes::Bytes::copy_from_slice(c.as_bytes()))
+/// The tuple's values, copied out of the message (events wait in a 4096-deep channel and in
+/// spill files; slices of the network buffer would pin it) into one buffer per tuple that
+/// the cells share.
+fn cells(tuple: &TupleData) -> Vec<Cell> {
+    let has_text = |c: &&ColumnData| !c.is_null() && !c.is_unchanged();
+    let total = tuple
+        .columns
+        .iter()
+        .filter(has_text)
+        .map(|c| c.as_bytes().len())
+        .sum();
+    let mut values = Vec::with_capacity(total);
+    for c in tuple.columns.iter().filter(has_text) {
+        values.extend_from_slice(c.as_bytes());
     }
+    let values = bytes::Bytes::from(values);
+    let mut at = 0;
+    tuple
+        .columns
+        .iter()
+        .map(|c| {
+            if c.is_null() {
+                Cell::Null
+            } else if c.is_unchanged() {
+                Cell::UnchangedToast
+            } else {
+                let end = at + c.as_bytes().len();
+                let cell = Cell::Text(values.slice(at..end));
+                at = end;
+                cell
+            }
+        })
+        .collect()
 }
 
 /// Error texts from the replication connection can echo the connection string; keep the
