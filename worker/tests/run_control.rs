@@ -102,7 +102,10 @@ async fn start_lsn_skips_ahead_and_refuses_to_go_behind_the_slot() {
     let (slot_lsn, _) = db.slot(&db.name).await.unwrap();
 
     // Behind the slot: refused before streaming, with the reason and the way out.
-    let behind = format!("0/{:X}", parse_lsn(&slot_lsn) - 1);
+    let behind = {
+        let lsn = parse_lsn(&slot_lsn) - 1;
+        format!("{:X}/{:X}", lsn >> 32, lsn & 0xFFFF_FFFF)
+    };
     let mut refused = spawn(
         &manifest,
         dir.path(),
