@@ -43,6 +43,9 @@ use crate::spool::{SEGMENT_BYTES, SecondarySpool, SpoolError, SpoolHandle, Spool
 
 /// Batches queued per destination before the pipeline waits (under `ackPolicy: all`).
 const QUEUE_BATCHES: usize = 8;
+
+/// Source events taken in one go once the first is there (see `Pipeline::run`).
+const DRAIN_EVENTS: usize = 256;
 /// How long a stop waits for required destinations to make what was read durable.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 /// How long a stopping flow lets secondaries finish the batch they are writing; what they
@@ -409,38 +412,49 @@ impl Pipeline {
                 }
                 event = events.recv() => match event {
                     None => source_open = false,
-                    Some(event) => {
-                        opened.get_or_insert_with(Instant::now);
-                        let full = match event {
-                            SourceEvent::Begin { xid, commit_lsn, commit_time } => {
-                                batcher.begin(xid, commit_lsn, commit_time);
-                                let mut p = lock(&handles.progress);
-                                p.oldest_pending.get_or_insert(commit_time);
-                                false
+                    Some(first) => {
+                        // Events already queued are taken without going back through the
+                        // select (a timer and three branches per event); acks and the batch
+                        // timeout are looked at again after at most DRAIN_EVENTS.
+                        let mut next = Some(first);
+                        let mut drained = 0;
+                        while let Some(event) = next.take() {
+                            opened.get_or_insert_with(Instant::now);
+                            let full = match event {
+                                SourceEvent::Begin { xid, commit_lsn, commit_time } => {
+                                    batcher.begin(xid, commit_lsn, commit_time);
+                                    let mut p = lock(&handles.progress);
+                                    p.oldest_pending.get_or_insert(commit_time);
+                                    false
+                                }
+                                SourceEvent::Row(change) => {
+                                    let lsn = change.lsn;
+                                    batcher.row(&change, lsn, schemas.as_mut()).await?;
+                                    batcher.current().is_some_and(|b| {
+                                        b.rows >= config.batch_size || b.bytes >= config.batch_max_bytes
+                                    })
+                                }
+                                SourceEvent::Message { transactional, lsn, prefix, content } => {
+                                    batcher
+                                        .message(transactional, LogicalMessage { lsn, commit_lsn: None, prefix, content })
+                                        .await;
+                                    false
+                                }
+                                SourceEvent::Commit { end_lsn, commit_time, .. } => {
+                                    batcher.commit(end_lsn, commit_time);
+                                    batcher.current().is_some_and(|b| {
+                                        b.rows >= config.batch_size || b.bytes >= config.batch_max_bytes
+                                    })
+                                }
+                            };
+                            if full && let Some(batch) = batcher.take() {
+                                opened = None;
+                                state.dispatch(batch).await?;
                             }
-                            SourceEvent::Row(change) => {
-                                let lsn = change.lsn;
-                                batcher.row(&change, lsn, schemas.as_mut()).await?;
-                                batcher.current().is_some_and(|b| {
-                                    b.rows >= config.batch_size || b.bytes >= config.batch_max_bytes
-                                })
+                            drained += 1;
+                            if drained < DRAIN_EVENTS {
+                                next = events.try_recv().ok();
                             }
-                            SourceEvent::Message { transactional, lsn, prefix, content } => {
-                                batcher
-                                    .message(transactional, LogicalMessage { lsn, commit_lsn: None, prefix, content })
-                                    .await;
-                                false
-                            }
-                            SourceEvent::Commit { end_lsn, commit_time, .. } => {
-                                batcher.commit(end_lsn, commit_time);
-                                batcher.current().is_some_and(|b| {
-                                    b.rows >= config.batch_size || b.bytes >= config.batch_max_bytes
-                                })
-                            }
-                        };
-                        if full && let Some(batch) = batcher.take() {
-                            opened = None;
-                            state.dispatch(batch).await?;
                         }
                         let pending = batcher.pending_bytes();
                         lock(&handles.progress).pending_bytes = pending;

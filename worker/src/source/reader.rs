@@ -600,11 +600,7 @@ impl ReplicationReader {
     }
 
     /// Begin, Commit, row changes and messages; everything else yields nothing.
-    fn decode(
-        &self,
-        message: LogicalReplicationMessage,
-        lsn: Lsn,
-    ) -> Result<Decoded, SourceError> {
+    fn decode(&self, message: LogicalReplicationMessage, lsn: Lsn) -> Result<Decoded, SourceError> {
         let event = match message {
             LogicalReplicationMessage::Begin {
                 final_lsn,
@@ -738,7 +734,8 @@ impl ReplicationReader {
 
 /// What one pgoutput message decodes to: one event, or several (a TRUNCATE of many
 /// tables) — without a heap allocation for the common single event.
-type Decoded = std::iter::Chain<std::option::IntoIter<SourceEvent>, std::vec::IntoIter<SourceEvent>>;
+type Decoded =
+    std::iter::Chain<std::option::IntoIter<SourceEvent>, std::vec::IntoIter<SourceEvent>>;
 
 /// The tuple's values, copied out of the message (events wait in a 4096-deep channel and in
 /// spill files; slices of the network buffer would pin it) into one buffer per tuple that
