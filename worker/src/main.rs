@@ -17,9 +17,10 @@ use wallaby_worker::standalone;
 use wallaby_worker::status::{StatusSink, worker_owned};
 use wallaby_worker::telemetry::{self, LogFormat};
 
-/// mimalloc instead of glibc malloc: fewer cycles per allocation on the decode and encode
-/// path, and freed memory goes back instead of staying in per-thread arenas (see
-/// docs/benchmarks.md for both figures).
+/// mimalloc instead of glibc malloc, for Rust and (feature `override`) for the C libraries
+/// linked in, librdkafka above all: fewer cycles per allocation on the decode, encode and
+/// produce paths, and freed memory goes back instead of staying in per-thread arenas (see
+/// docs/benchmarks.md for the figures).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
