@@ -327,6 +327,8 @@ fn tables(r: &Results) -> String {
     if let Some(e) = &r.latency_error {
         let _ = writeln!(s, "\nLatency run: ERROR {e}");
     }
+    s += "\nAgainst the targets (figures of this run):\n\n";
+    s += &report::targets_markdown(&r.figures, r.latency.as_ref());
     s
 }
 

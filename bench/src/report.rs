@@ -171,3 +171,72 @@ pub fn latency_markdown(l: &LatencyResult) -> String {
         l.max_ms
     )
 }
+
+/// The figures of the run against the benchmark's targets: end-to-end rows/s to `file`
+/// and Kafka ≥ 0.9× the baseline, worker CPU per row ≤ 0.5× the walsender's, p99
+/// commit → durable ≤ 50 ms at 10k rows/s, peak RSS ≤ 256 MiB on the 1M-row transaction.
+pub fn targets_markdown(figures: &[Figure], latency: Option<&LatencyResult>) -> String {
+    let find = |w: &str, t: &str| figures.iter().find(|f| f.workload == w && f.target == t);
+    let mut workloads: Vec<&str> = Vec::new();
+    for f in figures {
+        if !workloads.contains(&f.workload.as_str()) {
+            workloads.push(&f.workload);
+        }
+    }
+    let met = |ok: bool| if ok { "yes" } else { "**no**" };
+    let mut s = String::from(
+        "| workload | target | rows/s vs baseline (≥ 0.9×) | worker CPU / its walsender's (≤ 0.5×) | worker CPU / baseline walsender's |\n|---|---|---:|---:|---:|\n",
+    );
+    for w in &workloads {
+        let baseline_walsender = find(w, "baseline").and_then(|b| b.walsender_cpu_s_per_1m_rows);
+        for t in ["file-json", "file-parquet", "kafka"] {
+            let Some(f) = find(w, t) else { continue };
+            let own = f
+                .client_cpu_s_per_1m_rows
+                .zip(f.walsender_cpu_s_per_1m_rows)
+                .map(|(c, ws)| c / ws);
+            let vs_baseline = f
+                .client_cpu_s_per_1m_rows
+                .zip(baseline_walsender)
+                .map(|(c, ws)| c / ws);
+            let _ = writeln!(
+                s,
+                "| {w} | {t} | {} {} | {} {} | {} |",
+                ratio(f.rows_per_s_vs_baseline),
+                met(f.rows_per_s_vs_baseline.is_some_and(|r| r >= 0.9)),
+                ratio(own),
+                met(own.is_some_and(|r| r <= 0.5)),
+                ratio(vs_baseline),
+            );
+        }
+    }
+    s += "\n";
+    match latency {
+        Some(l) => {
+            let _ = writeln!(
+                s,
+                "- p99 commit → durable at {} rows/s: {:.1} ms (target ≤ 50 ms: {})",
+                l.offered_rows_per_s,
+                l.p99_ms,
+                met(l.p99_ms <= 50.0)
+            );
+        }
+        None => s += "- p99 commit → durable: no latency run\n",
+    }
+    let peak = figures
+        .iter()
+        .filter(|f| f.workload == "one-big-tx" && f.target != "baseline")
+        .filter_map(|f| f.client_peak_rss_mib.map(|m| (m, f.target.as_str())))
+        .max_by(|a, b| a.0.total_cmp(&b.0));
+    match peak {
+        Some((mib, target)) => {
+            let _ = writeln!(
+                s,
+                "- peak RSS of the worker on `one-big-tx` (highest over the targets, `{target}`): {mib:.0} MiB (target ≤ 256 MiB: {})",
+                met(mib <= 256.0)
+            );
+        }
+        None => s += "- peak RSS on `one-big-tx`: not run\n",
+    }
+    s
+}
