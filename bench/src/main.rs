@@ -327,8 +327,11 @@ fn tables(r: &Results) -> String {
     if let Some(e) = &r.latency_error {
         let _ = writeln!(s, "\nLatency run: ERROR {e}");
     }
-    s += "\nAgainst the targets (figures of this run):\n\n";
-    s += &report::targets_markdown(&r.figures, r.latency.as_ref());
+    // Without a baseline (the smoke run) there is nothing to hold the figures against.
+    if r.figures.iter().any(|f| f.target == "baseline") {
+        s += "\nAgainst the targets (figures of this run):\n\n";
+        s += &report::targets_markdown(&r.figures, r.latency.as_ref());
+    }
     s
 }
 

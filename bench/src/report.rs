@@ -194,10 +194,12 @@ pub fn targets_markdown(figures: &[Figure], latency: Option<&LatencyResult>) -> 
             let own = f
                 .client_cpu_s_per_1m_rows
                 .zip(f.walsender_cpu_s_per_1m_rows)
+                .filter(|(_, ws)| *ws > 0.0)
                 .map(|(c, ws)| c / ws);
             let vs_baseline = f
                 .client_cpu_s_per_1m_rows
                 .zip(baseline_walsender)
+                .filter(|(_, ws)| *ws > 0.0)
                 .map(|(c, ws)| c / ws);
             let _ = writeln!(
                 s,
