@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod pipeline;
 pub mod retry;
 pub mod run;
+pub mod snapshot;
 pub mod source;
 pub mod spool;
 pub mod standalone;

@@ -14,7 +14,7 @@ use wallaby_codec::{TableSchema, WireFormat};
 use wallaby_crds::Flow;
 use wallaby_crds::common::WireFormat as SpecFormat;
 use wallaby_crds::destination::DestinationSpec;
-use wallaby_crds::flow::{AckPolicy, FailureMode};
+use wallaby_crds::flow::{AckPolicy, FailureMode, SnapshotSpec};
 
 use crate::ack::AckMode;
 use crate::batch::SchemaSource;
@@ -32,6 +32,12 @@ use crate::pipeline::{
     DestinationSlot, Pipeline, PipelineConfig, PipelineError, PipelineHandles, Progress, lock,
 };
 use crate::retry::RetryPolicy;
+use crate::snapshot;
+use crate::snapshot::store::SnapshotStore;
+use crate::snapshot::{
+    ExportedSnapshot, HeldSnapshot, SnapshotOutcome, SnapshotProgress, SnapshotRequest,
+    SnapshotSink, lock_progress,
+};
 use crate::source::reader::{ReaderOptions, ReplicationReader};
 use crate::source::spill::SpillDir;
 use crate::source::toast::ToastStage;
@@ -275,7 +281,26 @@ pub async fn run_controlled(
 
     // One SQL connection serves preflight, key and type lookups and status queries.
     let catalog = Arc::new(conn.connect().await?);
-    let slot = setup::prepare(&catalog, pg).await?;
+    let snapshot_spec = flow
+        .spec
+        .snapshot
+        .clone()
+        .filter(|s| s.initial && control.start_lsn.is_none());
+    setup::prepare_publication(&catalog, pg).await?;
+    // A new slot for an initial snapshot is created over the replication protocol so that
+    // it exports the snapshot its consistent point belongs to; the copy reads inside it.
+    let exported = match &snapshot_spec {
+        Some(s)
+            if s.consistent
+                && pg.create_slot
+                && !setup::slot_exists(&catalog, &pg.slot).await? =>
+        {
+            Some(ExportedSnapshot::create_slot(&conn, &pg.slot, &pg.publication).await?)
+        }
+        _ => None,
+    };
+    let mut slot = setup::ensure_slot(&catalog, pg).await?;
+    slot.created |= exported.is_some();
     tracing::info!(slot = %pg.slot, resume_from = %slot.confirmed_flush_lsn, created = slot.created, "slot ready");
     let confirmed_flush: Lsn = slot
         .confirmed_flush_lsn
@@ -334,6 +359,45 @@ pub async fn run_controlled(
         emit_empty: pg.emit_empty,
     };
     let names: Vec<String> = destinations.iter().map(|d| d.name.clone()).collect();
+    let sink = control
+        .status
+        .clone()
+        .unwrap_or_else(|| Arc::new(StatusFile(options.status_file.clone())));
+    let reporter = Arc::new(StatusReporter::new(
+        sink,
+        pg.slot.clone(),
+        names.clone(),
+        flow.metadata.generation,
+    ));
+    let snapshot_progress = SnapshotProgress::default();
+    if let Some(spec) = &snapshot_spec {
+        let phase = InitialSnapshot {
+            resolved: &resolved,
+            conn: &conn,
+            catalog: &catalog,
+            spec,
+            key: flow_id.clone(),
+            lsn: confirmed_flush,
+            slot_created: slot.created,
+            exported,
+            config: config.clone(),
+            metrics: &metrics,
+            reporter: &reporter,
+            status_interval,
+            progress: &snapshot_progress,
+        };
+        if phase.run(&cancel).await? == SnapshotOutcome::Stopped {
+            let progress = Progress {
+                snapshot: lock_progress(&snapshot_progress).clone(),
+                ..Progress::default()
+            };
+            reporter
+                .report(&progress, Some(&catalog), false, None)
+                .await;
+            tracing::info!(flow = %flow_name, "stopped during the snapshot");
+            return Ok(());
+        }
+    }
 
     // Spill files of an earlier run are useless (the slot did not move past their
     // transactions; the server sends them again), so the directory starts empty.
@@ -363,6 +427,7 @@ pub async fn run_controlled(
         confirmed: confirmed.clone(),
     };
     let progress = handles.progress.clone();
+    lock(&progress).snapshot = lock_progress(&snapshot_progress).clone();
     let schemas = CatalogSchemas(TypeResolver::new(catalog.clone(), pg.resolve_types));
     let pipeline = Pipeline::new(
         config,
@@ -372,16 +437,6 @@ pub async fn run_controlled(
         Box::new(schemas),
         metrics.clone(),
     );
-    let sink = control
-        .status
-        .clone()
-        .unwrap_or_else(|| Arc::new(StatusFile(options.status_file.clone())));
-    let reporter = Arc::new(StatusReporter::new(
-        sink,
-        pg.slot.clone(),
-        names,
-        flow.metadata.generation,
-    ));
 
     let (tx, rx) = mpsc::channel(EVENT_BUFFER);
     let mut pipeline_task = {
@@ -499,6 +554,105 @@ pub async fn run_controlled(
     }
     tracing::info!(flow = %flow_name, "stopped cleanly");
     Ok(())
+}
+
+/// The initial snapshot of a stream run, before the reader starts.
+struct InitialSnapshot<'a> {
+    resolved: &'a Resolved,
+    conn: &'a PgConnection,
+    catalog: &'a Arc<tokio_postgres::Client>,
+    spec: &'a SnapshotSpec,
+    key: String,
+    /// The slot's consistent point (stamped on the rows).
+    lsn: Lsn,
+    slot_created: bool,
+    exported: Option<ExportedSnapshot>,
+    config: PipelineConfig,
+    metrics: &'a Metrics,
+    reporter: &'a Arc<StatusReporter>,
+    status_interval: std::time::Duration,
+    progress: &'a SnapshotProgress,
+}
+
+impl InitialSnapshot<'_> {
+    /// Copies what the state store says is unfinished (everything for a new slot; the
+    /// tables new to the plan otherwise), reporting progress every status interval.
+    async fn run(self, cancel: &CancellationToken) -> anyhow::Result<SnapshotOutcome> {
+        let store = SnapshotStore::open(self.spec, self.catalog.clone()).await?;
+        if self.slot_created {
+            store.reset(&self.key).await?;
+        } else if !store.is_durable() {
+            tracing::info!(
+                "snapshot: the slot already existed and stateBackend is none: nothing to copy"
+            );
+            return Ok(SnapshotOutcome::Complete { rows: 0 });
+        }
+        let pg = &self.resolved.flow.spec.source.postgres;
+        let tables =
+            snapshot::tables_to_copy(self.catalog, &self.spec.tables, &pg.publication).await?;
+        let mut request = SnapshotRequest::from_spec(self.spec, tables, self.lsn, self.key);
+        // Without the slot's own snapshot (an existing slot: a resumed copy or an added
+        // table), every worker still reads one point in time after the slot's position:
+        // the stream replays the changes in between.
+        let held = match &self.exported {
+            Some(e) => {
+                request.snapshot = Some(e.name.clone());
+                None
+            }
+            None if self.spec.consistent => {
+                let held = HeldSnapshot::export(self.conn).await?;
+                request.snapshot = Some(held.name.clone());
+                Some(held)
+            }
+            None => None,
+        };
+        let sink = SnapshotSink {
+            destinations: open_resolved(self.resolved)?,
+            config: self.config,
+            schemas: Box::new(CatalogSchemas(TypeResolver::new(
+                self.catalog.clone(),
+                pg.resolve_types,
+            ))),
+            metrics: self.metrics.clone(),
+        };
+        let reporting = {
+            let reporter = self.reporter.clone();
+            let catalog = self.catalog.clone();
+            let progress = self.progress.clone();
+            let interval = self.status_interval;
+            let stop = cancel.child_token();
+            let guard = stop.clone().drop_guard();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(interval);
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => {}
+                        _ = stop.cancelled() => return,
+                    }
+                    let snapshot = Progress {
+                        snapshot: lock_progress(&progress).clone(),
+                        ..Progress::default()
+                    };
+                    reporter.report(&snapshot, Some(&catalog), true, None).await;
+                }
+            });
+            guard
+        };
+        let outcome = snapshot::run(
+            self.conn,
+            self.catalog,
+            request,
+            &store,
+            sink,
+            self.progress,
+            cancel,
+        )
+        .await;
+        drop(reporting);
+        drop(held);
+        drop(self.exported);
+        Ok(outcome?)
+    }
 }
 
 /// The server's WAL write position.
