@@ -2,6 +2,7 @@
 //! confirming to the slot only what every destination made durable.
 
 pub mod ack;
+pub mod backfill;
 pub mod batch;
 pub mod change;
 pub mod cluster;

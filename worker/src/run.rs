@@ -217,7 +217,7 @@ pub async fn run(
 }
 
 /// Adapts the catalog type resolver to the batcher.
-struct CatalogSchemas(TypeResolver);
+pub(crate) struct CatalogSchemas(pub(crate) TypeResolver);
 
 #[async_trait]
 impl SchemaSource for CatalogSchemas {
@@ -718,7 +718,7 @@ async fn record_checkpoint(
     }
 }
 
-fn write_private(path: &std::path::Path, body: &str) -> anyhow::Result<PathBuf> {
+pub(crate) fn write_private(path: &std::path::Path, body: &str) -> anyhow::Result<PathBuf> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     if let Some(dir) = path.parent() {

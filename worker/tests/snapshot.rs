@@ -176,6 +176,10 @@ async fn initial_snapshot_under_concurrent_changes_ends_equal_to_the_source() {
     assert_eq!(table["rowsCopied"].as_u64().unwrap(), reads.len() as u64);
     let (code, log) = worker.terminate();
     assert_eq!(code, Some(0), "{log}");
+    assert!(
+        log.contains("created replication slot with an exported snapshot"),
+        "{log}"
+    );
     db.drop_all().await;
 }
 
@@ -313,5 +317,73 @@ async fn a_table_added_to_a_running_flow_is_copied_alone_and_streams() {
     );
     let (code, log) = worker.terminate();
     assert_eq!(code, Some(0), "{log}");
+    db.drop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backfill_copies_the_named_tables_prints_progress_and_exits() {
+    let db = TestDb::create("backfill").await;
+    let sql = db.client().await;
+    sql.batch_execute(
+        "CREATE TABLE a (id int PRIMARY KEY, v text, n int);
+         CREATE TABLE b (id int PRIMARY KEY, v text, n int);
+         INSERT INTO a SELECT g, 'a' || g, g FROM generate_series(1, 5000) g;
+         INSERT INTO b SELECT g, 'b' || g, g FROM generate_series(1, 10) g;",
+    )
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = snapshot_manifest(
+        dir.path(),
+        &db,
+        &["public.a", "public.b"],
+        "{workers: 2, partitionColumn: id, partitionCount: 3}",
+    );
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_wallaby-worker"))
+        .args(["backfill", "-f"])
+        .arg(&manifest)
+        .args([
+            "--tables",
+            "public.a",
+            "--metrics-addr",
+            "off",
+            "--status-file",
+        ])
+        .arg(dir.path().join("status.json"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("snapshot public.a: Done, 5000 rows, 3/3 partitions"),
+        "{stderr}"
+    );
+    let records = records(dir.path());
+    assert_eq!(applied(&records), source_state(&sql, &["a"]).await);
+    assert!(records.iter().all(|r| r["op"] == "read"));
+    assert!(
+        db.slot(&db.name).await.is_none(),
+        "a backfill created a slot"
+    );
+    let status: Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("status.json")).unwrap()).unwrap();
+    assert_eq!(status["snapshot"][0]["partitionsDone"], 3, "{status}");
+
+    // A finished backfill copies everything again when run again.
+    let again = std::process::Command::new(env!("CARGO_BIN_EXE_wallaby-worker"))
+        .args(["backfill", "-f"])
+        .arg(&manifest)
+        .args([
+            "--tables",
+            "public.a",
+            "--metrics-addr",
+            "off",
+            "--status-file",
+        ])
+        .arg(dir.path().join("status.json"))
+        .output()
+        .unwrap();
+    assert!(again.status.success());
+    assert_eq!(common::records(dir.path()).len(), 10_000);
     db.drop_all().await;
 }
