@@ -88,7 +88,8 @@ pub async fn backfill(
         .find(|l| !l.is_empty())
         .cloned()
         .unwrap_or_default();
-    let tables = snapshot::tables_to_copy(&catalog, &listed, &pg.publication).await?;
+    let tables =
+        snapshot::tables_to_copy(&catalog, &listed, &pg.publication, &spec.state_schema).await?;
     if tables.is_empty() {
         anyhow::bail!(
             "backfill: no tables to copy: give --tables, snapshot.tables or source.postgres.tables (publication {:?} has none)",

@@ -588,8 +588,13 @@ impl InitialSnapshot<'_> {
             return Ok(SnapshotOutcome::Complete { rows: 0 });
         }
         let pg = &self.resolved.flow.spec.source.postgres;
-        let tables =
-            snapshot::tables_to_copy(self.catalog, &self.spec.tables, &pg.publication).await?;
+        let tables = snapshot::tables_to_copy(
+            self.catalog,
+            &self.spec.tables,
+            &pg.publication,
+            &self.spec.state_schema,
+        )
+        .await?;
         let mut request = SnapshotRequest::from_spec(self.spec, tables, self.lsn, self.key);
         // Without the slot's own snapshot (an existing slot: a resumed copy or an added
         // table), every worker still reads one point in time after the slot's position:

@@ -292,11 +292,13 @@ pub enum SnapshotOutcome {
     Stopped,
 }
 
-/// The tables a snapshot copies: `snapshot.tables`, else every table of the publication.
+/// The tables a snapshot copies: `listed`, else every table of the publication except
+/// those of the worker's own state schema (`exclude_schema`).
 pub async fn tables_to_copy(
     catalog: &Client,
     listed: &[String],
     publication: &str,
+    exclude_schema: &str,
 ) -> Result<Vec<TableName>, SnapshotError> {
     if !listed.is_empty() {
         return Ok(listed.iter().map(|t| TableName::parse(t)).collect());
@@ -304,8 +306,8 @@ pub async fn tables_to_copy(
     let rows = catalog
         .query(
             "SELECT schemaname::text, tablename::text FROM pg_publication_tables
-             WHERE pubname = $1 ORDER BY 1, 2",
-            &[&publication],
+             WHERE pubname = $1 AND schemaname <> $2 ORDER BY 1, 2",
+            &[&publication, &exclude_schema],
         )
         .await
         .map_err(|source| SnapshotError::Query {
