@@ -32,8 +32,8 @@ use crate::pipeline::{
     DestinationSlot, Pipeline, PipelineConfig, PipelineError, PipelineHandles, Progress, lock,
 };
 use crate::retry::RetryPolicy;
-use crate::snapshot;
 use crate::snapshot::store::SnapshotStore;
+use crate::snapshot::{self, incremental};
 use crate::snapshot::{
     ExportedSnapshot, HeldSnapshot, SnapshotOutcome, SnapshotProgress, SnapshotRequest,
     SnapshotSink, lock_progress,
@@ -370,6 +370,7 @@ pub async fn run_controlled(
         flow.metadata.generation,
     ));
     let snapshot_progress = SnapshotProgress::default();
+    let mut while_streaming = None;
     if let Some(spec) = &snapshot_spec {
         let phase = InitialSnapshot {
             resolved: &resolved,
@@ -386,7 +387,14 @@ pub async fn run_controlled(
             status_interval,
             progress: &snapshot_progress,
         };
-        if phase.run(&cancel).await? == SnapshotOutcome::Stopped {
+        let outcome = match phase.run(&cancel).await? {
+            SnapshotPhase::Copied(outcome) => outcome,
+            SnapshotPhase::WhileStreaming(jobs) => {
+                while_streaming = Some(jobs);
+                SnapshotOutcome::Complete { rows: 0 }
+            }
+        };
+        if outcome == SnapshotOutcome::Stopped {
             let progress = Progress {
                 snapshot: lock_progress(&snapshot_progress).clone(),
                 ..Progress::default()
@@ -438,7 +446,7 @@ pub async fn run_controlled(
         metrics.clone(),
     );
 
-    let (tx, rx) = mpsc::channel(EVENT_BUFFER);
+    let (pipeline_tx, rx) = mpsc::channel(EVENT_BUFFER);
     let mut pipeline_task = {
         // A failed destination must stop the reader at once, not at the next change.
         let cancel = cancel.clone();
@@ -450,7 +458,45 @@ pub async fn run_controlled(
             result
         })
     };
+    // Partitions to copy while streaming go through the watermark gate between the reader
+    // and the pipeline.
+    let (tx, copier_task) = match while_streaming {
+        Some(WhileStreaming { jobs, store, key }) => {
+            let (reader_tx, reader_rx) = mpsc::channel(EVENT_BUFFER);
+            let (chunk_tx, chunk_rx) = mpsc::channel(1);
+            let nonce = format!("{:016x}", rand::random::<u64>());
+            tokio::spawn(incremental::gate(
+                reader_rx,
+                pipeline_tx,
+                chunk_rx,
+                nonce.clone(),
+            ));
+            let copier = incremental::copy_while_streaming(
+                conn.clone(),
+                jobs,
+                store,
+                key,
+                chunk_tx,
+                confirmed.clone(),
+                snapshot_progress.clone(),
+                nonce,
+                cancel.clone(),
+            );
+            let cancel = cancel.clone();
+            let task = tokio::spawn(async move {
+                let result = copier.await;
+                if let Err(e) = &result {
+                    tracing::error!(error = %e, "snapshot while streaming failed; stopping the flow");
+                    cancel.cancel();
+                }
+                result
+            });
+            (reader_tx, Some(task))
+        }
+        None => (pipeline_tx, None),
+    };
     let status_task = {
+        let snapshot_progress = snapshot_progress.clone();
         let progress = progress.clone();
         let cancel = cancel.clone();
         let catalog = catalog.clone();
@@ -464,7 +510,8 @@ pub async fn run_controlled(
                     _ = tick.tick() => {}
                     _ = cancel.cancelled() => return,
                 }
-                let snapshot = lock(&progress).clone();
+                let mut snapshot = lock(&progress).clone();
+                snapshot.snapshot = lock_progress(&snapshot_progress).clone();
                 let status = reporter.report(&snapshot, Some(&catalog), true, None).await;
                 metrics.observe_status(&status);
                 record_checkpoint(&source_state, &catalog, &snapshot).await;
@@ -498,6 +545,13 @@ pub async fn run_controlled(
     // go out, so a clean stop leaves the slot at the last durable transaction.
     reader.stop().await;
     cancel.cancel();
+    let copier_result = match copier_task {
+        Some(task) => match task.await {
+            Ok(result) => result.map_err(|e| e.to_string()),
+            Err(e) => Err(format!("the snapshot task failed: {e}")),
+        },
+        None => Ok(()),
+    };
     let _ = status_task.await;
     if let Some(task) = drain_task {
         let _ = task.await;
@@ -514,9 +568,10 @@ pub async fn run_controlled(
         Err(PipelineError::Stuck(_)) => metrics.error("pipeline", "stuck"),
         Ok(()) => {}
     }
-    let mut error = match (&read_result, &pipeline_result) {
-        (Err(e), _) => Some(e.to_string()),
-        (_, Err(e)) => Some(e.to_string()),
+    let mut error = match (&read_result, &pipeline_result, &copier_result) {
+        (Err(e), _, _) => Some(e.to_string()),
+        (_, Err(e), _) => Some(e.to_string()),
+        (_, _, Err(e)) => Some(e.clone()),
         _ => None,
     };
     if let Err(PipelineError::GaveUp { .. }) = &pipeline_result {
@@ -539,7 +594,8 @@ pub async fn run_controlled(
         tracing::error!("{fate}");
         error = error.map(|e| format!("{e}; {fate}"));
     }
-    let snapshot = lock(&progress).clone();
+    let mut snapshot = lock(&progress).clone();
+    snapshot.snapshot = lock_progress(&snapshot_progress).clone();
     reporter
         .report(&snapshot, Some(&catalog), false, error.as_deref())
         .await;
@@ -552,8 +608,26 @@ pub async fn run_controlled(
     if let Err(e) = pipeline_result {
         anyhow::bail!(error.unwrap_or_else(|| e.to_string()));
     }
+    if let Err(e) = copier_result {
+        anyhow::bail!(e);
+    }
     tracing::info!(flow = %flow_name, "stopped cleanly");
     Ok(())
+}
+
+/// What the snapshot phase leaves to the stream.
+enum SnapshotPhase {
+    /// Copied before streaming (or nothing to copy).
+    Copied(SnapshotOutcome),
+    /// Partitions to copy while streaming, through the watermark gate.
+    WhileStreaming(WhileStreaming),
+}
+
+/// Partitions copied while the stream runs.
+struct WhileStreaming {
+    jobs: Vec<snapshot::Job>,
+    store: SnapshotStore,
+    key: String,
 }
 
 /// The initial snapshot of a stream run, before the reader starts.
@@ -575,9 +649,10 @@ struct InitialSnapshot<'a> {
 }
 
 impl InitialSnapshot<'_> {
-    /// Copies what the state store says is unfinished (everything for a new slot; the
-    /// tables new to the plan otherwise), reporting progress every status interval.
-    async fn run(self, cancel: &CancellationToken) -> anyhow::Result<SnapshotOutcome> {
+    /// Copies everything into a new slot's exported snapshot, reporting progress every
+    /// status interval; with an existing slot, leaves what the state store says is
+    /// unfinished (a table new to the plan, an interrupted copy) to the stream.
+    async fn run(self, cancel: &CancellationToken) -> anyhow::Result<SnapshotPhase> {
         let store = SnapshotStore::open(self.spec, self.catalog.clone()).await?;
         if self.slot_created {
             store.reset(&self.key).await?;
@@ -585,7 +660,7 @@ impl InitialSnapshot<'_> {
             tracing::info!(
                 "snapshot: the slot already existed and stateBackend is none: nothing to copy"
             );
-            return Ok(SnapshotOutcome::Complete { rows: 0 });
+            return Ok(SnapshotPhase::Copied(SnapshotOutcome::Complete { rows: 0 }));
         }
         let pg = &self.resolved.flow.spec.source.postgres;
         let tables = snapshot::tables_to_copy(
@@ -596,6 +671,21 @@ impl InitialSnapshot<'_> {
         )
         .await?;
         let mut request = SnapshotRequest::from_spec(self.spec, tables, self.lsn, self.key);
+        if !self.slot_created {
+            let jobs = snapshot::plan(self.catalog, &request, &store, self.progress).await?;
+            if jobs.is_empty() {
+                return Ok(SnapshotPhase::Copied(SnapshotOutcome::Complete { rows: 0 }));
+            }
+            tracing::info!(
+                partitions = jobs.len(),
+                "snapshot: copying while streaming (watermarks)"
+            );
+            return Ok(SnapshotPhase::WhileStreaming(WhileStreaming {
+                jobs,
+                store,
+                key: request.state_key,
+            }));
+        }
         // Without the slot's own snapshot (an existing slot: a resumed copy or an added
         // table), every worker still reads one point in time after the slot's position:
         // the stream replays the changes in between.
@@ -656,7 +746,7 @@ impl InitialSnapshot<'_> {
         drop(reporting);
         drop(held);
         drop(self.exported);
-        Ok(outcome?)
+        Ok(SnapshotPhase::Copied(outcome?))
     }
 }
 

@@ -253,22 +253,21 @@ async fn a_worker_killed_mid_snapshot_resumes_only_unfinished_partitions() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_table_added_to_a_running_flow_is_copied_alone_and_streams() {
+async fn a_table_added_to_a_running_flow_is_copied_alone_while_the_others_stream() {
     let db = TestDb::create("snapadd").await;
     let sql = db.client().await;
     sql.batch_execute(
         "CREATE TABLE a (id int PRIMARY KEY, v text, n int);
          CREATE TABLE b (id int PRIMARY KEY, v text, n int);
          INSERT INTO a SELECT g, 'a' || g, g FROM generate_series(1, 1000) g;
-         INSERT INTO b SELECT g, 'b' || g, g FROM generate_series(1, 2000) g;",
+         INSERT INTO b SELECT g, 'b' || g, g FROM generate_series(1, 200000) g;",
     )
     .await
     .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let snapshot = "{initial: true, workers: 2, stateBackend: file, statePath: \"STATE\"}".replace(
-        "STATE",
-        &dir.path().join("snapshot-state.json").display().to_string(),
-    );
+    let state_path = dir.path().join("snapshot-state.json");
+    let snapshot = "{initial: true, workers: 2, stateBackend: file, statePath: \"STATE\"}"
+        .replace("STATE", &state_path.display().to_string());
     let manifest = snapshot_manifest(dir.path(), &db, &["public.a"], &snapshot);
     let worker = Worker::spawn(&manifest, dir.path());
     db.attached().await;
@@ -282,6 +281,7 @@ async fn a_table_added_to_a_running_flow_is_copied_alone_and_streams() {
         .iter()
         .filter(|r| r["op"] == "read" && r["table"] == "public.a")
         .count();
+    assert_eq!(reads_of_a, 1000);
 
     // Changes while the flow is down, then the flow lists b too.
     sql.batch_execute("UPDATE a SET v = 'down' WHERE id = 1; DELETE FROM b WHERE id = 5")
@@ -292,10 +292,31 @@ async fn a_table_added_to_a_running_flow_is_copied_alone_and_streams() {
     let dml = churn(db.dsn.clone(), "b", stop.clone());
     let worker = Worker::spawn(&manifest, dir.path());
     db.attached().await;
+    // Table a streams while b is being copied.
+    sql.batch_execute("UPDATE a SET v = 'during' WHERE id = 2")
+        .await
+        .unwrap();
+    wait_for("a's change to stream", DEADLINE, async || {
+        records(dir.path())
+            .iter()
+            .any(|r| r["table"] == "public.a" && r["after"]["v"] == "during")
+            .then_some(())
+    })
+    .await;
+    let state: Value = serde_json::from_slice(&std::fs::read(&state_path).unwrap()).unwrap();
+    let b_done = state.to_string().contains("\"table\":\"public.b\"")
+        && state["runs"]
+            .as_object()
+            .unwrap()
+            .values()
+            .flat_map(|v| v.as_array().unwrap())
+            .filter(|p| p["table"] == "public.b")
+            .all(|p| p["done"] == true);
+    assert!(!b_done, "b was copied before a streamed: {state}");
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    dml.await.unwrap();
+    assert!(dml.await.unwrap() > 0);
     sql.batch_execute(
-        "UPDATE a SET v = 'after' WHERE id = 2; UPDATE b SET v = 'after' WHERE id = 3",
+        "UPDATE a SET v = 'after' WHERE id = 3; UPDATE b SET v = 'after' WHERE id = 3",
     )
     .await
     .unwrap();
@@ -313,10 +334,28 @@ async fn a_table_added_to_a_running_flow_is_copied_alone_and_streams() {
             .iter()
             .filter(|r| r["op"] == "read" && r["table"] == "public.b")
             .count()
-            >= 1990
+            >= 190_000
     );
+    assert!(
+        messages(dir.path())
+            .iter()
+            .all(|m| m["prefix"] != "wallaby.snapshot"),
+        "watermarks reached the destination"
+    );
+    let done_everywhere = wait_for("b's partition to be recorded", DEADLINE, async || {
+        let state: Value = serde_json::from_slice(&std::fs::read(&state_path).ok()?).ok()?;
+        let all = state["runs"]
+            .as_object()?
+            .values()
+            .flat_map(|v| v.as_array().cloned().unwrap_or_default())
+            .all(|p| p["done"] == true);
+        all.then_some(state)
+    })
+    .await;
+    assert!(done_everywhere.to_string().contains("public.b"));
     let (code, log) = worker.terminate();
     assert_eq!(code, Some(0), "{log}");
+    assert!(log.contains("copying while streaming"), "{log}");
     db.drop_all().await;
 }
 

@@ -221,6 +221,36 @@ pub fn copy_statement(table: &TableInfo, slice: &Slice) -> String {
     )
 }
 
+/// The COPY of heap pages `[from, to)` of a partition (`to: None`: to the end).
+pub fn copy_chunk_statement(
+    table: &TableInfo,
+    slice: &Slice,
+    from: u64,
+    to: Option<u64>,
+) -> String {
+    let pages = Slice::Pages { from, to }.predicate();
+    let combined = match slice {
+        // The chunk's range lies inside the partition's.
+        Slice::Whole | Slice::Pages { .. } => pages,
+        Slice::Hash { .. } => format!(
+            "{} AND {}",
+            slice.predicate(),
+            pages.trim_start().trim_start_matches("WHERE ")
+        ),
+    };
+    let columns: Vec<String> = table
+        .relation
+        .columns
+        .iter()
+        .map(|c| quote_ident(&c.name))
+        .collect();
+    format!(
+        "COPY (SELECT {} FROM {}{combined}) TO STDOUT",
+        columns.join(", "),
+        table.name.quoted(),
+    )
+}
+
 /// Splits one line of COPY text output (without its newline) into cells: `\N` is NULL,
 /// backslash escapes are undone, and a field without escapes is shared, not copied.
 pub fn parse_line(line: &Bytes, columns: usize) -> Result<Vec<Cell>, String> {

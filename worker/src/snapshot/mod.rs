@@ -21,6 +21,7 @@
 //! state equals the source).
 
 pub mod copy;
+pub mod incremental;
 pub mod store;
 
 use std::collections::{HashMap, VecDeque};
@@ -325,7 +326,7 @@ pub async fn tables_to_copy(
 
 /// One partition to copy.
 #[derive(Debug)]
-struct Job {
+pub struct Job {
     table: Arc<TableInfo>,
     index: u32,
     slice: Slice,
@@ -358,6 +359,18 @@ pub async fn run(
     progress: &SnapshotProgress,
     cancel: &CancellationToken,
 ) -> Result<SnapshotOutcome, SnapshotError> {
+    let jobs = plan(catalog, &request, store, progress).await?;
+    copy_jobs(conn, request, jobs, store, sink, progress, cancel).await
+}
+
+/// The unfinished partitions of `request.tables`, planning (and recording) the tables new to
+/// the state store; sets `progress` to the plan.
+pub async fn plan(
+    catalog: &Client,
+    request: &SnapshotRequest,
+    store: &SnapshotStore,
+    progress: &SnapshotProgress,
+) -> Result<Vec<Job>, SnapshotError> {
     let key = request.state_key.clone();
     let mut records = store.load(&key).await?;
     let mut infos: HashMap<String, Arc<TableInfo>> = HashMap::new();
@@ -419,6 +432,20 @@ pub async fn run(
             })
         })
         .collect();
+    Ok(jobs)
+}
+
+/// Copies `jobs` inside `request.snapshot` before the stream starts.
+async fn copy_jobs(
+    conn: &PgConnection,
+    request: SnapshotRequest,
+    jobs: Vec<Job>,
+    store: &SnapshotStore,
+    sink: SnapshotSink,
+    progress: &SnapshotProgress,
+    cancel: &CancellationToken,
+) -> Result<SnapshotOutcome, SnapshotError> {
+    let key = request.state_key.clone();
     if jobs.is_empty() {
         tracing::info!("snapshot: every partition is already done");
         return Ok(SnapshotOutcome::Complete { rows: 0 });
