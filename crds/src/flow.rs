@@ -529,9 +529,10 @@ pub struct SnapshotSpec {
     #[schemars(range(min = 1, max = 4096))]
     pub partition_count: u32,
     /// Copy inside one exported snapshot: the new slot's (`EXPORT_SNAPSHOT`), so the
-    /// hand-off to streaming loses and doubles nothing, else one `pg_export_snapshot()` all
-    /// workers share. `false`: each partition reads the data current when it starts; the
-    /// stream still replays every change after the slot's position (at-least-once).
+    /// hand-off to streaming loses and doubles nothing (a backfill: one
+    /// `pg_export_snapshot()` all workers share). `false`: each partition reads the data
+    /// current when it starts; the stream still replays every change after the slot's
+    /// position (at-least-once). Later copies (added tables) use watermarks either way.
     #[serde(default = "yes")]
     pub consistent: bool,
     /// Where per-partition progress is kept so a restarted worker copies only unfinished

@@ -686,9 +686,9 @@ impl InitialSnapshot<'_> {
                 key: request.state_key,
             }));
         }
-        // Without the slot's own snapshot (an existing slot: a resumed copy or an added
-        // table), every worker still reads one point in time after the slot's position:
-        // the stream replays the changes in between.
+        // A slot created by `pg_create_logical_replication_slot` (a concurrent start took
+        // the name first) exported nothing: the workers still share one point in time
+        // after the slot's position, and the stream replays the changes in between.
         let held = match &self.exported {
             Some(e) => {
                 request.snapshot = Some(e.name.clone());

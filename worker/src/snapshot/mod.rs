@@ -16,9 +16,8 @@
 //!
 //! Rows are stamped with the slot's consistent point as their LSN. Streaming starts only
 //! after the copy, from the slot's position, so with the slot's exported snapshot nothing
-//! is lost or doubled; a copy resumed after a crash, or of a table added later, reads a
-//! newer snapshot and the stream replays the changes in between (at-least-once; the final
-//! state equals the source).
+//! is lost or doubled. A copy resumed after a crash, or of a table added later, runs while
+//! streaming instead ([`incremental`]: watermarks).
 
 pub mod copy;
 pub mod incremental;
