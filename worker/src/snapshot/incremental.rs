@@ -334,7 +334,130 @@ async fn read_rows(client: &Client, job: &Job, statement: &str) -> Result<Vec<Ro
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use super::*;
+    use crate::change::{Column, Relation};
+
+    fn relation() -> Arc<Relation> {
+        Arc::new(Relation {
+            id: 1,
+            schema: "public".into(),
+            table: "t".into(),
+            columns: vec![Column {
+                name: "id".into(),
+                type_oid: 23,
+                type_modifier: -1,
+            }],
+            key: vec![0],
+            identity: vec![0],
+        })
+    }
+
+    fn row(op: Op, id: &str) -> RowChange {
+        let cells = Some(vec![Cell::Text(Bytes::copy_from_slice(id.as_bytes()))]);
+        RowChange {
+            relation: relation(),
+            op,
+            before: if op == Op::Delete {
+                cells.clone()
+            } else {
+                None
+            },
+            before_is_identity: false,
+            after: if op == Op::Delete { None } else { cells },
+            lsn: Lsn(1),
+        }
+    }
+
+    fn txn(events: Vec<SourceEvent>, end: u64) -> Vec<SourceEvent> {
+        let mut all = vec![SourceEvent::Begin {
+            xid: 1,
+            commit_lsn: Lsn(end - 1),
+            commit_time: chrono::Utc::now(),
+        }];
+        all.extend(events);
+        all.push(SourceEvent::Commit {
+            commit_lsn: Lsn(end - 1),
+            end_lsn: Lsn(end),
+            commit_time: chrono::Utc::now(),
+        });
+        all
+    }
+
+    fn mark(text: &str, lsn: u64) -> SourceEvent {
+        SourceEvent::Message {
+            transactional: true,
+            lsn: Lsn(lsn),
+            prefix: WATERMARK_PREFIX.into(),
+            content: Bytes::copy_from_slice(text.as_bytes()),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_gate_drops_chunk_rows_changed_inside_the_window_and_hides_watermarks() {
+        let (in_tx, in_rx) = mpsc::channel(64);
+        let (out_tx, mut out_rx) = mpsc::channel(64);
+        let (chunk_tx, chunk_rx) = mpsc::channel(1);
+        let gate = tokio::spawn(gate(in_rx, out_tx, chunk_rx, "run".into()));
+        let (done_tx, done_rx) = oneshot::channel();
+        chunk_tx
+            .send(Chunk {
+                id: 7,
+                rows: vec![row(Op::Read, "1"), row(Op::Read, "2"), row(Op::Read, "3")],
+                delivered: done_tx,
+            })
+            .await
+            .unwrap();
+        let mut events = Vec::new();
+        events.extend(txn(vec![mark("low:other-run:7:public.t", 9)], 10));
+        events.extend(txn(vec![mark("low:run:7:public.t", 19)], 20));
+        events.extend(txn(vec![SourceEvent::Row(row(Op::Update, "2"))], 30));
+        events.extend(txn(vec![SourceEvent::Row(row(Op::Delete, "3"))], 40));
+        events.extend(txn(vec![mark("high:run:7", 49)], 50));
+        for e in events {
+            in_tx.send(e).await.unwrap();
+        }
+        drop(in_tx);
+        gate.await.unwrap();
+        let mut out = Vec::new();
+        while let Some(e) = out_rx.recv().await {
+            out.push(e);
+        }
+        assert!(
+            !out.iter().any(|e| matches!(e, SourceEvent::Message { .. })),
+            "a watermark was forwarded"
+        );
+        let reads: Vec<(String, Lsn)> = out
+            .iter()
+            .filter_map(|e| match e {
+                SourceEvent::Row(r) if r.op == Op::Read => Some((
+                    String::from_utf8_lossy(match &r.after.as_ref().unwrap()[0] {
+                        Cell::Text(b) => b,
+                        _ => panic!("text"),
+                    })
+                    .into_owned(),
+                    r.lsn,
+                )),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(reads, vec![("1".to_owned(), Lsn(49))]);
+        // The read row sits inside the high watermark's transaction, before its commit.
+        let last_read = out
+            .iter()
+            .rposition(|e| matches!(e, SourceEvent::Row(r) if r.op == Op::Read))
+            .unwrap();
+        assert!(matches!(
+            out[last_read + 1],
+            SourceEvent::Commit {
+                end_lsn: Lsn(50),
+                ..
+            }
+        ));
+        let delivered = done_rx.await.unwrap();
+        assert_eq!((delivered.rows, delivered.end_lsn), (1, Lsn(50)));
+    }
 
     #[test]
     fn chunks_cover_the_partition_and_keep_its_open_end() {

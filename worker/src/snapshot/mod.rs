@@ -110,6 +110,11 @@ pub enum SnapshotError {
     /// The destinations failed.
     #[error("snapshot: {0}")]
     Pipeline(#[from] PipelineError),
+    /// A copy or delivery task ended abnormally (panicked or was aborted).
+    #[error(
+        "snapshot: a {0} task ended abnormally: {1}; unfinished partitions are copied again on the next start"
+    )]
+    Task(&'static str, String),
     /// Destinations stopped confirming before every partition was durable.
     #[error(
         "snapshot: {0} partition(s) were copied but not confirmed durable by the destinations; they are copied again on the next start"
@@ -540,21 +545,15 @@ async fn copy_jobs(
     stop.cancel();
     // The pipeline delivers what was forwarded, then ends.
     tx.take();
-    let pipeline_result = pipeline_task.await.map_err(|e| SnapshotError::Copy {
-        table: "-".into(),
-        index: 0,
-        message: format!("the delivery task failed: {e}"),
-    })?;
+    let pipeline_result = pipeline_task
+        .await
+        .map_err(|e| SnapshotError::Task("delivery", e.to_string()))?;
     let mut copy_error = None;
     while let Some(joined) = copiers.join_next().await {
         match joined {
             Ok(Err(e)) if copy_error.is_none() => copy_error = Some(e),
             Err(e) if copy_error.is_none() => {
-                copy_error = Some(SnapshotError::Copy {
-                    table: "-".into(),
-                    index: 0,
-                    message: format!("a copy task failed: {e}"),
-                })
+                copy_error = Some(SnapshotError::Task("copy", e.to_string()))
             }
             _ => {}
         }
