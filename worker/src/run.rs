@@ -387,11 +387,27 @@ pub async fn run_controlled(
             status_interval,
             progress: &snapshot_progress,
         };
-        let outcome = match phase.run(&cancel).await? {
-            SnapshotPhase::Copied(outcome) => outcome,
-            SnapshotPhase::WhileStreaming(jobs) => {
+        let outcome = match phase.run(&cancel).await {
+            Ok(SnapshotPhase::Copied(outcome)) => outcome,
+            Ok(SnapshotPhase::WhileStreaming(jobs)) => {
                 while_streaming = Some(jobs);
                 SnapshotOutcome::Complete { rows: 0 }
+            }
+            Err(e) => {
+                // The slot stays where the snapshot began; the next start copies the
+                // unfinished partitions.
+                let progress = Progress {
+                    snapshot: lock_progress(&snapshot_progress).clone(),
+                    ..Progress::default()
+                };
+                let message = format!("{e:#}");
+                reporter
+                    .report(&progress, Some(&catalog), false, Some(&message))
+                    .await;
+                if let Err(e) = source_state.record_stopped(&catalog, "failed").await {
+                    tracing::warn!(error = %e, "could not record the stop in the source-state table");
+                }
+                return Err(e);
             }
         };
         if outcome == SnapshotOutcome::Stopped {

@@ -426,3 +426,29 @@ async fn backfill_copies_the_named_tables_prints_progress_and_exits() {
     assert_eq!(common::records(dir.path()).len(), 10_000);
     db.drop_all().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_snapshot_table_stops_the_worker_with_its_name() {
+    let db = TestDb::create("snapmiss").await;
+    let sql = db.client().await;
+    sql.batch_execute("CREATE TABLE items (id int PRIMARY KEY, v text, n int)")
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = snapshot_manifest(
+        dir.path(),
+        &db,
+        &["public.items"],
+        "{initial: true, tables: [public.missing]}",
+    );
+    let worker = Worker::spawn(&manifest, dir.path());
+    let (code, log) = worker.exit_by_itself().await;
+    assert_ne!(code, Some(0), "{log}");
+    assert!(
+        log.contains("snapshot: table public.missing does not exist"),
+        "{log}"
+    );
+    let status = std::fs::read_to_string(dir.path().join("status.json")).unwrap();
+    assert!(status.contains("public.missing"), "{status}");
+    db.drop_all().await;
+}
