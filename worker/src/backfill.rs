@@ -177,6 +177,9 @@ pub async fn backfill(
     };
     let outcome = snapshot::run(&conn, &catalog, request, &store, sink, &progress, &cancel).await;
     drop(held);
+    if outcome.is_err() {
+        snapshot::mark_failed(&progress);
+    }
     stop_reporting.cancel();
     let _ = reporting.await;
     let tables = lock_progress(&progress).clone();

@@ -396,6 +396,7 @@ pub async fn run_controlled(
             Err(e) => {
                 // The slot stays where the snapshot began; the next start copies the
                 // unfinished partitions.
+                snapshot::mark_failed(&snapshot_progress);
                 let progress = Progress {
                     snapshot: lock_progress(&snapshot_progress).clone(),
                     ..Progress::default()
@@ -499,9 +500,11 @@ pub async fn run_controlled(
                 cancel.clone(),
             );
             let cancel = cancel.clone();
+            let failed = snapshot_progress.clone();
             let task = tokio::spawn(async move {
                 let result = copier.await;
                 if let Err(e) = &result {
+                    snapshot::mark_failed(&failed);
                     tracing::error!(error = %e, "snapshot while streaming failed; stopping the flow");
                     cancel.cancel();
                 }

@@ -450,5 +450,17 @@ async fn a_missing_snapshot_table_stops_the_worker_with_its_name() {
     );
     let status = std::fs::read_to_string(dir.path().join("status.json")).unwrap();
     assert!(status.contains("public.missing"), "{status}");
+    let status: Value = serde_json::from_str(&status).unwrap();
+    assert!(
+        status["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("public.missing")),
+        "{status}"
+    );
     db.drop_all().await;
 }

@@ -132,6 +132,13 @@ pub fn lock_progress(
     p.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// Marks every table not yet done as `Failed` (the copy stopped on an error).
+pub fn mark_failed(p: &SnapshotProgress) {
+    for t in lock_progress(p).iter_mut().filter(|t| t.state != "Done") {
+        t.state = "Failed".into();
+    }
+}
+
 /// A slot created with `EXPORT_SNAPSHOT`: its snapshot lives as long as this value (the
 /// replication connection stays idle and open).
 pub struct ExportedSnapshot {
