@@ -464,3 +464,49 @@ async fn a_missing_snapshot_table_stops_the_worker_with_its_name() {
     );
     db.drop_all().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_consistent_snapshot_or_state_the_copy_still_converges_and_is_not_repeated() {
+    let db = TestDb::create("snapnone").await;
+    let sql = db.client().await;
+    sql.batch_execute(
+        "CREATE TABLE items (id int PRIMARY KEY, v text, n int);
+         INSERT INTO items SELECT g, 'row ' || g, g FROM generate_series(1, 5000) g;",
+    )
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = snapshot_manifest(
+        dir.path(),
+        &db,
+        &["public.items"],
+        "{initial: true, consistent: false, stateBackend: none, workers: 2, partitionCount: 3}",
+    );
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let dml = churn(db.dsn.clone(), "items", stop.clone());
+    let worker = Worker::spawn(&manifest, dir.path());
+    db.attached().await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    dml.await.unwrap();
+    let records = converges(dir.path(), &sql, &["items"]).await;
+    let reads = records.iter().filter(|r| r["op"] == "read").count();
+    let (code, log) = worker.terminate();
+    assert_eq!(code, Some(0), "{log}");
+    assert!(!log.contains("exported snapshot"), "{log}");
+
+    // stateBackend none: the existing slot means no new copy.
+    sql.batch_execute("INSERT INTO items VALUES (-1, 'late', 0)")
+        .await
+        .unwrap();
+    let worker = Worker::spawn(&manifest, dir.path());
+    db.attached().await;
+    let records = converges(dir.path(), &sql, &["items"]).await;
+    assert_eq!(
+        records.iter().filter(|r| r["op"] == "read").count(),
+        reads,
+        "the restart copied again"
+    );
+    let (code, log) = worker.terminate();
+    assert_eq!(code, Some(0), "{log}");
+    db.drop_all().await;
+}
