@@ -747,6 +747,10 @@ impl InitialSnapshot<'_> {
                         snapshot: lock_progress(&progress).clone(),
                         ..Progress::default()
                     };
+                    // The log is the standalone run's progress output: one line per table.
+                    for t in &snapshot.snapshot {
+                        tracing::info!("{}", crate::backfill::line(t));
+                    }
                     reporter.report(&snapshot, Some(&catalog), true, None).await;
                 }
             });

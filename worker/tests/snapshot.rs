@@ -180,6 +180,7 @@ async fn initial_snapshot_under_concurrent_changes_ends_equal_to_the_source() {
         log.contains("created replication slot with an exported snapshot"),
         "{log}"
     );
+    assert!(log.contains("snapshot public.items: "), "{log}");
     db.drop_all().await;
 }
 
