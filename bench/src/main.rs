@@ -8,6 +8,7 @@ mod pg;
 mod proc;
 mod report;
 mod run;
+mod snapshot;
 mod targets;
 mod workload;
 
@@ -87,6 +88,16 @@ struct Cli {
     /// Limit of one run (a run past it is killed and reported as an error).
     #[arg(long, default_value_t = 1800)]
     run_timeout_seconds: u64,
+    /// Rows of the snapshot benchmark's table (scaled by --scale; 0 skips it):
+    /// `wallaby-worker backfill` against `COPY … TO STDOUT (FORMAT binary)`.
+    #[arg(long, default_value_t = 1_000_000)]
+    snapshot_rows: u64,
+    /// Copy workers of the snapshot benchmark (default: the number of cores).
+    #[arg(long)]
+    snapshot_workers: Option<u32>,
+    /// Run only the snapshot benchmark (no workloads, no latency run).
+    #[arg(long)]
+    snapshot_only: bool,
     /// Also write this Markdown file (docs/benchmarks.md) with the method and the table.
     #[arg(long)]
     docs: Option<PathBuf>,
@@ -105,6 +116,8 @@ struct Results {
     figures: Vec<Figure>,
     latency: Option<LatencyResult>,
     latency_error: Option<String>,
+    snapshot: Option<snapshot::SnapshotResult>,
+    snapshot_error: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -148,7 +161,12 @@ async fn run(mut cli: Cli) -> Result<bool> {
     if !(cli.scale > 0.0 && cli.scale.is_finite()) {
         bail!("--scale must be a positive number, got {}", cli.scale);
     }
-    let workloads = if cli.workloads.is_empty() {
+    if cli.snapshot_only {
+        cli.latency_seconds = 0;
+    }
+    let workloads = if cli.snapshot_only {
+        Vec::new()
+    } else if cli.workloads.is_empty() {
         workload::ALL.to_vec()
     } else {
         cli.workloads.clone()
@@ -258,6 +276,28 @@ async fn run(mut cli: Cli) -> Result<bool> {
         (None, None)
     };
 
+    let snapshot_rows = (cli.snapshot_rows as f64 * cli.scale).round() as u64;
+    let (snapshot, snapshot_error) = if snapshot_rows > 0 {
+        let cores = machine().cores.max(1) as u32;
+        let plan = snapshot::SnapshotPlan {
+            rows: snapshot_rows,
+            workers: cli.snapshot_workers.unwrap_or(cores).max(1),
+        };
+        match snapshot::run(&settings, &admin, plan).await {
+            Ok(r) => {
+                ok &= r.figures.iter().all(|f| f.error.is_none());
+                (Some(r), None)
+            }
+            Err(e) => {
+                eprintln!("[snapshot] ERROR {e:#}");
+                ok = false;
+                (None, Some(format!("{e:#}")))
+            }
+        }
+    } else {
+        (None, None)
+    };
+
     let results = Results {
         date: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
         machine: machine(),
@@ -270,6 +310,8 @@ async fn run(mut cli: Cli) -> Result<bool> {
         figures,
         latency,
         latency_error,
+        snapshot,
+        snapshot_error,
     };
     let table = tables(&results);
     println!("{table}");
@@ -326,6 +368,13 @@ fn tables(r: &Results) -> String {
     }
     if let Some(e) = &r.latency_error {
         let _ = writeln!(s, "\nLatency run: ERROR {e}");
+    }
+    if let Some(snap) = &r.snapshot {
+        s += "\n";
+        s += &snapshot::markdown(snap);
+    }
+    if let Some(e) = &r.snapshot_error {
+        let _ = writeln!(s, "\nSnapshot run: ERROR {e}");
     }
     // Without a baseline (the smoke run) there is nothing to hold the figures against.
     if r.figures.iter().any(|f| f.target == "baseline") {

@@ -444,7 +444,7 @@ spec:
 /// Runs `cmd` to its exit, sampling its CPU and peak RSS and the CPU of the walsender
 /// serving `slot` every [`proc::SAMPLE_EVERY`]. The exit is seen without reaping the
 /// child, so its final CPU time is read from the zombie.
-async fn sample_child(
+pub async fn sample_child(
     mut cmd: Command,
     what: &str,
     sql: &Client,

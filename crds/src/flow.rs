@@ -506,29 +506,38 @@ impl Default for DdlPolicy {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SnapshotSpec {
-    /// Copy existing rows before streaming (stream mode) — backfill mode always copies.
+    /// Copy existing rows before streaming (stream mode): everything when the worker creates
+    /// the slot, later only what the plan lacks (a table added to the flow) or left
+    /// unfinished (an interrupted copy). `mode: backfill` always copies.
     #[serde(default)]
     pub initial: bool,
-    /// Tables to copy, as `schema.table`; all tables of the publication when empty.
+    /// Tables to copy, as `schema.table`; all tables of the publication when empty
+    /// (`wallaby-worker backfill --tables` overrides it).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 1024), inner(length(min = 1, max = 127)))]
     pub tables: Vec<String>,
-    /// Parallel copy workers across tables and partitions.
+    /// Parallel copy workers (one connection each) across tables and partitions.
     #[serde(default = "one")]
     #[schemars(range(min = 1, max = 64))]
     pub workers: u32,
-    /// Column used to hash-partition a table.
+    /// Column used to hash-partition a table (`hashtext(column::text)`); tables without it,
+    /// and every table when unset, are split into ranges of heap pages (ctid).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub partition_column: Option<String>,
-    /// Partitions per table.
+    /// Partitions per table (the unit of parallelism and of resumption).
     #[serde(default = "one")]
     #[schemars(range(min = 1, max = 4096))]
     pub partition_count: u32,
-    /// Copy inside the slot's exported snapshot so the hand-off to streaming loses and doubles
-    /// nothing. `false` copies the current data without that guarantee.
+    /// Copy inside one exported snapshot: the new slot's (`EXPORT_SNAPSHOT`), so the
+    /// hand-off to streaming loses and doubles nothing (a backfill: one
+    /// `pg_export_snapshot()` all workers share). `false`: each partition reads the data
+    /// current when it starts; the stream still replays every change after the slot's
+    /// position (at-least-once). Later copies (added tables) use watermarks either way.
     #[serde(default = "yes")]
     pub consistent: bool,
-    /// Where per-partition snapshot progress is kept for resumption.
+    /// Where per-partition progress is kept so a restarted worker copies only unfinished
+    /// partitions: `postgres` (a table in the source database), `file` (`statePath`) or
+    /// `none` (no resumption; an existing slot is then never snapshotted again).
     #[serde(default)]
     pub state_backend: SnapshotStateBackend,
     /// Schema of the snapshot-state table (`stateBackend: postgres`).

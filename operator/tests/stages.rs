@@ -281,7 +281,7 @@ fn worker_rbac_is_least_privilege() {
 }
 
 #[test]
-fn backfill_is_a_draining_job() {
+fn backfill_is_a_job_running_the_backfill_command() {
     let children = build_fixture("backfill.yaml");
     let Workload::Job(job) = &children.workload else {
         panic!("expected a Job");
@@ -291,7 +291,8 @@ fn backfill_is_a_draining_job() {
     let pod = spec.template.spec.as_ref().unwrap();
     assert_eq!(pod.restart_policy.as_deref(), Some("OnFailure"));
     let args = pod.containers[0].args.clone().unwrap();
-    assert_eq!(args.last().map(String::as_str), Some("--drain"));
+    assert_eq!(args.first().map(String::as_str), Some("backfill"));
+    assert!(!args.contains(&"--drain".to_string()));
     assert!(args.contains(&"shop/orders-backfill".to_string()));
     // No Secret referenced: the Role grants no Secret at all (not every Secret).
     let rules = children.rbac.unwrap().role.rules.unwrap();

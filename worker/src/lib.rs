@@ -2,6 +2,7 @@
 //! confirming to the slot only what every destination made durable.
 
 pub mod ack;
+pub mod backfill;
 pub mod batch;
 pub mod change;
 pub mod cluster;
@@ -11,6 +12,7 @@ pub mod metrics;
 pub mod pipeline;
 pub mod retry;
 pub mod run;
+pub mod snapshot;
 pub mod source;
 pub mod spool;
 pub mod standalone;

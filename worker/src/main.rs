@@ -9,10 +9,12 @@ use std::sync::{Arc, Mutex};
 use clap::{Parser, Subcommand};
 use pg_walstream::CancellationToken;
 use wallaby_crds::flow::FlowStatus;
+use wallaby_worker::backfill::{BackfillControl, backfill};
 use wallaby_worker::cluster::{self, ClusterError, ConfigChange, FlowRef, FlowStatusApply};
 use wallaby_worker::lsn::Lsn;
 use wallaby_worker::metrics::{self, DEFAULT_METRICS_ADDR, Metrics, MetricsAddr};
 use wallaby_worker::run::{RunControl, RunOptions, open_resolved, run_controlled};
+use wallaby_worker::snapshot::SnapshotOutcome;
 use wallaby_worker::standalone;
 use wallaby_worker::status::{StatusSink, worker_owned};
 use wallaby_worker::telemetry::{self, LogFormat};
@@ -81,6 +83,35 @@ enum Command {
         #[arg(long, value_name = "LSN")]
         start_lsn: Option<Lsn>,
     },
+    /// Copy existing rows of a flow's tables into its destinations and exit (the Job of
+    /// `mode: backfill`). Rows arrive as `read` changes; the slot is not touched. An
+    /// interrupted backfill resumes its unfinished partitions when run again.
+    Backfill {
+        /// Multi-document YAML with the Flow and its Destinations (standalone mode).
+        #[arg(
+            short = 'f',
+            long = "file",
+            value_name = "FILE",
+            required_unless_present = "flow"
+        )]
+        file: Option<PathBuf>,
+        /// With -f: the Flow to run when the file holds several (NAME). Without -f: the
+        /// Flow to read from the Kubernetes API (NAMESPACE/NAME); progress goes to its
+        /// status.
+        #[arg(long, value_name = "NAME | NAMESPACE/NAME")]
+        flow: Option<String>,
+        /// Tables to copy (`schema.table`, comma-separated); default: snapshot.tables,
+        /// else source.postgres.tables, else every table of the publication.
+        #[arg(long, value_name = "TABLES", value_delimiter = ',')]
+        tables: Vec<String>,
+        /// Where to write the status JSON (-f only; default: .wallaby/<flow>/status.json).
+        #[arg(long, value_name = "PATH")]
+        status_file: Option<PathBuf>,
+        /// Prometheus endpoint (`/metrics`, `/healthz`): IP:PORT, port 0 for any free port,
+        /// or `off`.
+        #[arg(long, value_name = "ADDR", env = "WALLABY_METRICS_ADDR", default_value = DEFAULT_METRICS_ADDR)]
+        metrics_addr: MetricsAddr,
+    },
     /// Check a manifest file without connecting to anything.
     Validate {
         /// Multi-document YAML with the Flow and its Destinations.
@@ -125,6 +156,13 @@ fn main() -> ExitCode {
                 );
             })
             .map_err(anyhow::Error::from),
+        Command::Backfill {
+            file,
+            flow,
+            tables,
+            status_file,
+            metrics_addr,
+        } => backfill_command(&runtime, file, flow, tables, status_file, metrics_addr),
         Command::Run {
             file,
             flow,
@@ -199,6 +237,77 @@ fn run_command(
         with_metrics(metrics_addr, |metrics| async move {
             let destinations = open_resolved(&resolved)?;
             run_controlled(resolved, destinations, options, control, cancel, metrics).await
+        })
+        .await
+    })
+}
+
+/// `backfill`: standalone from a manifest, or in-cluster from the Kubernetes API (the
+/// operator's Job); a stopped (interrupted) backfill fails so a Job retries it.
+fn backfill_command(
+    runtime: &tokio::runtime::Runtime,
+    file: Option<PathBuf>,
+    flow: Option<String>,
+    tables: Vec<String>,
+    status_file: Option<PathBuf>,
+    metrics_addr: MetricsAddr,
+) -> anyhow::Result<()> {
+    runtime.block_on(async {
+        let cancel = CancellationToken::new();
+        spawn_signal_handler(cancel.clone())?;
+        let (resolved, options, status): (_, _, Option<Arc<dyn StatusSink>>) = match (file, flow) {
+            (Some(file), flow) => {
+                let resolved = standalone::load(&file, flow.as_deref())?;
+                let name = resolved.flow.metadata.name.clone().unwrap_or_default();
+                let state_dir = PathBuf::from(".wallaby").join(&name);
+                let options = RunOptions {
+                    status_file: status_file.unwrap_or_else(|| state_dir.join("status.json")),
+                    state_dir,
+                    spill_dir: None,
+                };
+                (resolved, options, None)
+            }
+            (None, Some(flow)) => {
+                if status_file.is_some() {
+                    anyhow::bail!("--status-file applies to -f runs; with --flow {flow} status goes to the Flow's status");
+                }
+                let flow_ref = flow.parse::<FlowRef>()?;
+                let client = kube::Client::try_default()
+                    .await
+                    .map_err(ClusterError::Connect)?;
+                let objects = cluster::read(&client, &flow_ref).await?;
+                let resolved = objects.resolve()?;
+                let state_dir = std::env::temp_dir()
+                    .join("wallaby")
+                    .join(&flow_ref.namespace)
+                    .join(&flow_ref.name);
+                let options = RunOptions {
+                    status_file: state_dir.join("status.json"),
+                    state_dir,
+                    spill_dir: None,
+                };
+                let sink: Arc<dyn StatusSink> = Arc::new(FlowStatusApply::new(client, flow_ref));
+                (resolved, options, Some(sink))
+            }
+            (None, None) => anyhow::bail!(
+                "give -f FILE (standalone) or --flow NAMESPACE/NAME (in a cluster)"
+            ),
+        };
+        let control = BackfillControl {
+            tables,
+            status,
+            print_progress: true,
+        };
+        with_metrics(metrics_addr, |metrics| async move {
+            match backfill(resolved, options, control, cancel, metrics).await? {
+                SnapshotOutcome::Complete { rows } => {
+                    tracing::info!(rows, "backfill complete");
+                    Ok(())
+                }
+                SnapshotOutcome::Stopped => Err(anyhow::anyhow!(
+                    "backfill stopped before it finished; run it again to copy the unfinished partitions"
+                )),
+            }
         })
         .await
     })

@@ -84,6 +84,8 @@ pub struct Progress {
     pub destinations: Vec<DestinationState>,
     /// Bytes held under the memory budget.
     pub pending_bytes: u64,
+    /// Snapshot progress per table (initial snapshot, backfill, added tables).
+    pub snapshot: Vec<wallaby_crds::flow::TableSnapshotProgress>,
 }
 
 /// Why the pipeline stopped the flow.
@@ -658,7 +660,8 @@ impl Flow<'_> {
                     p.counters.batches += 1;
                     for (_, op, n) in counts {
                         match op {
-                            Op::Insert => p.counters.inserts += n,
+                            // Snapshot rows arrive as new rows to the destinations.
+                            Op::Insert | Op::Read => p.counters.inserts += n,
                             Op::Update => p.counters.updates += n,
                             Op::Delete => p.counters.deletes += n,
                             Op::Truncate => p.counters.truncates += n,

@@ -14,7 +14,7 @@ use wallaby_codec::{TableSchema, WireFormat};
 use wallaby_crds::Flow;
 use wallaby_crds::common::WireFormat as SpecFormat;
 use wallaby_crds::destination::DestinationSpec;
-use wallaby_crds::flow::{AckPolicy, FailureMode};
+use wallaby_crds::flow::{AckPolicy, FailureMode, SnapshotSpec};
 
 use crate::ack::AckMode;
 use crate::batch::SchemaSource;
@@ -32,6 +32,12 @@ use crate::pipeline::{
     DestinationSlot, Pipeline, PipelineConfig, PipelineError, PipelineHandles, Progress, lock,
 };
 use crate::retry::RetryPolicy;
+use crate::snapshot::store::SnapshotStore;
+use crate::snapshot::{self, incremental};
+use crate::snapshot::{
+    ExportedSnapshot, HeldSnapshot, SnapshotOutcome, SnapshotProgress, SnapshotRequest,
+    SnapshotSink, lock_progress,
+};
 use crate::source::reader::{ReaderOptions, ReplicationReader};
 use crate::source::spill::SpillDir;
 use crate::source::toast::ToastStage;
@@ -211,7 +217,7 @@ pub async fn run(
 }
 
 /// Adapts the catalog type resolver to the batcher.
-struct CatalogSchemas(TypeResolver);
+pub(crate) struct CatalogSchemas(pub(crate) TypeResolver);
 
 #[async_trait]
 impl SchemaSource for CatalogSchemas {
@@ -275,7 +281,26 @@ pub async fn run_controlled(
 
     // One SQL connection serves preflight, key and type lookups and status queries.
     let catalog = Arc::new(conn.connect().await?);
-    let slot = setup::prepare(&catalog, pg).await?;
+    let snapshot_spec = flow
+        .spec
+        .snapshot
+        .clone()
+        .filter(|s| s.initial && control.start_lsn.is_none());
+    setup::prepare_publication(&catalog, pg).await?;
+    // A new slot for an initial snapshot is created over the replication protocol so that
+    // it exports the snapshot its consistent point belongs to; the copy reads inside it.
+    let exported = match &snapshot_spec {
+        Some(s)
+            if s.consistent
+                && pg.create_slot
+                && !setup::slot_exists(&catalog, &pg.slot).await? =>
+        {
+            Some(ExportedSnapshot::create_slot(&conn, &pg.slot, &pg.publication).await?)
+        }
+        _ => None,
+    };
+    let mut slot = setup::ensure_slot(&catalog, pg).await?;
+    slot.created |= exported.is_some();
     tracing::info!(slot = %pg.slot, resume_from = %slot.confirmed_flush_lsn, created = slot.created, "slot ready");
     let confirmed_flush: Lsn = slot
         .confirmed_flush_lsn
@@ -334,6 +359,70 @@ pub async fn run_controlled(
         emit_empty: pg.emit_empty,
     };
     let names: Vec<String> = destinations.iter().map(|d| d.name.clone()).collect();
+    let sink = control
+        .status
+        .clone()
+        .unwrap_or_else(|| Arc::new(StatusFile(options.status_file.clone())));
+    let reporter = Arc::new(StatusReporter::new(
+        sink,
+        pg.slot.clone(),
+        names.clone(),
+        flow.metadata.generation,
+    ));
+    let snapshot_progress = SnapshotProgress::default();
+    let mut while_streaming = None;
+    if let Some(spec) = &snapshot_spec {
+        let phase = InitialSnapshot {
+            resolved: &resolved,
+            conn: &conn,
+            catalog: &catalog,
+            spec,
+            key: flow_id.clone(),
+            lsn: confirmed_flush,
+            slot_created: slot.created,
+            exported,
+            config: config.clone(),
+            metrics: &metrics,
+            reporter: &reporter,
+            status_interval,
+            progress: &snapshot_progress,
+        };
+        let outcome = match phase.run(&cancel).await {
+            Ok(SnapshotPhase::Copied(outcome)) => outcome,
+            Ok(SnapshotPhase::WhileStreaming(jobs)) => {
+                while_streaming = Some(jobs);
+                SnapshotOutcome::Complete { rows: 0 }
+            }
+            Err(e) => {
+                // The slot stays where the snapshot began; the next start copies the
+                // unfinished partitions.
+                snapshot::mark_failed(&snapshot_progress);
+                let progress = Progress {
+                    snapshot: lock_progress(&snapshot_progress).clone(),
+                    ..Progress::default()
+                };
+                let message = format!("{e:#}");
+                reporter
+                    .report(&progress, Some(&catalog), false, Some(&message))
+                    .await;
+                if let Err(e) = source_state.record_stopped(&catalog, "failed").await {
+                    tracing::warn!(error = %e, "could not record the stop in the source-state table");
+                }
+                return Err(e);
+            }
+        };
+        if outcome == SnapshotOutcome::Stopped {
+            let progress = Progress {
+                snapshot: lock_progress(&snapshot_progress).clone(),
+                ..Progress::default()
+            };
+            reporter
+                .report(&progress, Some(&catalog), false, None)
+                .await;
+            tracing::info!(flow = %flow_name, "stopped during the snapshot");
+            return Ok(());
+        }
+    }
 
     // Spill files of an earlier run are useless (the slot did not move past their
     // transactions; the server sends them again), so the directory starts empty.
@@ -363,6 +452,7 @@ pub async fn run_controlled(
         confirmed: confirmed.clone(),
     };
     let progress = handles.progress.clone();
+    lock(&progress).snapshot = lock_progress(&snapshot_progress).clone();
     let schemas = CatalogSchemas(TypeResolver::new(catalog.clone(), pg.resolve_types));
     let pipeline = Pipeline::new(
         config,
@@ -372,18 +462,8 @@ pub async fn run_controlled(
         Box::new(schemas),
         metrics.clone(),
     );
-    let sink = control
-        .status
-        .clone()
-        .unwrap_or_else(|| Arc::new(StatusFile(options.status_file.clone())));
-    let reporter = Arc::new(StatusReporter::new(
-        sink,
-        pg.slot.clone(),
-        names,
-        flow.metadata.generation,
-    ));
 
-    let (tx, rx) = mpsc::channel(EVENT_BUFFER);
+    let (pipeline_tx, rx) = mpsc::channel(EVENT_BUFFER);
     let mut pipeline_task = {
         // A failed destination must stop the reader at once, not at the next change.
         let cancel = cancel.clone();
@@ -395,7 +475,47 @@ pub async fn run_controlled(
             result
         })
     };
+    // Partitions to copy while streaming go through the watermark gate between the reader
+    // and the pipeline.
+    let (tx, copier_task) = match while_streaming {
+        Some(WhileStreaming { jobs, store, key }) => {
+            let (reader_tx, reader_rx) = mpsc::channel(EVENT_BUFFER);
+            let (chunk_tx, chunk_rx) = mpsc::channel(1);
+            let nonce = format!("{:016x}", rand::random::<u64>());
+            tokio::spawn(incremental::gate(
+                reader_rx,
+                pipeline_tx,
+                chunk_rx,
+                nonce.clone(),
+            ));
+            let copier = incremental::copy_while_streaming(
+                conn.clone(),
+                jobs,
+                store,
+                key,
+                chunk_tx,
+                confirmed.clone(),
+                snapshot_progress.clone(),
+                nonce,
+                cancel.clone(),
+            );
+            let cancel = cancel.clone();
+            let failed = snapshot_progress.clone();
+            let task = tokio::spawn(async move {
+                let result = copier.await;
+                if let Err(e) = &result {
+                    snapshot::mark_failed(&failed);
+                    tracing::error!(error = %e, "snapshot while streaming failed; stopping the flow");
+                    cancel.cancel();
+                }
+                result
+            });
+            (reader_tx, Some(task))
+        }
+        None => (pipeline_tx, None),
+    };
     let status_task = {
+        let snapshot_progress = snapshot_progress.clone();
         let progress = progress.clone();
         let cancel = cancel.clone();
         let catalog = catalog.clone();
@@ -409,7 +529,8 @@ pub async fn run_controlled(
                     _ = tick.tick() => {}
                     _ = cancel.cancelled() => return,
                 }
-                let snapshot = lock(&progress).clone();
+                let mut snapshot = lock(&progress).clone();
+                snapshot.snapshot = lock_progress(&snapshot_progress).clone();
                 let status = reporter.report(&snapshot, Some(&catalog), true, None).await;
                 metrics.observe_status(&status);
                 record_checkpoint(&source_state, &catalog, &snapshot).await;
@@ -443,6 +564,13 @@ pub async fn run_controlled(
     // go out, so a clean stop leaves the slot at the last durable transaction.
     reader.stop().await;
     cancel.cancel();
+    let copier_result = match copier_task {
+        Some(task) => match task.await {
+            Ok(result) => result.map_err(|e| e.to_string()),
+            Err(e) => Err(format!("the snapshot task failed: {e}")),
+        },
+        None => Ok(()),
+    };
     let _ = status_task.await;
     if let Some(task) = drain_task {
         let _ = task.await;
@@ -459,9 +587,10 @@ pub async fn run_controlled(
         Err(PipelineError::Stuck(_)) => metrics.error("pipeline", "stuck"),
         Ok(()) => {}
     }
-    let mut error = match (&read_result, &pipeline_result) {
-        (Err(e), _) => Some(e.to_string()),
-        (_, Err(e)) => Some(e.to_string()),
+    let mut error = match (&read_result, &pipeline_result, &copier_result) {
+        (Err(e), _, _) => Some(e.to_string()),
+        (_, Err(e), _) => Some(e.to_string()),
+        (_, _, Err(e)) => Some(e.clone()),
         _ => None,
     };
     if let Err(PipelineError::GaveUp { .. }) = &pipeline_result {
@@ -484,7 +613,8 @@ pub async fn run_controlled(
         tracing::error!("{fate}");
         error = error.map(|e| format!("{e}; {fate}"));
     }
-    let snapshot = lock(&progress).clone();
+    let mut snapshot = lock(&progress).clone();
+    snapshot.snapshot = lock_progress(&snapshot_progress).clone();
     reporter
         .report(&snapshot, Some(&catalog), false, error.as_deref())
         .await;
@@ -497,8 +627,150 @@ pub async fn run_controlled(
     if let Err(e) = pipeline_result {
         anyhow::bail!(error.unwrap_or_else(|| e.to_string()));
     }
+    if let Err(e) = copier_result {
+        anyhow::bail!(e);
+    }
     tracing::info!(flow = %flow_name, "stopped cleanly");
     Ok(())
+}
+
+/// What the snapshot phase leaves to the stream.
+enum SnapshotPhase {
+    /// Copied before streaming (or nothing to copy).
+    Copied(SnapshotOutcome),
+    /// Partitions to copy while streaming, through the watermark gate.
+    WhileStreaming(WhileStreaming),
+}
+
+/// Partitions copied while the stream runs.
+struct WhileStreaming {
+    jobs: Vec<snapshot::Job>,
+    store: SnapshotStore,
+    key: String,
+}
+
+/// The initial snapshot of a stream run, before the reader starts.
+struct InitialSnapshot<'a> {
+    resolved: &'a Resolved,
+    conn: &'a PgConnection,
+    catalog: &'a Arc<tokio_postgres::Client>,
+    spec: &'a SnapshotSpec,
+    key: String,
+    /// The slot's consistent point (stamped on the rows).
+    lsn: Lsn,
+    slot_created: bool,
+    exported: Option<ExportedSnapshot>,
+    config: PipelineConfig,
+    metrics: &'a Metrics,
+    reporter: &'a Arc<StatusReporter>,
+    status_interval: std::time::Duration,
+    progress: &'a SnapshotProgress,
+}
+
+impl InitialSnapshot<'_> {
+    /// Copies everything into a new slot's exported snapshot, reporting progress every
+    /// status interval; with an existing slot, leaves what the state store says is
+    /// unfinished (a table new to the plan, an interrupted copy) to the stream.
+    async fn run(self, cancel: &CancellationToken) -> anyhow::Result<SnapshotPhase> {
+        let store = SnapshotStore::open(self.spec, self.catalog.clone()).await?;
+        if self.slot_created {
+            store.reset(&self.key).await?;
+        } else if !store.is_durable() {
+            tracing::info!(
+                "snapshot: the slot already existed and stateBackend is none: nothing to copy"
+            );
+            return Ok(SnapshotPhase::Copied(SnapshotOutcome::Complete { rows: 0 }));
+        }
+        let pg = &self.resolved.flow.spec.source.postgres;
+        let tables = snapshot::tables_to_copy(
+            self.catalog,
+            &self.spec.tables,
+            &pg.publication,
+            &self.spec.state_schema,
+        )
+        .await?;
+        let mut request = SnapshotRequest::from_spec(self.spec, tables, self.lsn, self.key);
+        if !self.slot_created {
+            let jobs = snapshot::plan(self.catalog, &request, &store, self.progress).await?;
+            if jobs.is_empty() {
+                return Ok(SnapshotPhase::Copied(SnapshotOutcome::Complete { rows: 0 }));
+            }
+            tracing::info!(
+                partitions = jobs.len(),
+                "snapshot: copying while streaming (watermarks)"
+            );
+            return Ok(SnapshotPhase::WhileStreaming(WhileStreaming {
+                jobs,
+                store,
+                key: request.state_key,
+            }));
+        }
+        // A slot created by `pg_create_logical_replication_slot` (a concurrent start took
+        // the name first) exported nothing: the workers still share one point in time
+        // after the slot's position, and the stream replays the changes in between.
+        let held = match &self.exported {
+            Some(e) => {
+                request.snapshot = Some(e.name.clone());
+                None
+            }
+            None if self.spec.consistent => {
+                let held = HeldSnapshot::export(self.conn).await?;
+                request.snapshot = Some(held.name.clone());
+                Some(held)
+            }
+            None => None,
+        };
+        let sink = SnapshotSink {
+            destinations: open_resolved(self.resolved)?,
+            config: self.config,
+            schemas: Box::new(CatalogSchemas(TypeResolver::new(
+                self.catalog.clone(),
+                pg.resolve_types,
+            ))),
+            metrics: self.metrics.clone(),
+        };
+        let reporting = {
+            let reporter = self.reporter.clone();
+            let catalog = self.catalog.clone();
+            let progress = self.progress.clone();
+            let interval = self.status_interval;
+            let stop = cancel.child_token();
+            let guard = stop.clone().drop_guard();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(interval);
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => {}
+                        _ = stop.cancelled() => return,
+                    }
+                    let snapshot = Progress {
+                        snapshot: lock_progress(&progress).clone(),
+                        ..Progress::default()
+                    };
+                    // The log is the standalone run's progress output: one line per table.
+                    for t in &snapshot.snapshot {
+                        tracing::info!("{}", crate::backfill::line(t));
+                    }
+                    reporter.report(&snapshot, Some(&catalog), true, None).await;
+                }
+            });
+            guard
+        };
+        let outcome = snapshot::run(
+            self.conn,
+            self.catalog,
+            request,
+            &store,
+            sink,
+            self.progress,
+            cancel,
+        )
+        .await;
+        drop(reporting);
+        drop(held);
+        drop(self.exported);
+        Ok(SnapshotPhase::Copied(outcome?))
+    }
 }
 
 /// The server's WAL write position.
@@ -564,7 +836,7 @@ async fn record_checkpoint(
     }
 }
 
-fn write_private(path: &std::path::Path, body: &str) -> anyhow::Result<PathBuf> {
+pub(crate) fn write_private(path: &std::path::Path, body: &str) -> anyhow::Result<PathBuf> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     if let Some(dir) = path.parent() {

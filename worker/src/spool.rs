@@ -652,7 +652,7 @@ fn without_mappings(schema: &TableSchema) -> std::borrow::Cow<'_, TableSchema> {
 }
 
 fn parse_op(op: &str) -> Option<Op> {
-    [Op::Insert, Op::Update, Op::Delete, Op::Truncate]
+    [Op::Insert, Op::Update, Op::Delete, Op::Truncate, Op::Read]
         .into_iter()
         .find(|o| o.as_str() == op)
 }

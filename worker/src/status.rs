@@ -386,7 +386,7 @@ impl StatusReporter {
                 .collect(),
             lag,
             slot: view.slot.clone(),
-            snapshot: Vec::new(),
+            snapshot: p.snapshot.clone(),
             workload: None,
             replay: None,
             counters: Some(p.counters.clone()),

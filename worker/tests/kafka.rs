@@ -223,7 +223,7 @@ fn replay_t(records: &[Record], format: WireFormat) -> BTreeMap<i32, (String, St
     for r in records {
         for (_, c) in r.changes(format) {
             match c.op {
-                Op::Insert | Op::Update => {
+                Op::Insert | Op::Update | Op::Read => {
                     let after = c.after.unwrap();
                     let id = int(&after.values[0]);
                     let v = text(&after.values[1]);

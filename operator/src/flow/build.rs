@@ -217,22 +217,35 @@ pub fn children(
 
     let mode = flow.spec.mode;
     let bounded = mode != FlowMode::Stream;
-    let mut args: Vec<String> = [
-        "run",
-        "--flow",
-        &format!("{namespace}/{name}"),
-        "--metrics-addr",
-        &format!("0.0.0.0:{METRICS_PORT}"),
-        "--spill-dir",
-        SPILL_DIR,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    if bounded {
+    // A backfill Job copies `snapshot.tables` (the worker reads them from the Flow) and
+    // exits; stream and scheduled runs consume the slot.
+    let mut args: Vec<String> = if mode == FlowMode::Backfill {
+        vec![
+            "backfill".into(),
+            "--flow".into(),
+            format!("{namespace}/{name}"),
+            "--metrics-addr".into(),
+            format!("0.0.0.0:{METRICS_PORT}"),
+        ]
+    } else {
+        [
+            "run",
+            "--flow",
+            &format!("{namespace}/{name}"),
+            "--metrics-addr",
+            &format!("0.0.0.0:{METRICS_PORT}"),
+            "--spill-dir",
+            SPILL_DIR,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    if mode == FlowMode::Scheduled {
         args.push("--drain".into());
     }
-    if let Some(lsn) = start_lsn {
+    // A replay concerns the slot, which a backfill does not read.
+    if let Some(lsn) = start_lsn.filter(|_| mode != FlowMode::Backfill) {
         args.push("--start-lsn".into());
         args.push(lsn.into());
     }

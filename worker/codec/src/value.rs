@@ -126,6 +126,9 @@ pub enum Op {
     Delete,
     /// TRUNCATE.
     Truncate,
+    /// A row read by the initial snapshot / backfill (Debezium's `r`): the row as it was
+    /// at the snapshot, applied like an insert (an upsert where the key already exists).
+    Read,
 }
 
 impl Op {
@@ -136,6 +139,7 @@ impl Op {
             Self::Update => "update",
             Self::Delete => "delete",
             Self::Truncate => "truncate",
+            Self::Read => "read",
         }
     }
 }

@@ -173,7 +173,8 @@ fn old_tuple(out: &mut Vec<u8>, schema: &TableSchema, row: &Row) {
 fn row_message(schema: &TableSchema, relation_id: u32, change: &Change) -> Vec<u8> {
     let mut m = Vec::new();
     match change.op {
-        Op::Insert => {
+        // pgoutput has no snapshot message: a snapshot row is an insert on the wire.
+        Op::Insert | Op::Read => {
             m.push(b'I');
             m.extend_from_slice(&relation_id.to_be_bytes());
             m.push(b'N');

@@ -44,7 +44,8 @@ impl TableName {
         }
     }
 
-    fn quoted(&self) -> String {
+    /// `"schema"."table"`, quoted for SQL.
+    pub fn quoted(&self) -> String {
         format!("{}.{}", quote_ident(&self.schema), quote_ident(&self.table))
     }
 }
@@ -70,6 +71,17 @@ const MAX_HOLDER_TERMINATIONS: u32 = 3;
 
 /// Runs every preflight step in order.
 pub async fn prepare(client: &Client, spec: &PostgresSource) -> Result<SlotState, SourceError> {
+    prepare_publication(client, spec).await?;
+    ensure_slot(client, spec).await
+}
+
+/// The preflight steps before the slot: server settings, tables, publication. The
+/// publication must exist before the slot is created (pgoutput looks it up as of each
+/// change), which is why an initial snapshot creates its slot between the two.
+pub async fn prepare_publication(
+    client: &Client,
+    spec: &PostgresSource,
+) -> Result<(), SourceError> {
     if spec.validate_replication {
         check_server_settings(client, spec).await?;
     } else {
@@ -79,8 +91,7 @@ pub async fn prepare(client: &Client, spec: &PostgresSource) -> Result<SlotState
     }
     let tables: Vec<TableName> = spec.tables.iter().map(|t| TableName::parse(t)).collect();
     check_tables_exist(client, &tables, &spec.schemas).await?;
-    ensure_publication(client, spec, &tables).await?;
-    ensure_slot(client, spec).await
+    ensure_publication(client, spec, &tables).await
 }
 
 /// The message of a server error, or the error itself.
@@ -408,6 +419,11 @@ struct SlotRow {
     current_database: String,
 }
 
+/// Whether a replication slot of this name exists.
+pub async fn slot_exists(client: &Client, slot: &str) -> Result<bool, SourceError> {
+    Ok(read_slot(client, slot).await?.is_some())
+}
+
 async fn read_slot(client: &Client, slot: &str) -> Result<Option<SlotRow>, SourceError> {
     let row = client
         .query_opt(
@@ -429,7 +445,8 @@ async fn read_slot(client: &Client, slot: &str) -> Result<Option<SlotRow>, Sourc
     }))
 }
 
-async fn ensure_slot(client: &Client, spec: &PostgresSource) -> Result<SlotState, SourceError> {
+/// Takes over the slot, or creates it (`createSlot`) when it is missing.
+pub async fn ensure_slot(client: &Client, spec: &PostgresSource) -> Result<SlotState, SourceError> {
     let slot = &spec.slot;
     let mut terminated = 0;
     loop {

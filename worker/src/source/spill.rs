@@ -403,6 +403,7 @@ fn op_code(op: Op) -> u8 {
         Op::Update => 2,
         Op::Delete => 3,
         Op::Truncate => 4,
+        Op::Read => 5,
     }
 }
 
@@ -412,6 +413,7 @@ fn op_from_code(code: u8) -> Result<Op, String> {
         2 => Ok(Op::Update),
         3 => Ok(Op::Delete),
         4 => Ok(Op::Truncate),
+        5 => Ok(Op::Read),
         other => Err(format!("unknown operation code {other}")),
     }
 }

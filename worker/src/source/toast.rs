@@ -249,7 +249,7 @@ impl ToastCache {
                     cache.pop(&k);
                 }
             }
-            Op::Insert | Op::Update => {
+            Op::Insert | Op::Update | Op::Read => {
                 fill_from_full_before(change);
                 let old = change.before.as_deref().and_then(|b| old_key(change, b));
                 let Some(after) = change.after.as_mut() else {

@@ -856,8 +856,9 @@ pub(crate) fn parse_op(s: &str) -> Res<Op> {
         "update" => Ok(Op::Update),
         "delete" => Ok(Op::Delete),
         "truncate" => Ok(Op::Truncate),
+        "read" => Ok(Op::Read),
         other => Err(format!(
-            "unknown op {other:?}; expected insert, update, delete or truncate"
+            "unknown op {other:?}; expected insert, update, delete, truncate or read"
         )),
     }
 }

@@ -1,0 +1,400 @@
+//! Reading one partition of a table inside a snapshot: the table described as a
+//! [`Relation`] (the shape pgoutput gives the stream), the partition's predicate (a hash of
+//! a column, or a range of heap pages), and `COPY … TO STDOUT` text rows turned into the
+//! same text cells pgoutput sends, so snapshot rows and streamed rows decode identically.
+
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use serde::{Deserialize, Serialize};
+use tokio_postgres::Client;
+
+use super::SnapshotError;
+use crate::change::{Cell, Column, Relation};
+use crate::source::setup::{TableName, quote_ident};
+
+/// A table to copy, as the stream would describe it.
+#[derive(Debug, Clone)]
+pub struct TableInfo {
+    /// The table.
+    pub name: TableName,
+    /// Columns (published ones: not dropped, not generated), key and replica identity.
+    pub relation: Arc<Relation>,
+    /// Heap pages when described (plans page-range partitions).
+    pub pages: u64,
+    /// A partitioned table (no heap of its own: page ranges do not apply).
+    pub partitioned: bool,
+}
+
+/// Which rows of a table one partition holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", tag = "kind")]
+pub enum Slice {
+    /// Every row.
+    Whole,
+    /// Rows whose column hashes to `index` modulo `count` (NULLs go to partition 0).
+    Hash {
+        /// Column hashed.
+        column: String,
+        /// This partition.
+        index: u32,
+        /// Partitions in all.
+        count: u32,
+    },
+    /// Rows stored in heap pages `[from, to)`; `to: None` is unbounded, so rows in pages
+    /// added after planning are not missed.
+    Pages {
+        /// First page.
+        from: u64,
+        /// End page (exclusive).
+        to: Option<u64>,
+    },
+}
+
+impl Slice {
+    /// The `WHERE` clause selecting this partition (empty for the whole table).
+    pub fn predicate(&self) -> String {
+        match self {
+            Self::Whole => String::new(),
+            Self::Hash {
+                column,
+                index,
+                count,
+            } => format!(
+                " WHERE COALESCE((hashtext({}::text) & 2147483647) % {count}, 0) = {index}",
+                quote_ident(column)
+            ),
+            Self::Pages { from, to } => match to {
+                Some(to) => format!(" WHERE ctid >= '({from},0)'::tid AND ctid < '({to},0)'::tid"),
+                None => format!(" WHERE ctid >= '({from},0)'::tid"),
+            },
+        }
+    }
+}
+
+/// The partitions of a table: `count` hash partitions of `column`, else `count` page
+/// ranges of its heap, else the whole table.
+pub fn plan(table: &TableInfo, column: Option<&str>, count: u32) -> Vec<Slice> {
+    if count <= 1 {
+        return vec![Slice::Whole];
+    }
+    if let Some(column) = column {
+        return (0..count)
+            .map(|index| Slice::Hash {
+                column: column.to_owned(),
+                index,
+                count,
+            })
+            .collect();
+    }
+    if table.partitioned || table.pages < 2 {
+        return vec![Slice::Whole];
+    }
+    let count = u64::from(count).min(table.pages);
+    let per = table.pages.div_ceil(count);
+    let mut slices = Vec::new();
+    let mut from = 0;
+    while from < table.pages {
+        let to = from + per;
+        slices.push(Slice::Pages {
+            from,
+            to: (to < table.pages).then_some(to),
+        });
+        from = to;
+    }
+    slices
+}
+
+/// Describes `name` from the catalog: its published columns in order, its primary key (or
+/// replica identity) as the key, and its replica identity columns.
+pub async fn describe(client: &Client, name: &TableName) -> Result<TableInfo, SnapshotError> {
+    let query = |what: &'static str| {
+        let table = name.to_string();
+        move |source| SnapshotError::Query {
+            what: format!("{what} of {table}"),
+            source,
+        }
+    };
+    let row = client
+        .query_opt(
+            "SELECT c.oid, c.relreplident::text, c.relkind::text,
+                    (pg_relation_size(c.oid) / current_setting('block_size')::bigint)::bigint
+             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')",
+            &[&name.schema, &name.table],
+        )
+        .await
+        .map_err(query("looking up the table"))?
+        .ok_or_else(|| SnapshotError::MissingTable(name.to_string()))?;
+    let oid: u32 = row.get(0);
+    let identity_kind: String = row.get(1);
+    let kind: String = row.get(2);
+    let pages: i64 = row.get(3);
+    let columns: Vec<Column> = client
+        .query(
+            "SELECT attname::text, atttypid, atttypmod FROM pg_attribute
+             WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped AND attgenerated = ''
+             ORDER BY attnum",
+            &[&oid],
+        )
+        .await
+        .map_err(query("reading the columns"))?
+        .iter()
+        .map(|r| Column {
+            name: r.get(0),
+            type_oid: r.get(1),
+            type_modifier: r.get(2),
+        })
+        .collect();
+    let index_columns = |primary: bool| {
+        let sql = format!(
+            "SELECT a.attname::text
+             FROM pg_index i
+             JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord) ON true
+             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+             WHERE i.indrelid = $1 AND {} ORDER BY k.ord",
+            if primary {
+                "i.indisprimary"
+            } else {
+                "i.indisreplident"
+            }
+        );
+        async move {
+            client.query(&sql, &[&oid]).await.map(|rows| {
+                rows.iter()
+                    .map(|r| r.get::<_, String>(0))
+                    .collect::<Vec<_>>()
+            })
+        }
+    };
+    let positions = |names: &[String]| -> Vec<usize> {
+        names
+            .iter()
+            .filter_map(|n| columns.iter().position(|c| &c.name == n))
+            .collect()
+    };
+    let pk = positions(
+        &index_columns(true)
+            .await
+            .map_err(query("reading the primary key"))?,
+    );
+    // What pgoutput flags as key columns in its Relation message.
+    let identity = match identity_kind.as_str() {
+        "f" => (0..columns.len()).collect(),
+        "i" => positions(
+            &index_columns(false)
+                .await
+                .map_err(query("reading the replica identity index"))?,
+        ),
+        "n" => Vec::new(),
+        _ => pk.clone(),
+    };
+    let key = if pk.is_empty() { identity.clone() } else { pk };
+    Ok(TableInfo {
+        name: name.clone(),
+        relation: Arc::new(Relation {
+            id: oid,
+            schema: name.schema.clone(),
+            table: name.table.clone(),
+            columns,
+            key,
+            identity,
+        }),
+        pages: pages.max(0) as u64,
+        partitioned: kind == "p",
+    })
+}
+
+/// `COPY (SELECT <columns> FROM <table> <predicate>) TO STDOUT`.
+pub fn copy_statement(table: &TableInfo, slice: &Slice) -> String {
+    let columns: Vec<String> = table
+        .relation
+        .columns
+        .iter()
+        .map(|c| quote_ident(&c.name))
+        .collect();
+    format!(
+        "COPY (SELECT {} FROM {}{}) TO STDOUT",
+        columns.join(", "),
+        table.name.quoted(),
+        slice.predicate()
+    )
+}
+
+/// The COPY of heap pages `[from, to)` of a partition (`to: None`: to the end).
+pub fn copy_chunk_statement(
+    table: &TableInfo,
+    slice: &Slice,
+    from: u64,
+    to: Option<u64>,
+) -> String {
+    let pages = Slice::Pages { from, to }.predicate();
+    let combined = match slice {
+        // The chunk's range lies inside the partition's.
+        Slice::Whole | Slice::Pages { .. } => pages,
+        Slice::Hash { .. } => format!(
+            "{} AND {}",
+            slice.predicate(),
+            pages.trim_start().trim_start_matches("WHERE ")
+        ),
+    };
+    let columns: Vec<String> = table
+        .relation
+        .columns
+        .iter()
+        .map(|c| quote_ident(&c.name))
+        .collect();
+    format!(
+        "COPY (SELECT {} FROM {}{combined}) TO STDOUT",
+        columns.join(", "),
+        table.name.quoted(),
+    )
+}
+
+/// Splits one line of COPY text output (without its newline) into cells: `\N` is NULL,
+/// backslash escapes are undone, and a field without escapes is shared, not copied.
+pub fn parse_line(line: &Bytes, columns: usize) -> Result<Vec<Cell>, String> {
+    let mut cells = Vec::with_capacity(columns);
+    let mut start = 0;
+    let bytes = line.as_ref();
+    loop {
+        let end = bytes[start..]
+            .iter()
+            .position(|b| *b == b'\t')
+            .map_or(bytes.len(), |p| start + p);
+        let field = &bytes[start..end];
+        cells.push(if field == b"\\N" {
+            Cell::Null
+        } else if field.contains(&b'\\') {
+            Cell::Text(unescape(field)?)
+        } else {
+            Cell::Text(line.slice(start..end))
+        });
+        if end == bytes.len() {
+            break;
+        }
+        start = end + 1;
+    }
+    if cells.len() != columns {
+        return Err(format!(
+            "a COPY row has {} fields, the table {columns} columns",
+            cells.len()
+        ));
+    }
+    Ok(cells)
+}
+
+/// Undoes COPY text escapes (`\\`, `\b`, `\f`, `\n`, `\r`, `\t`, `\v`, octal, `\xHH`).
+fn unescape(field: &[u8]) -> Result<Bytes, String> {
+    let mut out = BytesMut::with_capacity(field.len());
+    let mut i = 0;
+    while i < field.len() {
+        let b = field[i];
+        if b != b'\\' {
+            out.extend_from_slice(&[b]);
+            i += 1;
+            continue;
+        }
+        let Some(&next) = field.get(i + 1) else {
+            return Err("a COPY field ends in a lone backslash".into());
+        };
+        i += 2;
+        let byte = match next {
+            b'b' => 0x08,
+            b'f' => 0x0c,
+            b'n' => b'\n',
+            b'r' => b'\r',
+            b't' => b'\t',
+            b'v' => 0x0b,
+            b'0'..=b'7' => {
+                let mut v = u32::from(next - b'0');
+                let mut digits = 1;
+                while digits < 3 && field.get(i).is_some_and(|d| (b'0'..=b'7').contains(d)) {
+                    v = v * 8 + u32::from(field[i] - b'0');
+                    i += 1;
+                    digits += 1;
+                }
+                (v & 0xff) as u8
+            }
+            b'x' if field.get(i).is_some_and(u8::is_ascii_hexdigit) => {
+                let mut v = 0u8;
+                let mut digits = 0;
+                while digits < 2 && field.get(i).is_some_and(u8::is_ascii_hexdigit) {
+                    let d = field[i];
+                    let n = match d {
+                        b'0'..=b'9' => d - b'0',
+                        b'a'..=b'f' => d - b'a' + 10,
+                        _ => d - b'A' + 10,
+                    };
+                    v = v * 16 + n;
+                    i += 1;
+                    digits += 1;
+                }
+                v
+            }
+            other => other,
+        };
+        out.extend_from_slice(&[byte]);
+    }
+    Ok(out.freeze())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn text(s: &str) -> Cell {
+        Cell::Text(Bytes::copy_from_slice(s.as_bytes()))
+    }
+
+    #[test]
+    fn copy_text_lines_become_pgoutput_cells() {
+        let cases: &[(&str, Vec<Cell>)] = &[
+            ("1\tapple", vec![text("1"), text("apple")]),
+            ("2\t\\N", vec![text("2"), Cell::Null]),
+            ("3\t", vec![text("3"), text("")]),
+            ("4\ta\\tb\\nc\\\\d", vec![text("4"), text("a\tb\nc\\d")]),
+            ("5\t\\101\\x42", vec![text("5"), text("AB")]),
+        ];
+        for (line, want) in cases {
+            let got = parse_line(&Bytes::copy_from_slice(line.as_bytes()), 2).unwrap();
+            assert_eq!(&got, want, "{line:?}");
+        }
+        assert!(parse_line(&Bytes::from_static(b"1"), 2).is_err());
+    }
+
+    #[test]
+    fn page_ranges_cover_the_heap_and_leave_the_last_one_open() {
+        let table = TableInfo {
+            name: TableName::parse("t"),
+            relation: Arc::new(Relation {
+                id: 1,
+                schema: "public".into(),
+                table: "t".into(),
+                columns: Vec::new(),
+                key: Vec::new(),
+                identity: Vec::new(),
+            }),
+            pages: 10,
+            partitioned: false,
+        };
+        assert_eq!(
+            plan(&table, None, 3),
+            vec![
+                Slice::Pages {
+                    from: 0,
+                    to: Some(4)
+                },
+                Slice::Pages {
+                    from: 4,
+                    to: Some(8)
+                },
+                Slice::Pages { from: 8, to: None },
+            ]
+        );
+        assert_eq!(plan(&table, None, 1), vec![Slice::Whole]);
+        assert_eq!(plan(&table, Some("id"), 2).len(), 2);
+    }
+}

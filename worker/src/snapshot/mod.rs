@@ -1,0 +1,797 @@
+//! Initial snapshot and backfill: existing rows of tables copied partition by partition, in
+//! parallel, through the same batcher, encoders and destinations as the stream; a
+//! partition is recorded finished only once every destination made it durable.
+//!
+//! ```text
+//!  slot created with EXPORT_SNAPSHOT ──name──┐   (or pg_export_snapshot() held open)
+//!                                            ▼
+//!  plan (state store) ─▶ queue ─▶ copy worker 1..N: BEGIN REPEATABLE READ;
+//!                                   SET TRANSACTION SNAPSHOT; COPY (SELECT … WHERE slice)
+//!                                            │ pieces of ≤ PIECE_ROWS rows (op `read`)
+//!                                            ▼
+//!       forwarder: each piece = one synthetic transaction (end = sequence number)
+//!                                            ▼
+//!       Pipeline (ackPolicy all) ─durable─▶ confirmed sequence ─▶ partition done (store)
+//! ```
+//!
+//! Rows are stamped with the slot's consistent point as their LSN. Streaming starts only
+//! after the copy, from the slot's position, so with the slot's exported snapshot nothing
+//! is lost or doubled. A copy resumed after a crash, or of a table added later, runs while
+//! streaming instead ([`incremental`]: watermarks).
+
+pub mod copy;
+pub mod incremental;
+pub mod store;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use chrono::Utc;
+use pg_walstream::{
+    CancellationToken, LogicalReplicationStream, ReplicationSlotOptions, ReplicationStreamConfig,
+    RetryConfig, SharedLsnFeedback, StreamingMode,
+};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_postgres::Client;
+use tokio_stream::StreamExt;
+use wallaby_crds::flow::{SnapshotSpec, TableSnapshotProgress};
+
+use crate::ack::AckMode;
+use crate::batch::SchemaSource;
+use crate::change::{Op, RowChange, SourceEvent};
+use crate::lsn::Lsn;
+use crate::metrics::Metrics;
+use crate::pipeline::{
+    DestinationSlot, Pipeline, PipelineConfig, PipelineError, PipelineHandles, Progress,
+};
+use crate::source::setup::TableName;
+use crate::source::{PgConnection, SourceError};
+use copy::{Slice, TableInfo};
+use store::{PartitionRecord, SnapshotStore};
+
+/// Rows per piece a copy worker hands over (one synthetic transaction each).
+const PIECE_ROWS: usize = 4096;
+/// Bytes of COPY text per piece, whichever comes first.
+const PIECE_BYTES: usize = 4 << 20;
+/// Events buffered between the forwarder and the pipeline.
+const EVENT_BUFFER: usize = 4096;
+/// How often finished partitions are looked for while pieces are quiet.
+const SETTLE_EVERY: Duration = Duration::from_millis(200);
+
+/// Why a snapshot failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    /// A table to copy does not exist.
+    #[error(
+        "snapshot: table {0} does not exist: create it or remove it from snapshot.tables / source.postgres.tables"
+    )]
+    MissingTable(String),
+    /// A catalog or state query failed.
+    #[error("snapshot: {what}: {source}")]
+    Query {
+        /// What was being done.
+        what: String,
+        /// The error.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    /// The state store is unusable.
+    #[error("snapshot: {0}")]
+    State(String),
+    /// Copying a partition failed.
+    #[error(
+        "snapshot: copying {table} (partition {index}) failed: {message}; the partition is copied again on the next start"
+    )]
+    Copy {
+        /// `schema.table`.
+        table: String,
+        /// Partition.
+        index: u32,
+        /// What went wrong.
+        message: String,
+    },
+    /// The slot with an exported snapshot could not be created.
+    #[error(
+        "snapshot: creating replication slot {slot:?} with an exported snapshot failed: {message}; the role needs REPLICATION, or set snapshot.consistent: false"
+    )]
+    Export {
+        /// Slot.
+        slot: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// Connecting failed.
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    /// The destinations failed.
+    #[error("snapshot: {0}")]
+    Pipeline(#[from] PipelineError),
+    /// A copy or delivery task ended abnormally (panicked or was aborted).
+    #[error(
+        "snapshot: a {0} task ended abnormally: {1}; unfinished partitions are copied again on the next start"
+    )]
+    Task(&'static str, String),
+    /// Destinations stopped confirming before every partition was durable.
+    #[error(
+        "snapshot: {0} partition(s) were copied but not confirmed durable by the destinations; they are copied again on the next start"
+    )]
+    Unconfirmed(usize),
+}
+
+/// Snapshot progress shared with status reports, one entry per table.
+pub type SnapshotProgress = Arc<Mutex<Vec<TableSnapshotProgress>>>;
+
+/// Locks the progress, ignoring poisoning (a panicked holder left valid counters).
+pub fn lock_progress(
+    p: &SnapshotProgress,
+) -> std::sync::MutexGuard<'_, Vec<TableSnapshotProgress>> {
+    p.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Marks every table not yet done as `Failed` (the copy stopped on an error).
+pub fn mark_failed(p: &SnapshotProgress) {
+    for t in lock_progress(p).iter_mut().filter(|t| t.state != "Done") {
+        t.state = "Failed".into();
+    }
+}
+
+/// A slot created with `EXPORT_SNAPSHOT`: its snapshot lives as long as this value (the
+/// replication connection stays idle and open).
+pub struct ExportedSnapshot {
+    _stream: LogicalReplicationStream,
+    /// Snapshot name for `SET TRANSACTION SNAPSHOT`.
+    pub name: String,
+}
+
+impl std::fmt::Debug for ExportedSnapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExportedSnapshot")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ExportedSnapshot {
+    /// Creates `slot` over the replication protocol with `EXPORT_SNAPSHOT`.
+    pub async fn create_slot(
+        conn: &PgConnection,
+        slot: &str,
+        publication: &str,
+    ) -> Result<Self, SnapshotError> {
+        let fail = |message: String| SnapshotError::Export {
+            slot: slot.to_owned(),
+            message,
+        };
+        let config = ReplicationStreamConfig::new(
+            slot.to_owned(),
+            publication.to_owned(),
+            1,
+            StreamingMode::Off,
+            Duration::from_secs(10),
+            Duration::from_secs(30),
+            Duration::from_secs(30),
+            RetryConfig {
+                max_attempts: 1,
+                ..RetryConfig::default()
+            },
+        )
+        .with_slot_options(ReplicationSlotOptions {
+            snapshot: Some("export".into()),
+            ..ReplicationSlotOptions::default()
+        });
+        let mut stream = LogicalReplicationStream::new(&conn.replication_conninfo(), config)
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        stream
+            .ensure_replication_slot()
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        let name = stream
+            .exported_snapshot_name()
+            .map(str::to_owned)
+            .ok_or_else(|| fail("the slot already existed, so no snapshot was exported".into()))?;
+        tracing::info!(slot, snapshot = %name, "created replication slot with an exported snapshot");
+        Ok(Self {
+            _stream: stream,
+            name,
+        })
+    }
+}
+
+/// A snapshot taken with `pg_export_snapshot()` in an open `REPEATABLE READ` transaction:
+/// every copy worker reads the same point in time while this value lives.
+#[derive(Debug)]
+pub struct HeldSnapshot {
+    _client: Client,
+    /// Snapshot name for `SET TRANSACTION SNAPSHOT`.
+    pub name: String,
+}
+
+impl HeldSnapshot {
+    /// Opens a connection and exports its transaction's snapshot.
+    pub async fn export(conn: &PgConnection) -> Result<Self, SnapshotError> {
+        let client = conn.connect().await?;
+        client
+            .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            .await
+            .map_err(|source| SnapshotError::Query {
+                what: "opening the snapshot transaction".into(),
+                source,
+            })?;
+        let name: String = client
+            .query_one("SELECT pg_export_snapshot()", &[])
+            .await
+            .map_err(|source| SnapshotError::Query {
+                what: "pg_export_snapshot()".into(),
+                source,
+            })?
+            .get(0);
+        Ok(Self {
+            _client: client,
+            name,
+        })
+    }
+}
+
+/// What to copy and how.
+#[derive(Debug, Clone)]
+pub struct SnapshotRequest {
+    /// Tables, in order.
+    pub tables: Vec<TableName>,
+    /// Hash-partition column (tables without it are split by heap pages).
+    pub partition_column: Option<String>,
+    /// Partitions per table.
+    pub partition_count: u32,
+    /// Parallel copy workers.
+    pub workers: u32,
+    /// Snapshot every copy transaction imports; `None`: each reads the current data.
+    pub snapshot: Option<String>,
+    /// LSN stamped on the rows (the slot's consistent point).
+    pub lsn: Lsn,
+    /// Key of this plan in the state store.
+    pub state_key: String,
+}
+
+impl SnapshotRequest {
+    /// A request from the flow's `snapshot` options.
+    pub fn from_spec(spec: &SnapshotSpec, tables: Vec<TableName>, lsn: Lsn, key: String) -> Self {
+        Self {
+            tables,
+            partition_column: spec.partition_column.clone(),
+            partition_count: spec.partition_count.max(1),
+            workers: spec.workers.max(1),
+            snapshot: None,
+            lsn,
+            state_key: key,
+        }
+    }
+}
+
+/// Where copied rows go.
+pub struct SnapshotSink {
+    /// Destinations (opened for the snapshot).
+    pub destinations: Vec<DestinationSlot>,
+    /// Batching settings of the flow (the ack policy is forced to `all`).
+    pub config: PipelineConfig,
+    /// Type resolution.
+    pub schemas: Box<dyn SchemaSource>,
+    /// Metrics.
+    pub metrics: Metrics,
+}
+
+impl std::fmt::Debug for SnapshotSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SnapshotSink")
+            .field("destinations", &self.destinations.len())
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How a snapshot ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SnapshotOutcome {
+    /// Every partition is durable in every destination.
+    Complete {
+        /// Rows copied by this run.
+        rows: u64,
+    },
+    /// Stopped by cancellation; unfinished partitions are copied on the next start.
+    Stopped,
+}
+
+/// The tables a snapshot copies: `listed`, else every table of the publication except
+/// those of the worker's own state schema (`exclude_schema`).
+pub async fn tables_to_copy(
+    catalog: &Client,
+    listed: &[String],
+    publication: &str,
+    exclude_schema: &str,
+) -> Result<Vec<TableName>, SnapshotError> {
+    if !listed.is_empty() {
+        return Ok(listed.iter().map(|t| TableName::parse(t)).collect());
+    }
+    let rows = catalog
+        .query(
+            "SELECT schemaname::text, tablename::text FROM pg_publication_tables
+             WHERE pubname = $1 AND schemaname <> $2 ORDER BY 1, 2",
+            &[&publication, &exclude_schema],
+        )
+        .await
+        .map_err(|source| SnapshotError::Query {
+            what: format!("listing the tables of publication {publication}"),
+            source,
+        })?;
+    Ok(rows
+        .iter()
+        .map(|r| TableName {
+            schema: r.get(0),
+            table: r.get(1),
+        })
+        .collect())
+}
+
+/// One partition to copy.
+#[derive(Debug)]
+pub struct Job {
+    table: Arc<TableInfo>,
+    index: u32,
+    slice: Slice,
+}
+
+/// Rows a copy worker hands to the forwarder.
+struct Piece {
+    job: usize,
+    rows: Vec<RowChange>,
+    last: bool,
+}
+
+/// A forwarded piece waiting for the destinations.
+struct InFlight {
+    seq: u64,
+    job: usize,
+    rows: u64,
+    last: bool,
+}
+
+/// Copies the unfinished partitions of `request.tables` (planning tables new to the state
+/// store) into `sink`, recording finished partitions in `store` and progress in
+/// `progress`, until done or `cancel` fires.
+pub async fn run(
+    conn: &PgConnection,
+    catalog: &Client,
+    request: SnapshotRequest,
+    store: &SnapshotStore,
+    sink: SnapshotSink,
+    progress: &SnapshotProgress,
+    cancel: &CancellationToken,
+) -> Result<SnapshotOutcome, SnapshotError> {
+    let jobs = plan(catalog, &request, store, progress).await?;
+    copy_jobs(conn, request, jobs, store, sink, progress, cancel).await
+}
+
+/// The unfinished partitions of `request.tables`, planning (and recording) the tables new to
+/// the state store; sets `progress` to the plan.
+pub async fn plan(
+    catalog: &Client,
+    request: &SnapshotRequest,
+    store: &SnapshotStore,
+    progress: &SnapshotProgress,
+) -> Result<Vec<Job>, SnapshotError> {
+    let key = request.state_key.clone();
+    let mut records = store.load(&key).await?;
+    let mut infos: HashMap<String, Arc<TableInfo>> = HashMap::new();
+    for name in &request.tables {
+        let info = Arc::new(copy::describe(catalog, name).await?);
+        let table = name.to_string();
+        if !records.iter().any(|r| r.table == table) {
+            // A column the table lacks cannot hash it: such tables split by pages.
+            let column = request
+                .partition_column
+                .as_deref()
+                .filter(|c| info.relation.columns.iter().any(|col| col.name == *c));
+            let planned: Vec<PartitionRecord> = copy::plan(&info, column, request.partition_count)
+                .into_iter()
+                .enumerate()
+                .map(|(i, slice)| PartitionRecord {
+                    table: table.clone(),
+                    index: i as u32,
+                    slice,
+                    done: false,
+                    rows: 0,
+                })
+                .collect();
+            store.add(&key, &planned).await?;
+            records.extend(planned);
+        }
+        infos.insert(table, info);
+    }
+    records.retain(|r| infos.contains_key(&r.table));
+    *lock_progress(progress) = request
+        .tables
+        .iter()
+        .map(|t| {
+            let table = t.to_string();
+            let mine: Vec<&PartitionRecord> = records.iter().filter(|r| r.table == table).collect();
+            let done = mine.iter().filter(|r| r.done).count() as u32;
+            TableSnapshotProgress {
+                state: if done as usize == mine.len() {
+                    "Done"
+                } else {
+                    "Pending"
+                }
+                .into(),
+                rows_copied: mine.iter().map(|r| r.rows).sum(),
+                partitions_done: done,
+                partitions_total: mine.len() as u32,
+                table,
+            }
+        })
+        .collect();
+    let jobs: Vec<Job> = records
+        .iter()
+        .filter(|r| !r.done)
+        .filter_map(|r| {
+            infos.get(&r.table).map(|t| Job {
+                table: t.clone(),
+                index: r.index,
+                slice: r.slice.clone(),
+            })
+        })
+        .collect();
+    Ok(jobs)
+}
+
+/// Copies `jobs` inside `request.snapshot` before the stream starts.
+async fn copy_jobs(
+    conn: &PgConnection,
+    request: SnapshotRequest,
+    jobs: Vec<Job>,
+    store: &SnapshotStore,
+    sink: SnapshotSink,
+    progress: &SnapshotProgress,
+    cancel: &CancellationToken,
+) -> Result<SnapshotOutcome, SnapshotError> {
+    let key = request.state_key.clone();
+    if jobs.is_empty() {
+        tracing::info!("snapshot: every partition is already done");
+        return Ok(SnapshotOutcome::Complete { rows: 0 });
+    }
+    tracing::info!(
+        partitions = jobs.len(),
+        tables = request.tables.len(),
+        workers = request.workers,
+        snapshot = request.snapshot.as_deref().unwrap_or("-"),
+        "snapshot: copying"
+    );
+
+    let confirmed = Arc::new(AtomicU64::new(0));
+    let handles = PipelineHandles {
+        progress: Arc::new(Mutex::new(Progress::default())),
+        feedback: SharedLsnFeedback::new_shared(),
+        confirmed: confirmed.clone(),
+    };
+    let mut config = sink.config;
+    config.ack = AckMode::All;
+    let pipeline = Pipeline::new(
+        config,
+        sink.destinations,
+        handles,
+        Lsn(0),
+        sink.schemas,
+        sink.metrics,
+    );
+    let (tx, rx) = mpsc::channel(EVENT_BUFFER);
+    let pipeline_task = tokio::spawn(pipeline.run(rx));
+
+    let jobs = Arc::new(jobs);
+    let queue = Arc::new(Mutex::new((0..jobs.len()).collect::<VecDeque<usize>>()));
+    let stop = cancel.child_token();
+    let workers = (request.workers as usize).min(jobs.len()).max(1);
+    let (piece_tx, mut piece_rx) = mpsc::channel::<Piece>(workers * 2);
+    let mut copiers = JoinSet::new();
+    for _ in 0..workers {
+        copiers.spawn(copy_worker(
+            conn.clone(),
+            jobs.clone(),
+            queue.clone(),
+            request.snapshot.clone(),
+            request.lsn,
+            piece_tx.clone(),
+            stop.clone(),
+        ));
+    }
+    drop(piece_tx);
+
+    let mut settler = Settler {
+        store,
+        key: &key,
+        jobs: &jobs,
+        progress,
+        job_rows: vec![0; jobs.len()],
+        in_flight: VecDeque::new(),
+        copied: 0,
+    };
+    let mut seq = 0u64;
+    let mut tick = tokio::time::interval(SETTLE_EVERY);
+    let mut tx = Some(tx);
+    let mut stopped = false;
+    loop {
+        tokio::select! {
+            piece = piece_rx.recv() => match piece {
+                Some(piece) => {
+                    settler.copying(piece.job);
+                    if !piece.rows.is_empty() {
+                        seq += 1;
+                        let rows = piece.rows.len() as u64;
+                        let Some(sender) = tx.as_ref() else { break };
+                        if forward(sender, piece.rows, request.lsn, Lsn(seq)).await.is_err() {
+                            // The pipeline stopped: its error is reported below.
+                            stop.cancel();
+                            break;
+                        }
+                        settler.in_flight.push_back(InFlight { seq, job: piece.job, rows, last: piece.last });
+                    } else {
+                        settler.in_flight.push_back(InFlight { seq, job: piece.job, rows: 0, last: piece.last });
+                    }
+                }
+                None => break,
+            },
+            _ = tick.tick() => {}
+            _ = cancel.cancelled() => {
+                stopped = true;
+                break;
+            }
+        }
+        settler.settle(confirmed.load(Ordering::Acquire)).await?;
+    }
+    stop.cancel();
+    // The pipeline delivers what was forwarded, then ends.
+    tx.take();
+    let pipeline_result = pipeline_task
+        .await
+        .map_err(|e| SnapshotError::Task("delivery", e.to_string()))?;
+    let mut copy_error = None;
+    while let Some(joined) = copiers.join_next().await {
+        match joined {
+            Ok(Err(e)) if copy_error.is_none() => copy_error = Some(e),
+            Err(e) if copy_error.is_none() => {
+                copy_error = Some(SnapshotError::Task("copy", e.to_string()))
+            }
+            _ => {}
+        }
+    }
+    settler.settle(confirmed.load(Ordering::Acquire)).await?;
+    pipeline_result?;
+    if let Some(e) = copy_error {
+        return Err(e);
+    }
+    if stopped || cancel.is_cancelled() {
+        tracing::info!(
+            rows = settler.copied,
+            "snapshot: stopped; unfinished partitions are copied on the next start"
+        );
+        return Ok(SnapshotOutcome::Stopped);
+    }
+    let unfinished = settler.job_rows.len() - settler.finished();
+    if unfinished > 0 {
+        return Err(SnapshotError::Unconfirmed(unfinished));
+    }
+    tracing::info!(rows = settler.copied, "snapshot: complete");
+    Ok(SnapshotOutcome::Complete {
+        rows: settler.copied,
+    })
+}
+
+/// Sends one piece as a transaction: Begin, its rows, Commit ending at `end`.
+async fn forward(
+    tx: &mpsc::Sender<SourceEvent>,
+    rows: Vec<RowChange>,
+    lsn: Lsn,
+    end: Lsn,
+) -> Result<(), mpsc::error::SendError<SourceEvent>> {
+    let now = Utc::now();
+    tx.send(SourceEvent::Begin {
+        xid: 0,
+        commit_lsn: lsn,
+        commit_time: now,
+    })
+    .await?;
+    for row in rows {
+        tx.send(SourceEvent::Row(row)).await?;
+    }
+    tx.send(SourceEvent::Commit {
+        commit_lsn: lsn,
+        end_lsn: end,
+        commit_time: now,
+    })
+    .await
+}
+
+/// Turns confirmed pieces into finished partitions.
+struct Settler<'a> {
+    store: &'a SnapshotStore,
+    key: &'a str,
+    jobs: &'a [Job],
+    progress: &'a SnapshotProgress,
+    /// Rows confirmed per job; `u64::MAX` marks a finished one.
+    job_rows: Vec<u64>,
+    in_flight: VecDeque<InFlight>,
+    copied: u64,
+}
+
+impl Settler<'_> {
+    fn copying(&self, job: usize) {
+        let table = self.jobs[job].table.name.to_string();
+        let mut p = lock_progress(self.progress);
+        if let Some(t) = p.iter_mut().find(|t| t.table == table)
+            && t.state == "Pending"
+        {
+            t.state = "Copying".into();
+        }
+    }
+
+    fn finished(&self) -> usize {
+        self.job_rows.iter().filter(|r| **r == u64::MAX).count()
+    }
+
+    async fn settle(&mut self, confirmed: u64) -> Result<(), SnapshotError> {
+        while let Some(front) = self.in_flight.front() {
+            if front.seq > confirmed {
+                break;
+            }
+            let InFlight {
+                job, rows, last, ..
+            } = *front;
+            self.in_flight.pop_front();
+            self.job_rows[job] += rows;
+            self.copied += rows;
+            let j = &self.jobs[job];
+            let table = j.table.name.to_string();
+            if last {
+                self.store
+                    .done(self.key, &table, j.index, self.job_rows[job])
+                    .await?;
+                tracing::info!(table = %table, partition = j.index, rows = self.job_rows[job], "snapshot: partition done");
+                self.job_rows[job] = u64::MAX;
+            }
+            let mut p = lock_progress(self.progress);
+            if let Some(t) = p.iter_mut().find(|t| t.table == table) {
+                t.rows_copied += rows;
+                if last {
+                    t.partitions_done += 1;
+                    if t.partitions_done >= t.partitions_total {
+                        t.state = "Done".into();
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Takes partitions from the queue and copies each in its own transaction.
+async fn copy_worker(
+    conn: PgConnection,
+    jobs: Arc<Vec<Job>>,
+    queue: Arc<Mutex<VecDeque<usize>>>,
+    snapshot: Option<String>,
+    lsn: Lsn,
+    out: mpsc::Sender<Piece>,
+    stop: CancellationToken,
+) -> Result<(), SnapshotError> {
+    let client = conn.connect().await?;
+    loop {
+        let next = queue
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .pop_front();
+        let Some(job) = next else { return Ok(()) };
+        if stop.is_cancelled() {
+            return Ok(());
+        }
+        let j = &jobs[job];
+        let result = copy_partition(&client, j, job, snapshot.as_deref(), lsn, &out, &stop)
+            .await
+            .map_err(|message| SnapshotError::Copy {
+                table: j.table.name.to_string(),
+                index: j.index,
+                message,
+            });
+        if result.is_err() {
+            // The other workers stop too: the flow fails and restarts from the state.
+            stop.cancel();
+        }
+        result?;
+    }
+}
+
+async fn copy_partition(
+    client: &Client,
+    job: &Job,
+    index: usize,
+    snapshot: Option<&str>,
+    lsn: Lsn,
+    out: &mpsc::Sender<Piece>,
+    stop: &CancellationToken,
+) -> Result<(), String> {
+    let mut begin = "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY;".to_owned();
+    if let Some(name) = snapshot {
+        begin.push_str(&format!(
+            " SET TRANSACTION SNAPSHOT '{}';",
+            name.replace('\'', "''")
+        ));
+    }
+    client
+        .batch_execute(&begin)
+        .await
+        .map_err(|e| format!("opening the snapshot transaction: {e}"))?;
+    let statement = copy::copy_statement(&job.table, &job.slice);
+    let stream = client
+        .copy_out(&statement)
+        .await
+        .map_err(|e| format!("{statement}: {e}"))?;
+    let mut stream = std::pin::pin!(stream);
+    let relation = job.table.relation.clone();
+    let columns = relation.columns.len();
+    let mut rows = Vec::with_capacity(PIECE_ROWS);
+    let mut bytes = 0usize;
+    loop {
+        let chunk = tokio::select! {
+            chunk = stream.next() => chunk,
+            _ = stop.cancelled() => return Ok(()),
+        };
+        let data: Bytes = match chunk {
+            None => break,
+            Some(Err(e)) => return Err(format!("reading COPY data: {e}")),
+            Some(Ok(data)) => data,
+        };
+        // The server sends one row per message; splitting on newlines also covers
+        // several (field newlines are escaped in text COPY).
+        let mut start = 0;
+        while start < data.len() {
+            let end = data[start..]
+                .iter()
+                .position(|b| *b == b'\n')
+                .map_or(data.len(), |p| start + p);
+            let line = data.slice(start..end);
+            start = end + 1;
+            bytes += line.len();
+            rows.push(RowChange {
+                relation: relation.clone(),
+                op: Op::Read,
+                before: None,
+                before_is_identity: false,
+                after: Some(copy::parse_line(&line, columns)?),
+                lsn,
+            });
+        }
+        if rows.len() >= PIECE_ROWS || bytes >= PIECE_BYTES {
+            let piece = Piece {
+                job: index,
+                rows: std::mem::replace(&mut rows, Vec::with_capacity(PIECE_ROWS)),
+                last: false,
+            };
+            bytes = 0;
+            if out.send(piece).await.is_err() {
+                return Ok(());
+            }
+        }
+    }
+    client
+        .batch_execute("COMMIT")
+        .await
+        .map_err(|e| format!("ending the snapshot transaction: {e}"))?;
+    let _ = out
+        .send(Piece {
+            job: index,
+            rows,
+            last: true,
+        })
+        .await;
+    Ok(())
+}

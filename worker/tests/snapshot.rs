@@ -1,0 +1,513 @@
+//! Initial snapshot against the real PostgreSQL: a copy under concurrent inserts, updates
+//! and deletes ends equal to the source with no change doubled across the hand-off; a
+//! worker killed mid-snapshot resumes only the unfinished partitions; a table added to a
+//! running flow is copied alone.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+const DEADLINE: Duration = Duration::from_secs(120);
+
+type State = BTreeMap<(String, i64), (Option<String>, Option<i64>)>;
+
+fn lsn_of(v: &Value) -> u64 {
+    v.as_u64()
+        .or_else(|| v.as_str().map(parse_lsn))
+        .expect("an LSN")
+}
+
+/// What a consumer applying the records in order holds (read/insert/update upsert).
+fn applied(records: &[Value]) -> State {
+    let mut state = State::new();
+    for r in records {
+        let table = r["table"].as_str().unwrap().to_owned();
+        match r["op"].as_str().unwrap() {
+            "delete" => {
+                state.remove(&(table, r["before"]["id"].as_i64().unwrap()));
+            }
+            "truncate" => state.retain(|(t, _), _| *t != table),
+            _ => {
+                let a = &r["after"];
+                state.insert(
+                    (table, a["id"].as_i64().unwrap()),
+                    (a["v"].as_str().map(str::to_owned), a["n"].as_i64()),
+                );
+            }
+        }
+    }
+    state
+}
+
+async fn source_state(sql: &tokio_postgres::Client, tables: &[&str]) -> State {
+    let mut state = State::new();
+    for t in tables {
+        for row in sql
+            .query(&format!("SELECT id::int8, v, n::int8 FROM {t}"), &[])
+            .await
+            .unwrap()
+        {
+            state.insert(
+                (format!("public.{t}"), row.get(0)),
+                (row.get(1), row.get(2)),
+            );
+        }
+    }
+    state
+}
+
+/// Waits until the records applied in order equal the source.
+async fn converges(dir: &Path, sql: &tokio_postgres::Client, tables: &[&str]) -> Vec<Value> {
+    let want = source_state(sql, tables).await;
+    wait_for(
+        "the destination to equal the source",
+        DEADLINE,
+        async || {
+            let records = records(dir);
+            (applied(&records) == want).then_some(records)
+        },
+    )
+    .await
+}
+
+fn snapshot_manifest(
+    dir: &Path,
+    db: &TestDb,
+    tables: &[&str],
+    snapshot: &str,
+) -> std::path::PathBuf {
+    write_manifest(
+        dir,
+        &db.dsn,
+        &db.name,
+        tables,
+        &format!("      syncPublication: add\n  snapshot: {snapshot}"),
+    )
+}
+
+/// Runs DML on `table` until `stop` is set: inserts, updates and deletes, one
+/// transaction per statement.
+fn churn(
+    dsn: String,
+    table: &'static str,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<u64> {
+    tokio::spawn(async move {
+        let sql = connect(&dsn).await;
+        let mut i: i64 = 0;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let id = 1 + (i * 7919) % 20_000;
+            let statement = match i % 3 {
+                0 => format!("UPDATE {table} SET v = 'u{i}', n = n + 1 WHERE id = {id}"),
+                1 => format!("DELETE FROM {table} WHERE id = {id}"),
+                _ => format!(
+                    "INSERT INTO {table} VALUES ({}, 'i{i}', {i})",
+                    1_000_000 + i
+                ),
+            };
+            sql.batch_execute(&statement).await.unwrap();
+            i += 1;
+        }
+        i as u64
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn initial_snapshot_under_concurrent_changes_ends_equal_to_the_source() {
+    let db = TestDb::create("snap").await;
+    let sql = db.client().await;
+    sql.batch_execute(
+        "CREATE TABLE items (id int PRIMARY KEY, v text, n int);
+         INSERT INTO items SELECT g, 'row ' || g, g FROM generate_series(1, 20000) g;",
+    )
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = snapshot_manifest(
+        dir.path(),
+        &db,
+        &["public.items"],
+        "{initial: true, workers: 2, partitionCount: 4}",
+    );
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let dml = churn(db.dsn.clone(), "items", stop.clone());
+    let worker = Worker::spawn(&manifest, dir.path());
+    db.attached().await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let statements = dml.await.unwrap();
+    assert!(statements > 0, "no DML ran during the snapshot");
+
+    let records = converges(dir.path(), &sql, &["items"]).await;
+    let reads: Vec<&Value> = records.iter().filter(|r| r["op"] == "read").collect();
+    assert!(
+        reads.len() > 19_000,
+        "only {} rows were copied",
+        reads.len()
+    );
+    // Consistent hand-off: every row copied once, and no streamed change is from before
+    // the snapshot's point.
+    let mut ids: Vec<i64> = reads
+        .iter()
+        .map(|r| r["after"]["id"].as_i64().unwrap())
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), reads.len(), "a row was copied twice");
+    let point = lsn_of(&reads[0]["lsn"]);
+    for r in records.iter().filter(|r| r["op"] != "read") {
+        assert!(
+            lsn_of(&r["commit_lsn"]) > point,
+            "change {r} committed before the snapshot point {point:X} was streamed too"
+        );
+    }
+    let status: Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("status.json")).unwrap()).unwrap();
+    let table = &status["snapshot"][0];
+    assert_eq!(table["table"], "public.items", "{status}");
+    assert_eq!(table["state"], "Done", "{status}");
+    assert_eq!(table["partitionsDone"], 4, "{status}");
+    assert_eq!(table["rowsCopied"].as_u64().unwrap(), reads.len() as u64);
+    let (code, log) = worker.terminate();
+    assert_eq!(code, Some(0), "{log}");
+    assert!(
+        log.contains("created replication slot with an exported snapshot"),
+        "{log}"
+    );
+    assert!(log.contains("snapshot public.items: "), "{log}");
+    db.drop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_mid_snapshot_resumes_only_unfinished_partitions() {
+    let db = TestDb::create("snapkill").await;
+    let sql = db.client().await;
+    sql.batch_execute(
+        "CREATE TABLE items (id int PRIMARY KEY, v text, n int);
+         INSERT INTO items SELECT g, repeat('x', 200) || g, g FROM generate_series(1, 300000) g;",
+    )
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = snapshot_manifest(
+        dir.path(),
+        &db,
+        &["public.items"],
+        "{initial: true, workers: 1, partitionCount: 12}",
+    );
+    let worker = Worker::spawn(&manifest, dir.path());
+    let done_at_kill = wait_for("some partitions to finish", DEADLINE, async || {
+        let done: i64 = sql
+            .query_one(
+                "SELECT count(*) FILTER (WHERE done) FROM wallaby.snapshot_state",
+                &[],
+            )
+            .await
+            .ok()?
+            .get(0);
+        (done >= 2).then_some(done)
+    })
+    .await;
+    worker.kill9();
+    assert!(done_at_kill < 12, "the snapshot finished before the kill");
+    let done_rows: i64 = sql
+        .query_one(
+            "SELECT coalesce(sum(rows_copied), 0)::int8 FROM wallaby.snapshot_state WHERE done",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let before_restart = records(dir.path()).len();
+    sql.batch_execute(
+        "UPDATE items SET n = -1 WHERE id % 1000 = 0; DELETE FROM items WHERE id % 999 = 0",
+    )
+    .await
+    .unwrap();
+
+    let worker = Worker::spawn(&manifest, dir.path());
+    db.attached().await;
+    let records = converges(dir.path(), &sql, &["items"]).await;
+    let second_run = records.len() - before_restart;
+    assert!(
+        (second_run as i64) < 300_000 - done_rows + 5_000,
+        "the restart copied {second_run} rows; {done_rows} were already done"
+    );
+    let remaining: i64 = sql
+        .query_one(
+            "SELECT count(*) FILTER (WHERE NOT done) FROM wallaby.snapshot_state",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(remaining, 0);
+    let (code, log) = worker.terminate();
+    assert_eq!(code, Some(0), "{log}");
+    db.drop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_added_to_a_running_flow_is_copied_alone_while_the_others_stream() {
+    let db = TestDb::create("snapadd").await;
+    let sql = db.client().await;
+    sql.batch_execute(
+        "CREATE TABLE a (id int PRIMARY KEY, v text, n int);
+         CREATE TABLE b (id int PRIMARY KEY, v text, n int);
+         INSERT INTO a SELECT g, 'a' || g, g FROM generate_series(1, 1000) g;
+         INSERT INTO b SELECT g, 'b' || g, g FROM generate_series(1, 200000) g;",
+    )
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let state_path = dir.path().join("snapshot-state.json");
+    let snapshot = "{initial: true, workers: 2, stateBackend: file, statePath: \"STATE\"}"
+        .replace("STATE", &state_path.display().to_string());
+    let manifest = snapshot_manifest(dir.path(), &db, &["public.a"], &snapshot);
+    let worker = Worker::spawn(&manifest, dir.path());
+    db.attached().await;
+    sql.batch_execute("UPDATE a SET n = 0 WHERE id <= 10")
+        .await
+        .unwrap();
+    converges(dir.path(), &sql, &["a"]).await;
+    let (code, log) = worker.terminate();
+    assert_eq!(code, Some(0), "{log}");
+    let reads_of_a = records(dir.path())
+        .iter()
+        .filter(|r| r["op"] == "read" && r["table"] == "public.a")
+        .count();
+    assert_eq!(reads_of_a, 1000);
+
+    // Changes while the flow is down, then the flow lists b too.
+    sql.batch_execute("UPDATE a SET v = 'down' WHERE id = 1; DELETE FROM b WHERE id = 5")
+        .await
+        .unwrap();
+    let manifest = snapshot_manifest(dir.path(), &db, &["public.a", "public.b"], &snapshot);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let dml = churn(db.dsn.clone(), "b", stop.clone());
+    let worker = Worker::spawn(&manifest, dir.path());
+    db.attached().await;
+    // Table a streams while b is being copied.
+    sql.batch_execute("UPDATE a SET v = 'during' WHERE id = 2")
+        .await
+        .unwrap();
+    wait_for("a's change to stream", DEADLINE, async || {
+        records(dir.path())
+            .iter()
+            .any(|r| r["table"] == "public.a" && r["after"]["v"] == "during")
+            .then_some(())
+    })
+    .await;
+    let state: Value = serde_json::from_slice(&std::fs::read(&state_path).unwrap()).unwrap();
+    let b_done = state.to_string().contains("\"table\":\"public.b\"")
+        && state["runs"]
+            .as_object()
+            .unwrap()
+            .values()
+            .flat_map(|v| v.as_array().unwrap())
+            .filter(|p| p["table"] == "public.b")
+            .all(|p| p["done"] == true);
+    assert!(!b_done, "b was copied before a streamed: {state}");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(dml.await.unwrap() > 0);
+    sql.batch_execute(
+        "UPDATE a SET v = 'after' WHERE id = 3; UPDATE b SET v = 'after' WHERE id = 3",
+    )
+    .await
+    .unwrap();
+    let records = converges(dir.path(), &sql, &["a", "b"]).await;
+    assert_eq!(
+        records
+            .iter()
+            .filter(|r| r["op"] == "read" && r["table"] == "public.a")
+            .count(),
+        reads_of_a,
+        "table a was copied again"
+    );
+    assert!(
+        records
+            .iter()
+            .filter(|r| r["op"] == "read" && r["table"] == "public.b")
+            .count()
+            >= 190_000
+    );
+    assert!(
+        messages(dir.path())
+            .iter()
+            .all(|m| m["prefix"] != "wallaby.snapshot"),
+        "watermarks reached the destination"
+    );
+    let done_everywhere = wait_for("b's partition to be recorded", DEADLINE, async || {
+        let state: Value = serde_json::from_slice(&std::fs::read(&state_path).ok()?).ok()?;
+        let all = state["runs"]
+            .as_object()?
+            .values()
+            .flat_map(|v| v.as_array().cloned().unwrap_or_default())
+            .all(|p| p["done"] == true);
+        all.then_some(state)
+    })
+    .await;
+    assert!(done_everywhere.to_string().contains("public.b"));
+    let (code, log) = worker.terminate();
+    assert_eq!(code, Some(0), "{log}");
+    assert!(log.contains("copying while streaming"), "{log}");
+    db.drop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backfill_copies_the_named_tables_prints_progress_and_exits() {
+    let db = TestDb::create("backfill").await;
+    let sql = db.client().await;
+    sql.batch_execute(
+        "CREATE TABLE a (id int PRIMARY KEY, v text, n int);
+         CREATE TABLE b (id int PRIMARY KEY, v text, n int);
+         INSERT INTO a SELECT g, 'a' || g, g FROM generate_series(1, 5000) g;
+         INSERT INTO b SELECT g, 'b' || g, g FROM generate_series(1, 10) g;",
+    )
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = snapshot_manifest(
+        dir.path(),
+        &db,
+        &["public.a", "public.b"],
+        "{workers: 2, partitionColumn: id, partitionCount: 3}",
+    );
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_wallaby-worker"))
+        .args(["backfill", "-f"])
+        .arg(&manifest)
+        .args([
+            "--tables",
+            "public.a",
+            "--metrics-addr",
+            "off",
+            "--status-file",
+        ])
+        .arg(dir.path().join("status.json"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("snapshot public.a: Done, 5000 rows, 3/3 partitions"),
+        "{stderr}"
+    );
+    let records = records(dir.path());
+    assert_eq!(applied(&records), source_state(&sql, &["a"]).await);
+    assert!(records.iter().all(|r| r["op"] == "read"));
+    assert!(
+        db.slot(&db.name).await.is_none(),
+        "a backfill created a slot"
+    );
+    let status: Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("status.json")).unwrap()).unwrap();
+    assert_eq!(status["snapshot"][0]["partitionsDone"], 3, "{status}");
+
+    // A finished backfill copies everything again when run again.
+    let again = std::process::Command::new(env!("CARGO_BIN_EXE_wallaby-worker"))
+        .args(["backfill", "-f"])
+        .arg(&manifest)
+        .args([
+            "--tables",
+            "public.a",
+            "--metrics-addr",
+            "off",
+            "--status-file",
+        ])
+        .arg(dir.path().join("status.json"))
+        .output()
+        .unwrap();
+    assert!(again.status.success());
+    assert_eq!(common::records(dir.path()).len(), 10_000);
+    db.drop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_snapshot_table_stops_the_worker_with_its_name() {
+    let db = TestDb::create("snapmiss").await;
+    let sql = db.client().await;
+    sql.batch_execute("CREATE TABLE items (id int PRIMARY KEY, v text, n int)")
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = snapshot_manifest(
+        dir.path(),
+        &db,
+        &["public.items"],
+        "{initial: true, tables: [public.missing]}",
+    );
+    let worker = Worker::spawn(&manifest, dir.path());
+    let (code, log) = worker.exit_by_itself().await;
+    assert_ne!(code, Some(0), "{log}");
+    assert!(
+        log.contains("snapshot: table public.missing does not exist"),
+        "{log}"
+    );
+    let status = std::fs::read_to_string(dir.path().join("status.json")).unwrap();
+    assert!(status.contains("public.missing"), "{status}");
+    let status: Value = serde_json::from_str(&status).unwrap();
+    assert!(
+        status["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("public.missing")),
+        "{status}"
+    );
+    db.drop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_consistent_snapshot_or_state_the_copy_still_converges_and_is_not_repeated() {
+    let db = TestDb::create("snapnone").await;
+    let sql = db.client().await;
+    sql.batch_execute(
+        "CREATE TABLE items (id int PRIMARY KEY, v text, n int);
+         INSERT INTO items SELECT g, 'row ' || g, g FROM generate_series(1, 5000) g;",
+    )
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = snapshot_manifest(
+        dir.path(),
+        &db,
+        &["public.items"],
+        "{initial: true, consistent: false, stateBackend: none, workers: 2, partitionCount: 3}",
+    );
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let dml = churn(db.dsn.clone(), "items", stop.clone());
+    let worker = Worker::spawn(&manifest, dir.path());
+    db.attached().await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    dml.await.unwrap();
+    let records = converges(dir.path(), &sql, &["items"]).await;
+    let reads = records.iter().filter(|r| r["op"] == "read").count();
+    let (code, log) = worker.terminate();
+    assert_eq!(code, Some(0), "{log}");
+    assert!(!log.contains("exported snapshot"), "{log}");
+
+    // stateBackend none: the existing slot means no new copy.
+    sql.batch_execute("INSERT INTO items VALUES (-1, 'late', 0)")
+        .await
+        .unwrap();
+    let worker = Worker::spawn(&manifest, dir.path());
+    db.attached().await;
+    let records = converges(dir.path(), &sql, &["items"]).await;
+    assert_eq!(
+        records.iter().filter(|r| r["op"] == "read").count(),
+        reads,
+        "the restart copied again"
+    );
+    let (code, log) = worker.terminate();
+    assert_eq!(code, Some(0), "{log}");
+    db.drop_all().await;
+}
