@@ -767,6 +767,10 @@ impl InitialSnapshot<'_> {
         )
         .await;
         drop(reporting);
+        // Each table's final state, however short the copy was against the interval.
+        for t in lock_progress(self.progress).iter() {
+            tracing::info!("{}", crate::backfill::line(t));
+        }
         drop(held);
         drop(self.exported);
         Ok(SnapshotPhase::Copied(outcome?))
