@@ -12,15 +12,17 @@ use wallaby_crds::flow::{SnapshotSpec, TableSnapshotProgress};
 
 use crate::ack::AckMode;
 use crate::metrics::Metrics;
-use crate::pipeline::{PipelineConfig, Progress};
-use crate::run::{CatalogSchemas, RunOptions, open_resolved, write_private};
+use crate::pipeline::Progress;
+use crate::run::{
+    CatalogSchemas, RunOptions, current_wal_lsn, open_resolved, pipeline_config, source_connection,
+};
 use crate::snapshot::store::SnapshotStore;
 use crate::snapshot::{
     self, HeldSnapshot, SnapshotOutcome, SnapshotProgress, SnapshotRequest, SnapshotSink,
     lock_progress,
 };
+use crate::source::state;
 use crate::source::types::TypeResolver;
-use crate::source::{PgConnection, state};
 use crate::standalone::Resolved;
 use crate::status::{StatusFile, StatusReporter, StatusSink};
 
@@ -60,16 +62,12 @@ pub async fn backfill(
     let flow = &resolved.flow;
     let pg = &flow.spec.source.postgres;
     let spec = snapshot_spec(&resolved)?;
-    let ca_path = match &resolved.ssl_root_cert_pem {
-        Some(pem) => Some(write_private(
-            &options.state_dir.join("sslrootcert.pem"),
-            pem,
-        )?),
-        None => None,
-    };
     let flow_id = state::flow_id(flow);
-    let conn = PgConnection::resolve(pg, resolved.source_secret.as_ref(), ca_path)?
-        .with_application_name(format!("wallaby-worker/{flow_id}/backfill"));
+    let conn = source_connection(
+        &resolved,
+        &options.state_dir,
+        format!("wallaby-worker/{flow_id}/backfill"),
+    )?;
     let catalog = Arc::new(conn.connect().await?);
     let store = SnapshotStore::open(&spec, catalog.clone()).await?;
     // A backfill is a new copy unless the last one was interrupted.
@@ -96,14 +94,7 @@ pub async fn backfill(
             pg.publication
         );
     }
-    let lsn: String = catalog
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
-        .await
-        .map_err(|e| anyhow::anyhow!("backfill: reading pg_current_wal_lsn(): {e}"))?
-        .get(0);
-    let lsn = lsn
-        .parse()
-        .map_err(|e| anyhow::anyhow!("backfill: pg_current_wal_lsn(): {e}"))?;
+    let lsn = current_wal_lsn(&catalog, "backfill").await?;
     let mut request = SnapshotRequest::from_spec(&spec, tables, lsn, key);
     let held = if spec.consistent {
         let held = HeldSnapshot::export(&conn).await?;
@@ -112,17 +103,7 @@ pub async fn backfill(
     } else {
         None
     };
-    let config = PipelineConfig {
-        batch_size: pg.batch_size.into(),
-        batch_max_bytes: pg.batch_max_bytes,
-        batch_timeout: pg.batch_timeout.parse().map_err(anyhow::Error::msg)?,
-        memory_budget: pg.memory_budget_bytes,
-        parallelism: flow.spec.parallelism,
-        ack: AckMode::All,
-        secondary_buffer_bytes: flow.spec.secondary_buffer_bytes,
-        spool_dir: options.state_dir.join("spool"),
-        emit_empty: false,
-    };
+    let config = pipeline_config(flow, &options.state_dir, AckMode::All, false)?;
     let sink = SnapshotSink {
         destinations: open_resolved(&resolved)?,
         config,

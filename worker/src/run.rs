@@ -264,19 +264,14 @@ pub async fn run_controlled(
     let flow = &resolved.flow;
     let flow_name = flow.metadata.name.clone().unwrap_or_default();
     let pg = &flow.spec.source.postgres;
-    let batch_timeout = pg.batch_timeout.parse().map_err(anyhow::Error::msg)?;
     let status_interval = pg.status_interval.parse().map_err(anyhow::Error::msg)?;
 
-    let ca_path = match &resolved.ssl_root_cert_pem {
-        Some(pem) => Some(write_private(
-            &options.state_dir.join("sslrootcert.pem"),
-            pem,
-        )?),
-        None => None,
-    };
     let flow_id = state::flow_id(flow);
-    let conn = PgConnection::resolve(pg, resolved.source_secret.as_ref(), ca_path)?
-        .with_application_name(format!("wallaby-worker/{flow_id}"));
+    let conn = source_connection(
+        &resolved,
+        &options.state_dir,
+        format!("wallaby-worker/{flow_id}"),
+    )?;
     tracing::info!(flow = %flow_name, flow_id = %flow_id, source = %conn.describe(), slot = %pg.slot, publication = %pg.publication, "starting");
 
     // One SQL connection serves preflight, key and type lookups and status queries.
@@ -326,7 +321,7 @@ pub async fn run_controlled(
     let source_state = Arc::new(SourceState::start(&catalog, pg, &flow_id).await?);
     // Taken after this run's own writes (the state table) so a drain covers them too.
     let drain_target = if control.drain {
-        Some(current_wal_lsn(&catalog).await?)
+        Some(current_wal_lsn(&catalog, "--drain").await?)
     } else {
         None
     };
@@ -347,17 +342,7 @@ pub async fn run_controlled(
             AckMode::Primary(index)
         }
     };
-    let config = PipelineConfig {
-        batch_size: pg.batch_size.into(),
-        batch_max_bytes: pg.batch_max_bytes,
-        batch_timeout,
-        memory_budget: pg.memory_budget_bytes,
-        parallelism: flow.spec.parallelism,
-        ack,
-        secondary_buffer_bytes: flow.spec.secondary_buffer_bytes,
-        spool_dir: options.state_dir.join("spool"),
-        emit_empty: pg.emit_empty,
-    };
+    let config = pipeline_config(flow, &options.state_dir, ack, pg.emit_empty)?;
     let names: Vec<String> = destinations.iter().map(|d| d.name.clone()).collect();
     let sink = control
         .status
@@ -777,15 +762,57 @@ impl InitialSnapshot<'_> {
     }
 }
 
-/// The server's WAL write position.
-async fn current_wal_lsn(catalog: &tokio_postgres::Client) -> anyhow::Result<Lsn> {
+/// The server's WAL write position; `purpose` prefixes the errors (`--drain`, `backfill`).
+pub(crate) async fn current_wal_lsn(
+    catalog: &tokio_postgres::Client,
+    purpose: &str,
+) -> anyhow::Result<Lsn> {
     let text: String = catalog
         .query_one("SELECT pg_current_wal_lsn()::text", &[])
         .await
-        .map_err(|e| anyhow::anyhow!("--drain: reading pg_current_wal_lsn(): {e}"))?
+        .map_err(|e| anyhow::anyhow!("{purpose}: reading pg_current_wal_lsn(): {e}"))?
         .get(0);
     text.parse()
-        .map_err(|e| anyhow::anyhow!("--drain: pg_current_wal_lsn(): {e}"))
+        .map_err(|e| anyhow::anyhow!("{purpose}: pg_current_wal_lsn(): {e}"))
+}
+
+/// The source connection of a flow: its CA bundle (if any) written privately under
+/// `state_dir`, the resolved DSN and `application_name`.
+pub(crate) fn source_connection(
+    resolved: &Resolved,
+    state_dir: &std::path::Path,
+    application_name: String,
+) -> anyhow::Result<PgConnection> {
+    let ca_path = match &resolved.ssl_root_cert_pem {
+        Some(pem) => Some(write_private(&state_dir.join("sslrootcert.pem"), pem)?),
+        None => None,
+    };
+    let pg = &resolved.flow.spec.source.postgres;
+    Ok(
+        PgConnection::resolve(pg, resolved.source_secret.as_ref(), ca_path)?
+            .with_application_name(application_name),
+    )
+}
+
+/// The pipeline settings of a flow (batching, memory budget, fan-out, spool).
+pub(crate) fn pipeline_config(
+    flow: &Flow,
+    state_dir: &std::path::Path,
+    ack: AckMode,
+    emit_empty: bool,
+) -> anyhow::Result<PipelineConfig> {
+    let pg = &flow.spec.source.postgres;
+    Ok(PipelineConfig {
+        batch_size: pg.batch_size.into(),
+        batch_max_bytes: pg.batch_max_bytes,
+        batch_timeout: pg.batch_timeout.parse().map_err(anyhow::Error::msg)?,
+        memory_budget: pg.memory_budget_bytes,
+        parallelism: flow.spec.parallelism,
+        ack,
+        secondary_buffer_bytes: flow.spec.secondary_buffer_bytes,
+        spool_dir: state_dir.join("spool"),
+        emit_empty,
+    })
 }
 
 /// Cancels the run once the slot's `confirmed_flush_lsn` (what PostgreSQL was told is
