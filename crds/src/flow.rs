@@ -477,27 +477,70 @@ pub enum CleanupPolicy {
     Delete,
 }
 
-/// DDL governance of a flow. Default: accept and apply.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+/// DDL governance of a flow. A field left unset takes the operator-wide default (the
+/// `WALLABY_DDL_GATE`, `WALLABY_DDL_AUTO_APPROVE`, `WALLABY_DDL_AUTO_APPLY` environment of the
+/// operator, handed to its workers; the same variables in standalone mode), else accept and
+/// apply: `gate: false`, `autoApprove: true`, `autoApply: true`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DdlPolicy {
-    /// Stop before each captured DDL and wait for a DDLApproval decision.
-    #[serde(default)]
+    /// Stop before each captured DDL statement that touches the flow's tables, create a
+    /// DDLApproval and wait for its decision (needs `source.postgres.captureDDL`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gate: Option<bool>,
+    /// Approve gated statements without a human (the DDLApproval is still created, already
+    /// `Approved`, as the record).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_approve: Option<bool>,
+    /// Apply an approved statement to the destinations and resume without a confirmation;
+    /// `false`: the flow waits, after approval, until someone confirms the change was
+    /// applied (annotation `wallaby.dev/applied: "true"` on the DDLApproval, or
+    /// `wallaby-worker ddl apply`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_apply: Option<bool>,
+}
+
+/// The DDL policy with every field decided.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EffectiveDdlPolicy {
+    /// Stop before captured statements and ask for a decision.
     pub gate: bool,
-    /// Approve gated DDL without a human.
-    #[serde(default = "yes")]
+    /// Decide `Approved` without a human.
     pub auto_approve: bool,
-    /// Apply approved DDL to table destinations without a manual confirmation.
-    #[serde(default = "yes")]
+    /// Apply without waiting for a confirmation.
     pub auto_apply: bool,
 }
 
-impl Default for DdlPolicy {
+impl Default for EffectiveDdlPolicy {
     fn default() -> Self {
         Self {
             gate: false,
             auto_approve: true,
             auto_apply: true,
+        }
+    }
+}
+
+impl EffectiveDdlPolicy {
+    /// Whether a captured statement stops the flow until a human acts: a decision is needed
+    /// (gated, not auto-approved) or an apply confirmation is (not auto-applied).
+    pub fn stops(&self) -> bool {
+        (self.gate && !self.auto_approve) || !self.auto_apply
+    }
+
+    /// Whether a statement gets a DDLApproval (a record to decide on or confirm).
+    pub fn records_approval(&self) -> bool {
+        self.gate || !self.auto_apply
+    }
+}
+
+impl DdlPolicy {
+    /// Each field from the flow, else from `defaults` (operator-wide).
+    pub fn effective(&self, defaults: EffectiveDdlPolicy) -> EffectiveDdlPolicy {
+        EffectiveDdlPolicy {
+            gate: self.gate.unwrap_or(defaults.gate),
+            auto_approve: self.auto_approve.unwrap_or(defaults.auto_approve),
+            auto_apply: self.auto_apply.unwrap_or(defaults.auto_apply),
         }
     }
 }
@@ -649,6 +692,11 @@ pub struct FlowStatus {
     /// Totals since the worker started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub counters: Option<Counters>,
+    /// The last schema change seen on the flow's tables: a captured DDL statement, or, with
+    /// `captureDDL` off, drift found in the stream's relation descriptions. Every version is
+    /// kept in the schema-history table of the source's state schema.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_schema_change: Option<SchemaChange>,
     /// The last `spec.replay` the operator handed to the worker (`--start-lsn`), and when the
     /// worker started with it; a replay runs once per `startLSN`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -768,6 +816,22 @@ pub struct WorkloadRef {
     pub kind: String,
     /// Object name.
     pub name: String,
+}
+
+/// A schema change of one table.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SchemaChange {
+    /// `schema.table`.
+    pub table: String,
+    /// The table's schema version from this change on (carried by every record).
+    pub version: u32,
+    /// Position of the change (the DDL message, or the first change with the new shape).
+    pub lsn: String,
+    /// `ddl` (captured statement) or `stream` (drift seen in a relation description).
+    pub source: String,
+    /// What changed, e.g. `+email text; qty int4 -> int8`.
+    pub summary: String,
 }
 
 /// Counters since the worker started.

@@ -144,6 +144,14 @@ pub trait SchemaSource: Send {
         relation: &Relation,
         version: u32,
     ) -> Result<TableSchema, String>;
+
+    /// The version number of `relation`'s shape, first met at `lsn`; `next` is what a
+    /// count kept in memory by this run would give (the default). A durable history
+    /// (`crate::ddl::history`) keeps numbers stable across restarts.
+    async fn version(&mut self, relation: &Relation, lsn: Lsn, next: u32) -> Result<u32, String> {
+        let _ = (relation, lsn);
+        Ok(next)
+    }
 }
 
 /// Schema versions per relation: a new version whenever a Relation message changes the
@@ -303,7 +311,7 @@ impl Batcher {
         let (xid, commit_lsn, commit_time) = self
             .txn
             .ok_or_else(|| BatchError::Protocol("row change outside a transaction".into()))?;
-        let schema = self.schema(&change.relation, schemas).await?;
+        let schema = self.schema(&change.relation, lsn, schemas).await?;
         let bytes = row_bytes(change);
         self.charge(bytes).await;
 
@@ -366,9 +374,10 @@ impl Batcher {
     async fn schema(
         &mut self,
         relation: &Arc<Relation>,
+        lsn: Lsn,
         schemas: &mut dyn SchemaSource,
     ) -> Result<Arc<TableSchema>, BatchError> {
-        let version = match self.registry.by_relation.get(&relation.id) {
+        let next = match self.registry.by_relation.get(&relation.id) {
             Some((known, schema)) if Arc::ptr_eq(known, relation) => return Ok(schema.clone()),
             Some((known, schema)) if same_shape(known, relation) => {
                 let schema = schema.clone();
@@ -380,6 +389,14 @@ impl Batcher {
             Some((_, schema)) => schema.version + 1,
             None => 1,
         };
+        let table = || format!("{}.{}", relation.schema, relation.table);
+        let version = schemas
+            .version(relation, lsn, next)
+            .await
+            .map_err(|message| BatchError::Schema {
+                table: table(),
+                message,
+            })?;
         let schema = schemas
             .table_schema(relation, version)
             .await

@@ -6,6 +6,7 @@ pub mod backfill;
 pub mod batch;
 pub mod change;
 pub mod cluster;
+pub mod ddl;
 pub mod destination;
 pub mod lsn;
 pub mod metrics;

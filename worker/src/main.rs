@@ -11,9 +11,10 @@ use pg_walstream::CancellationToken;
 use wallaby_crds::flow::FlowStatus;
 use wallaby_worker::backfill::{BackfillControl, backfill};
 use wallaby_worker::cluster::{self, ClusterError, ConfigChange, FlowRef, FlowStatusApply};
+use wallaby_worker::ddl::admin::{self, Action, LogAction};
 use wallaby_worker::lsn::Lsn;
 use wallaby_worker::metrics::{self, DEFAULT_METRICS_ADDR, Metrics, MetricsAddr};
-use wallaby_worker::run::{RunControl, RunOptions, open_resolved, run_controlled};
+use wallaby_worker::run::{KubeTarget, RunControl, RunOptions, open_resolved, run_controlled};
 use wallaby_worker::snapshot::SnapshotOutcome;
 use wallaby_worker::standalone;
 use wallaby_worker::status::{StatusSink, worker_owned};
@@ -112,6 +113,20 @@ enum Command {
         #[arg(long, value_name = "ADDR", env = "WALLABY_METRICS_ADDR", default_value = DEFAULT_METRICS_ADDR)]
         metrics_addr: MetricsAddr,
     },
+    /// Captured DDL of a standalone flow: list statements, approve / reject a gated one,
+    /// confirm a manual apply, show the schema history, install the capture triggers. A
+    /// running worker picks a decision up within a second. (In a cluster, decide on the
+    /// DDLApproval with kubectl instead.)
+    Ddl {
+        /// Multi-document YAML with the Flow (its source connection is used).
+        #[arg(short = 'f', long = "file", value_name = "FILE", global = true)]
+        file: Option<PathBuf>,
+        /// The Flow to use when the file holds several.
+        #[arg(long, global = true)]
+        flow: Option<String>,
+        #[command(subcommand)]
+        action: DdlCommand,
+    },
     /// Check a manifest file without connecting to anything.
     Validate {
         /// Multi-document YAML with the Flow and its Destinations.
@@ -120,6 +135,43 @@ enum Command {
         /// Flow to check when the file holds several.
         #[arg(long)]
         flow: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DdlCommand {
+    /// Captured statements, oldest first.
+    List {
+        /// Only statements in this state (pending, approved, applied, rejected, failed).
+        #[arg(long)]
+        state: Option<String>,
+    },
+    /// Approve a gated statement (ID from `ddl list`, or its LSN).
+    Approve {
+        /// Statement id or LSN.
+        id: String,
+    },
+    /// Reject a gated statement: the flow stops before it, the slot is held.
+    Reject {
+        /// Statement id or LSN.
+        id: String,
+    },
+    /// Confirm that an approved statement was applied by hand (ddl.autoApply: false).
+    Apply {
+        /// Statement id or LSN.
+        id: String,
+    },
+    /// Schema versions of the flow's tables, as JSON.
+    History {
+        /// Only this table (schema.table).
+        #[arg(long)]
+        table: Option<String>,
+    },
+    /// Install the DDL capture event triggers (needs a superuser on PostgreSQL 15).
+    Install {
+        /// Print the SQL instead of running it (to hand to a DBA).
+        #[arg(long)]
+        print: bool,
     },
 }
 
@@ -147,6 +199,7 @@ fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
+        Command::Ddl { file, flow, action } => ddl_command(&runtime, file, flow, action),
         Command::Validate { file, flow } => standalone::load(&file, flow.as_deref())
             .map(|r| {
                 eprintln!(
@@ -176,6 +229,8 @@ fn main() -> ExitCode {
                 status: None,
                 drain,
                 start_lsn,
+                kube: None,
+                manifest: file.clone(),
             };
             match (file, flow) {
                 (Some(file), flow) => run_command(
@@ -240,6 +295,30 @@ fn run_command(
         })
         .await
     })
+}
+
+/// `ddl …`: the standalone desk of captured DDL.
+fn ddl_command(
+    runtime: &tokio::runtime::Runtime,
+    file: Option<PathBuf>,
+    flow: Option<String>,
+    command: DdlCommand,
+) -> anyhow::Result<()> {
+    let file = file.ok_or_else(|| anyhow::anyhow!("give -f FILE: the flow's manifest"))?;
+    let resolved = standalone::load(&file, flow.as_deref())?;
+    let name = resolved.flow.metadata.name.clone().unwrap_or_default();
+    let state_dir = PathBuf::from(".wallaby").join(&name);
+    let action = match command {
+        DdlCommand::List { state } => Action::Log(LogAction::List { state }),
+        DdlCommand::Approve { id } => Action::Log(LogAction::Approve(id)),
+        DdlCommand::Reject { id } => Action::Log(LogAction::Reject(id)),
+        DdlCommand::Apply { id } => Action::Log(LogAction::Apply(id)),
+        DdlCommand::History { table } => Action::Log(LogAction::History { table }),
+        DdlCommand::Install { print } => Action::Install { print },
+    };
+    let out = runtime.block_on(admin::run(&resolved, &state_dir, action))?;
+    println!("{}", out.trim_end());
+    Ok(())
 }
 
 /// `backfill`: standalone from a manifest, or in-cluster from the Kubernetes API (the
@@ -363,6 +442,11 @@ fn cluster_command(
         };
         tracing::info!(flow = %flow_ref, "configuration read from the Kubernetes API");
         control.status = Some(sink);
+        control.kube = Some(KubeTarget {
+            client: client.clone(),
+            namespace: flow_ref.namespace.clone(),
+            flow_uid: resolved.flow.metadata.uid.clone().unwrap_or_default(),
+        });
 
         let change: Arc<Mutex<Option<ConfigChange>>> = Arc::default();
         let stop_watch = CancellationToken::new();

@@ -157,6 +157,14 @@ struct Families {
     destination_lsn: Family<DestinationLabels, Gauge<u64, AtomicU64>>,
     retained_wal: Gauge<u64, AtomicU64>,
     pending_bytes: Gauge<u64, AtomicU64>,
+    ddl_gated: Counter,
+    schema_changes: Family<SourceLabels, Counter>,
+}
+
+/// Label of a schema change's origin.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SourceLabels {
+    source: String,
 }
 
 /// The worker's metrics. Cheap to clone (one `Arc`); every method is lock-free on the
@@ -201,6 +209,8 @@ impl Metrics {
             destination_lsn: Family::default(),
             retained_wal: Gauge::default(),
             pending_bytes: Gauge::default(),
+            ddl_gated: Counter::default(),
+            schema_changes: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -290,9 +300,34 @@ impl Metrics {
             Unit::Bytes,
             f.pending_bytes.clone(),
         );
+        registry.register(
+            "ddl_gated",
+            "Captured DDL statements that stopped the flow to wait for a decision or an apply confirmation (ddl.gate / ddl.autoApply)",
+            f.ddl_gated.clone(),
+        );
+        registry.register(
+            "schema_changes",
+            "New schema versions of the flow's tables, by origin (ddl: a captured statement; stream: drift seen in a relation description)",
+            f.schema_changes.clone(),
+        );
         Self {
             inner: Arc::new(Families { registry, ..f }),
         }
+    }
+
+    /// A captured statement stopped the flow.
+    pub fn ddl_gated(&self) {
+        self.inner.ddl_gated.inc();
+    }
+
+    /// A table got a new schema version (`source`: `ddl` or `stream`).
+    pub fn schema_change(&self, source: &str) {
+        self.inner
+            .schema_changes
+            .get_or_create(&SourceLabels {
+                source: source.to_owned(),
+            })
+            .inc();
     }
 
     /// `n` row changes of `table` (`schema.table`) with operation `op` were written.

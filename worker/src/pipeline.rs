@@ -86,6 +86,23 @@ pub struct Progress {
     pub pending_bytes: u64,
     /// Snapshot progress per table (initial snapshot, backfill, added tables).
     pub snapshot: Vec<wallaby_crds::flow::TableSnapshotProgress>,
+    /// The DDL gate holding the stream, if any.
+    pub ddl_gate: Option<GateView>,
+    /// The last schema change seen.
+    pub last_schema_change: Option<wallaby_crds::flow::SchemaChange>,
+}
+
+/// A DDL gate holding the stream, as the status shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GateView {
+    /// The DDLApproval (in a cluster) or DDL-log entry name.
+    pub approval: Option<String>,
+    /// Position of the statement.
+    pub lsn: Lsn,
+    /// `AwaitingApproval`, `AwaitingApply` or `Rejected`.
+    pub reason: String,
+    /// What is waiting and what to do.
+    pub message: String,
 }
 
 /// Why the pipeline stopped the flow.

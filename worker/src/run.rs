@@ -14,11 +14,18 @@ use wallaby_codec::{TableSchema, WireFormat};
 use wallaby_crds::Flow;
 use wallaby_crds::common::WireFormat as SpecFormat;
 use wallaby_crds::destination::DestinationSpec;
-use wallaby_crds::flow::{AckPolicy, FailureMode, SnapshotSpec};
+use wallaby_crds::flow::{AckPolicy, FailureMode, SchemaChange, SnapshotSpec};
 
 use crate::ack::AckMode;
 use crate::batch::SchemaSource;
 use crate::change::Relation;
+use crate::ddl::{
+    self,
+    capture::CaptureSpec,
+    desk::{Desk, KubeDesk, LogDesk},
+    gate::{DdlStage, PlanTarget, Scope},
+    history::{DdlLog, HistoryTables, SchemaHistory, shape_of, summary},
+};
 use crate::destination::file::FileDestination;
 use crate::destination::grpc::{GrpcDestination, GrpcTlsMaterial};
 use crate::destination::http::HttpDestination;
@@ -39,6 +46,7 @@ use crate::snapshot::{
     SnapshotSink, lock_progress,
 };
 use crate::source::reader::{ReaderOptions, ReplicationReader};
+use crate::source::setup::TableName;
 use crate::source::spill::SpillDir;
 use crate::source::toast::ToastStage;
 use crate::source::types::TypeResolver;
@@ -75,6 +83,30 @@ pub struct RunControl {
     /// below it: PostgreSQL cannot rewind a logical slot. Transactions committed between
     /// the two are skipped.
     pub start_lsn: Option<Lsn>,
+    /// In a cluster: where DDLApprovals are created (else the DDL log is the desk).
+    pub kube: Option<KubeTarget>,
+    /// Standalone: the manifest, named in the commands the worker suggests.
+    pub manifest: Option<PathBuf>,
+}
+
+/// The Flow in the Kubernetes API, for DDLApprovals and Events.
+#[derive(Clone)]
+pub struct KubeTarget {
+    /// Client.
+    pub client: kube::Client,
+    /// Namespace of the Flow.
+    pub namespace: String,
+    /// UID of the Flow (owner of its DDLApprovals).
+    pub flow_uid: String,
+}
+
+impl std::fmt::Debug for KubeTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubeTarget")
+            .field("namespace", &self.namespace)
+            .field("flow_uid", &self.flow_uid)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A run refused before it started.
@@ -216,6 +248,58 @@ pub async fn run(
     run_with(resolved, destinations, options, cancel, metrics).await
 }
 
+/// The catalog type resolver with version numbers from the durable schema history; a new
+/// shape met in the stream that no captured statement announced is reported as drift.
+pub(crate) struct HistorySchemas {
+    pub(crate) inner: CatalogSchemas,
+    pub(crate) history: Arc<SchemaHistory>,
+    pub(crate) progress: Arc<Mutex<Progress>>,
+    pub(crate) metrics: Metrics,
+    /// `captureDDL` is on (drift then means a shape the capture did not report).
+    pub(crate) captured: bool,
+}
+
+#[async_trait]
+impl SchemaSource for HistorySchemas {
+    async fn table_schema(
+        &mut self,
+        relation: &Relation,
+        version: u32,
+    ) -> Result<TableSchema, String> {
+        self.inner.table_schema(relation, version).await
+    }
+
+    async fn version(&mut self, relation: &Relation, lsn: Lsn, _next: u32) -> Result<u32, String> {
+        let table = format!("{}.{}", relation.schema, relation.table);
+        let resolved = self
+            .history
+            .resolve(&table, &shape_of(relation), lsn, "stream", None)
+            .await
+            .map_err(|e| e.to_string())?;
+        if let Some((Some(previous), changes)) = &resolved.new {
+            let text = summary(changes);
+            self.metrics.schema_change("stream");
+            tracing::warn!(
+                table = %table,
+                from = previous,
+                to = resolved.version,
+                lsn = %lsn,
+                changes = %text,
+                "schema drift: {table} changed ({text}) with no captured DDL statement{}",
+                if self.captured { " matching it" } else { " (captureDDL is off)" }
+            );
+            lock(&self.progress).last_schema_change = Some(SchemaChange {
+                table,
+                version: resolved.version,
+                lsn: lsn.to_string(),
+                source: "stream".into(),
+                summary: text,
+            });
+        }
+        Ok(resolved.version)
+    }
+}
+
 /// Adapts the catalog type resolver to the batcher.
 pub(crate) struct CatalogSchemas(pub(crate) TypeResolver);
 
@@ -319,6 +403,26 @@ pub async fn run_controlled(
         None => confirmed_flush,
     };
     let source_state = Arc::new(SourceState::start(&catalog, pg, &flow_id).await?);
+    // DDL governance: the policy, the durable schema history and the capture triggers.
+    let ddl_policy = flow.spec.ddl.effective(ddl::env_defaults()?);
+    let history = if pg.ensure_state || pg.capture_ddl {
+        let tables = HistoryTables::in_schema(&pg.state_schema);
+        tables.ensure(&catalog).await?;
+        Some(Arc::new(SchemaHistory::new(
+            catalog.clone(),
+            tables,
+            flow_id.clone(),
+        )))
+    } else {
+        None
+    };
+    if pg.capture_ddl {
+        CaptureSpec::of(pg).ensure(&catalog).await?;
+    } else if ddl_policy.stops() || ddl_policy.gate {
+        tracing::warn!(
+            "ddl.gate / ddl.autoApply are set but source.postgres.captureDDL is off: no statement is captured, so none is gated; schema drift is still detected from the stream and reported"
+        );
+    }
     // Taken after this run's own writes (the state table) so a drain covers them too.
     let drain_target = if control.drain {
         Some(current_wal_lsn(&catalog, "--drain").await?)
@@ -438,13 +542,23 @@ pub async fn run_controlled(
     };
     let progress = handles.progress.clone();
     lock(&progress).snapshot = lock_progress(&snapshot_progress).clone();
-    let schemas = CatalogSchemas(TypeResolver::new(catalog.clone(), pg.resolve_types));
+    let catalog_schemas = CatalogSchemas(TypeResolver::new(catalog.clone(), pg.resolve_types));
+    let schemas: Box<dyn SchemaSource> = match &history {
+        Some(history) => Box::new(HistorySchemas {
+            inner: catalog_schemas,
+            history: history.clone(),
+            progress: progress.clone(),
+            metrics: metrics.clone(),
+            captured: pg.capture_ddl,
+        }),
+        None => Box::new(catalog_schemas),
+    };
     let pipeline = Pipeline::new(
         config,
         destinations,
         handles,
         start,
-        Box::new(schemas),
+        schemas,
         metrics.clone(),
     );
 
@@ -499,6 +613,73 @@ pub async fn run_controlled(
         }
         None => (pipeline_tx, None),
     };
+    // Captured DDL is met by the gate, first after the reader: it holds the stream before a
+    // statement the policy stops for.
+    let (tx, ddl_task) = match (&history, pg.capture_ddl) {
+        (Some(history), true) => {
+            let log = DdlLog::new(catalog.clone(), history.tables().clone(), flow_id.clone());
+            let desk: Arc<dyn Desk> = match &control.kube {
+                Some(k) => Arc::new(KubeDesk::new(
+                    k.client.clone(),
+                    &k.namespace,
+                    &flow_name,
+                    &k.flow_uid,
+                    log.clone(),
+                )),
+                None => Arc::new(LogDesk::new(
+                    log.clone(),
+                    control
+                        .manifest
+                        .as_ref()
+                        .map_or_else(|| "<flow.yaml>".to_owned(), |m| m.display().to_string()),
+                )),
+            };
+            let stage = DdlStage {
+                flow: flow_name.clone(),
+                prefix: pg.ddl_message_prefix.clone(),
+                policy: ddl_policy,
+                park_on_reject: control.kube.is_some(),
+                scope: Scope {
+                    tables: pg
+                        .tables
+                        .iter()
+                        .map(|t| TableName::parse(t).to_string())
+                        .collect(),
+                    schemas: pg.schemas.iter().cloned().collect(),
+                    publication: pg.publication.clone(),
+                },
+                targets: resolved
+                    .destinations
+                    .iter()
+                    .map(|(name, spec)| PlanTarget {
+                        name: name.clone(),
+                        kind: spec.kind,
+                        format: spec.format.unwrap_or(flow.spec.wire_format),
+                    })
+                    .collect(),
+                history: history.clone(),
+                log,
+                desk,
+                catalog: catalog.clone(),
+                progress: progress.clone(),
+                confirmed: confirmed.clone(),
+                poll: status_interval.min(std::time::Duration::from_secs(1)),
+                metrics: metrics.clone(),
+            };
+            let (stage_tx, stage_rx) = mpsc::channel(EVENT_BUFFER);
+            let cancel = cancel.clone();
+            let task = tokio::spawn(async move {
+                let result = stage.run(stage_rx, tx, cancel.clone()).await;
+                if let Err(e) = &result {
+                    tracing::error!(error = %e, "stopping the flow");
+                    cancel.cancel();
+                }
+                result
+            });
+            (stage_tx, Some(task))
+        }
+        _ => (tx, None),
+    };
     let status_task = {
         let snapshot_progress = snapshot_progress.clone();
         let progress = progress.clone();
@@ -549,6 +730,13 @@ pub async fn run_controlled(
     // go out, so a clean stop leaves the slot at the last durable transaction.
     reader.stop().await;
     cancel.cancel();
+    let ddl_result = match ddl_task {
+        Some(task) => match task.await {
+            Ok(result) => result.map_err(|e| e.to_string()),
+            Err(e) => Err(format!("the DDL gate failed: {e}")),
+        },
+        None => Ok(()),
+    };
     let copier_result = match copier_task {
         Some(task) => match task.await {
             Ok(result) => result.map_err(|e| e.to_string()),
@@ -572,6 +760,7 @@ pub async fn run_controlled(
         Err(PipelineError::Stuck(_)) => metrics.error("pipeline", "stuck"),
         Ok(()) => {}
     }
+    let copier_result = ddl_result.and(copier_result);
     let mut error = match (&read_result, &pipeline_result, &copier_result) {
         (Err(e), _, _) => Some(e.to_string()),
         (_, Err(e), _) => Some(e.to_string()),

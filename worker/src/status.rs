@@ -340,7 +340,9 @@ impl StatusReporter {
         } else {
             condition("Degraded", "True", "DestinationErrors", troubled.join("; "))
         };
-        let phase = if running && error.is_none() && !troubled.is_empty() {
+        let phase = if running && error.is_none() && p.ddl_gate.is_some() {
+            FlowPhase::Gated
+        } else if running && error.is_none() && !troubled.is_empty() {
             FlowPhase::Degraded
         } else {
             phase
@@ -353,14 +355,15 @@ impl StatusReporter {
                 condition("Ready", ready, reason, message),
                 degraded,
                 condition("SlotHealthy", slot_status, slot_reason, slot_message),
-                // Gating stops the worker before a DDL statement; this worker never stops
-                // for one.
-                condition(
-                    "DDLGated",
-                    "False",
-                    "NotGated",
-                    "no schema change is waiting for approval".into(),
-                ),
+                match &p.ddl_gate {
+                    Some(gate) => condition("DDLGated", "True", &gate.reason, gate.message.clone()),
+                    None => condition(
+                        "DDLGated",
+                        "False",
+                        "NotGated",
+                        "no schema change is waiting for approval".into(),
+                    ),
+                },
             ],
             checkpoint: checkpoint_lsn.map(|l| Checkpoint {
                 lsn: l.to_string(),
@@ -390,6 +393,7 @@ impl StatusReporter {
             workload: None,
             replay: None,
             counters: Some(p.counters.clone()),
+            last_schema_change: p.last_schema_change.clone(),
         }
     }
 }

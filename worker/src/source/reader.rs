@@ -546,10 +546,33 @@ impl ReplicationReader {
         // A stop must not wait for a pipeline that no longer drains the channel (a
         // destination hung with the memory budget spent): what was not sent is not
         // confirmed and comes again after the restart.
+        let event = match out.try_send(event) {
+            Ok(()) => return Ok(true),
+            Err(mpsc::error::TrySendError::Closed(_)) => return Ok(false),
+            Err(mpsc::error::TrySendError::Full(event)) => event,
+        };
+        // The pipeline is not taking more (a slow destination, or a DDL gate holding the
+        // stream for hours): keep answering the server, or it ends the connection after
+        // wal_sender_timeout.
         let stop = self.stop.clone();
-        tokio::select! {
-            sent = out.send(event) => Ok(sent.is_ok()),
-            _ = stop.cancelled() => Ok(false),
+        loop {
+            tokio::select! {
+                permit = out.reserve() => {
+                    return Ok(match permit {
+                        Ok(permit) => {
+                            permit.send(event);
+                            true
+                        }
+                        Err(_) => false,
+                    });
+                }
+                _ = stop.cancelled() => return Ok(false),
+                _ = tokio::time::sleep(self.status_interval) => {
+                    if let Err(e) = self.stream.send_feedback().await {
+                        tracing::debug!(error = %e, "standby status update while the pipeline is full");
+                    }
+                }
+            }
         }
     }
 
