@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use super::capture::CaptureSpec;
 use super::history::{DdlEvent, DdlLog, HistoryTables, SchemaHistory};
+use crate::source::setup::quote_ident;
 use crate::source::state;
 use crate::standalone::Resolved;
 
@@ -59,12 +60,21 @@ fn line(e: &DdlEvent) -> String {
 pub async fn run(resolved: &Resolved, state_dir: &Path, action: Action) -> anyhow::Result<String> {
     let pg = &resolved.flow.spec.source.postgres;
     let capture = CaptureSpec::of(pg);
+    let conn = crate::run::source_connection(resolved, state_dir, "wallaby-worker/ddl".into())?;
     let action = match action {
-        Action::Install { print: true } => return Ok(capture.install_sql()),
+        // Run by a DBA as a superuser: the schema (shared with the worker's state tables
+        // by default) stays usable by the flow's role.
+        Action::Install { print: true } => {
+            return Ok(format!(
+                "{}\nGRANT USAGE, CREATE ON SCHEMA {} TO {};",
+                capture.install_sql(),
+                quote_ident(&capture.schema),
+                quote_ident(conn.user())
+            ));
+        }
         Action::Install { print: false } => None,
         Action::Log(a) => Some(a),
     };
-    let conn = crate::run::source_connection(resolved, state_dir, "wallaby-worker/ddl".into())?;
     let client = Arc::new(conn.connect().await?);
     let Some(action) = action else {
         let installed = capture.ensure(&client).await?;

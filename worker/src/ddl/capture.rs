@@ -58,14 +58,16 @@ impl CaptureSpec {
         let drop_trigger = quote_ident(&self.drop_trigger());
         let end_name = self.trigger.replace('\'', "''");
         let drop_name = self.drop_trigger().replace('\'', "''");
-        // The column list is what pgoutput publishes (no dropped or generated columns), with
+        // The functions run as their owner (the installing superuser), so any role's DDL can
+        // emit the message; an error in them fails the statement rather than letting it
+        // pass uncaptured. The column list is what pgoutput publishes (no dropped or generated columns), with
         // the attribute number (stable across renames, so a rename is told from drop + add)
         // and the replica-identity flag pgoutput sets on key columns.
         format!(
             r#"SELECT pg_advisory_xact_lock({INSTALL_LOCK_KEY});
 CREATE SCHEMA IF NOT EXISTS {schema};
 CREATE OR REPLACE FUNCTION {columns_fn}(rel oid) RETURNS jsonb
-LANGUAGE sql STABLE AS $wallaby$
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $wallaby$
   SELECT coalesce(jsonb_agg(jsonb_build_object(
            'name', a.attname,
            'attnum', a.attnum,
@@ -76,8 +78,8 @@ LANGUAGE sql STABLE AS $wallaby$
            'key', coalesce(CASE c.relreplident
              WHEN 'f' THEN true
              WHEN 'n' THEN false
-             WHEN 'i' THEN a.attnum = ANY ((SELECT i.indkey::int2[] FROM pg_index i WHERE i.indrelid = rel AND i.indisreplident LIMIT 1))
-             ELSE a.attnum = ANY ((SELECT i.indkey::int2[] FROM pg_index i WHERE i.indrelid = rel AND i.indisprimary LIMIT 1))
+             WHEN 'i' THEN a.attnum = ANY (coalesce((SELECT i.indkey::int2[] FROM pg_index i WHERE i.indrelid = rel AND i.indisreplident LIMIT 1), '{{}}'::int2[]))
+             ELSE a.attnum = ANY (coalesce((SELECT i.indkey::int2[] FROM pg_index i WHERE i.indrelid = rel AND i.indisprimary LIMIT 1), '{{}}'::int2[]))
            END, false)
          ) ORDER BY a.attnum), '[]'::jsonb)
   FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
@@ -85,7 +87,7 @@ LANGUAGE sql STABLE AS $wallaby$
 $wallaby$;
 COMMENT ON FUNCTION {columns_fn}(oid) IS 'wallaby ddl capture v{CAPTURE_VERSION}';
 CREATE OR REPLACE FUNCTION {end_fn}() RETURNS event_trigger
-LANGUAGE plpgsql AS $wallaby$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $wallaby$
 DECLARE
   cmd record;
   objects jsonb := '[]'::jsonb;
@@ -115,7 +117,7 @@ BEGIN
 END
 $wallaby$;
 CREATE OR REPLACE FUNCTION {drop_fn}() RETURNS event_trigger
-LANGUAGE plpgsql AS $wallaby$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $wallaby$
 DECLARE
   obj record;
   objects jsonb := '[]'::jsonb;

@@ -129,6 +129,7 @@ fn lock(p: &Mutex<Progress>) -> std::sync::MutexGuard<'_, Progress> {
 
 enum Outcome {
     Through,
+    Elsewhere,
     Cancelled,
 }
 
@@ -155,6 +156,9 @@ impl DdlStage {
                 } if *prefix == self.prefix => {
                     match self.meet(*lsn, content, last_end, &cancel).await? {
                         Outcome::Through => {}
+                        // Statements on no table of this flow (its own state tables, an
+                        // index, another application's tables) are not its business.
+                        Outcome::Elsewhere => continue,
                         Outcome::Cancelled => return Ok(()),
                     }
                 }
@@ -326,8 +330,8 @@ impl DdlStage {
             }
         }
         if tables.is_empty() {
-            tracing::debug!(lsn = %lsn, tag = %ddl.tag, "DDL outside the flow's tables");
-            return Ok(Outcome::Through);
+            tracing::debug!(lsn = %lsn, tag = %ddl.tag, tables = ?ddl.tables(), "DDL outside the flow's tables");
+            return Ok(Outcome::Elsewhere);
         }
         let changes = self.changes(&ddl, &tables, lsn).await?;
         let plan: Vec<DestinationPlan> = self

@@ -120,6 +120,11 @@ impl PgConnection {
         format!("{}@{}:{}/{}", self.user, self.host, self.port, self.dbname)
     }
 
+    /// Role the worker connects as.
+    pub fn user(&self) -> &str {
+        &self.user
+    }
+
     /// Database name.
     pub fn dbname(&self) -> &str {
         &self.dbname
