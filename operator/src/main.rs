@@ -192,6 +192,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         ),
         defaults: WorkerDefaults {
             image: args.worker_image.clone(),
+            ddl_env: wallaby_operator::flow::build::ddl_env_from(|n| std::env::var(n).ok())
+                .map_err(|e| anyhow::anyhow!("operator DDL defaults: {e}"))?,
         },
         metrics: metrics.clone(),
         backoff: Arc::new(Backoff::default()),

@@ -16,7 +16,17 @@ use wallaby_operator::flow::{status, validate};
 fn defaults() -> WorkerDefaults {
     WorkerDefaults {
         image: "ghcr.io/wallaby-dev/wallaby-worker:test".into(),
+        ddl_env: vec![("WALLABY_DDL_GATE".into(), "true".into())],
     }
+}
+
+#[test]
+fn operator_ddl_defaults_are_checked_booleans() {
+    use wallaby_operator::flow::build::ddl_env_from;
+    let env = ddl_env_from(|n| (n == "WALLABY_DDL_AUTO_APPLY").then(|| "False".into())).unwrap();
+    assert_eq!(env, [("WALLABY_DDL_AUTO_APPLY".to_owned(), "false".to_owned())]);
+    let err = ddl_env_from(|n| (n == "WALLABY_DDL_GATE").then(|| "sometimes".into())).unwrap_err();
+    assert!(err.contains("WALLABY_DDL_GATE"), "{err}");
 }
 
 fn build_fixture(name: &str) -> Children {
@@ -201,6 +211,8 @@ fn stream_deployment_matches_the_contract() {
             "WALLABY_LOG",
             "POD_NAME",
             "POD_NAMESPACE",
+            // The operator-wide DDL default, before the Flow's own env (which wins).
+            "WALLABY_DDL_GATE",
             "OTEL_EXPORTER_OTLP_ENDPOINT"
         ]
     );
@@ -259,6 +271,7 @@ fn worker_rbac_is_least_privilege() {
         find("ddlapprovals").verbs,
         ["create", "get", "list", "watch", "patch"]
     );
+    assert_eq!(find("ddlapprovals/status").verbs, ["get", "patch"]);
     assert!(
         rules
             .iter()

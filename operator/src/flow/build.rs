@@ -32,6 +32,24 @@ pub const SPILL_DIR: &str = "/var/lib/wallaby/spill";
 pub struct WorkerDefaults {
     /// Image when `spec.worker.image` is unset (`--worker-image`).
     pub image: String,
+    /// Operator-wide DDL policy defaults (`WALLABY_DDL_GATE`, `WALLABY_DDL_AUTO_APPROVE`,
+    /// `WALLABY_DDL_AUTO_APPLY` of the operator), handed to every worker; a Flow's `spec.ddl`
+    /// fields and `spec.worker.env` take precedence.
+    pub ddl_env: Vec<(String, String)>,
+}
+
+/// The operator's DDL policy defaults from its environment, checked at start.
+pub fn ddl_env_from(get: impl Fn(&str) -> Option<String>) -> Result<Vec<(String, String)>, String> {
+    let mut out = Vec::new();
+    for name in ["WALLABY_DDL_GATE", "WALLABY_DDL_AUTO_APPROVE", "WALLABY_DDL_AUTO_APPLY"] {
+        if let Some(value) = get(name) {
+            match value.trim().to_ascii_lowercase().as_str() {
+                "true" | "false" => out.push((name.to_owned(), value.trim().to_ascii_lowercase())),
+                _ => return Err(format!("{name}={value:?}: expected true or false")),
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Which workload kind a Flow runs as.
@@ -269,6 +287,11 @@ pub fn children(
         field_env("POD_NAME", "metadata.name"),
         field_env("POD_NAMESPACE", "metadata.namespace"),
     ];
+    env.extend(defaults.ddl_env.iter().map(|(name, value)| EnvVar {
+        name: name.clone(),
+        value: Some(value.clone()),
+        value_from: None,
+    }));
     env.extend(worker.env.iter().cloned());
 
     let container = Container {
@@ -446,6 +469,13 @@ fn worker_rbac(flow: &Flow, name: &str, inputs: &Inputs, meta: &ObjectMeta) -> W
         &["ddlapprovals"],
         &[],
         &["create", "get", "list", "watch", "patch"],
+    ));
+    // The worker reports each approval's state and per-destination results.
+    rules.push(rule(
+        wallaby_crds::GROUP,
+        &["ddlapprovals/status"],
+        &[],
+        &["get", "patch"],
     ));
     rules.push(rule(
         "events.k8s.io",
