@@ -24,7 +24,10 @@ fn defaults() -> WorkerDefaults {
 fn operator_ddl_defaults_are_checked_booleans() {
     use wallaby_operator::flow::build::ddl_env_from;
     let env = ddl_env_from(|n| (n == "WALLABY_DDL_AUTO_APPLY").then(|| "False".into())).unwrap();
-    assert_eq!(env, [("WALLABY_DDL_AUTO_APPLY".to_owned(), "false".to_owned())]);
+    assert_eq!(
+        env,
+        [("WALLABY_DDL_AUTO_APPLY".to_owned(), "false".to_owned())]
+    );
     let err = ddl_env_from(|n| (n == "WALLABY_DDL_GATE").then(|| "sometimes".into())).unwrap_err();
     assert!(err.contains("WALLABY_DDL_GATE"), "{err}");
 }

@@ -14,7 +14,7 @@ use wallaby_codec::{TableSchema, WireFormat};
 use wallaby_crds::Flow;
 use wallaby_crds::common::WireFormat as SpecFormat;
 use wallaby_crds::destination::DestinationSpec;
-use wallaby_crds::flow::{AckPolicy, FailureMode, SchemaChange, SnapshotSpec};
+use wallaby_crds::flow::{AckPolicy, FailureMode, SnapshotSpec};
 
 use crate::ack::AckMode;
 use crate::batch::SchemaSource;
@@ -24,7 +24,7 @@ use crate::ddl::{
     capture::CaptureSpec,
     desk::{Desk, KubeDesk, LogDesk},
     gate::{DdlStage, PlanTarget, Scope},
-    history::{DdlLog, HistoryTables, SchemaHistory, shape_of, summary},
+    history::{DdlLog, HistoryTables, SchemaHistory},
 };
 use crate::destination::file::FileDestination;
 use crate::destination::grpc::{GrpcDestination, GrpcTlsMaterial};
@@ -270,33 +270,16 @@ impl SchemaSource for HistorySchemas {
     }
 
     async fn version(&mut self, relation: &Relation, lsn: Lsn, _next: u32) -> Result<u32, String> {
-        let table = format!("{}.{}", relation.schema, relation.table);
-        let resolved = self
-            .history
-            .resolve(&table, &shape_of(relation), lsn, "stream", None)
-            .await
-            .map_err(|e| e.to_string())?;
-        if let Some((Some(previous), changes)) = &resolved.new {
-            let text = summary(changes);
-            self.metrics.schema_change("stream");
-            tracing::warn!(
-                table = %table,
-                from = previous,
-                to = resolved.version,
-                lsn = %lsn,
-                changes = %text,
-                "schema drift: {table} changed ({text}) with no captured DDL statement{}",
-                if self.captured { " matching it" } else { " (captureDDL is off)" }
-            );
-            lock(&self.progress).last_schema_change = Some(SchemaChange {
-                table,
-                version: resolved.version,
-                lsn: lsn.to_string(),
-                source: "stream".into(),
-                summary: text,
-            });
-        }
-        Ok(resolved.version)
+        ddl::note_stream_shape(
+            &self.history,
+            relation,
+            lsn,
+            &self.progress,
+            &self.metrics,
+            self.captured,
+        )
+        .await
+        .map_err(|e| e.to_string())
     }
 }
 
@@ -520,6 +503,18 @@ pub async fn run_controlled(
         .clone()
         .unwrap_or_else(|| std::env::temp_dir().join("wallaby-spill").join(&pg.slot));
     let spill = SpillDir::prepare(&spill_dir)?;
+    // The shapes the stream starts with, before it starts (a captured statement then has a
+    // "before" even on a table with no change streamed yet).
+    if let (Some(history), true) = (&history, pg.capture_ddl) {
+        ddl::history::seed_from_catalog(
+            &catalog,
+            history,
+            &CaptureSpec::of(pg),
+            &pg.publication,
+            start,
+        )
+        .await?;
+    }
     let toast = ToastStage::new(pg.toast_fetch, pg.toast_cache_size, catalog.clone());
     let mut reader = ReplicationReader::start_from(
         &conn,

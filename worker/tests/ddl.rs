@@ -213,7 +213,7 @@ async fn captured_statements_arrive_at_their_exact_lsn_and_version_the_schema() 
     assert_eq!(
         sources,
         [
-            (1, "stream".to_owned()),
+            (1, "catalog".to_owned()),
             (2, "ddl".to_owned()),
             (3, "ddl".to_owned()),
             (4, "ddl".to_owned()),

@@ -990,3 +990,320 @@ async fn flow_streams_suspends_resumes_and_retains_the_slot() {
 async fn flow_deletion_drops_the_slot_with_cleanup_policy_delete() {
     flow_lifecycle("delete").await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// DDL governance: a captured ALTER TABLE on a gated Flow → a DDLApproval → real `kubectl patch`.
+
+/// A superuser DSN for `db`: the worker installs the DDL capture event triggers itself,
+/// which PostgreSQL 15 allows only to superusers.
+fn superuser_dsn_for(db: &TestDb) -> String {
+    let base = common::superuser_dsn();
+    format!("{}/{}", base.rsplit_once('/').unwrap().0, db.name)
+}
+
+async fn approvals(c: &Cluster) -> Vec<Value> {
+    c.get(&["ddlapprovals", "-l", "wallaby.dev/flow=orders"])
+        .await
+        .and_then(|l| l["items"].as_array().cloned())
+        .unwrap_or_default()
+}
+
+fn flow_condition(flow: &Value, kind: &str) -> Value {
+    flow["status"]["conditions"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["type"] == kind).cloned())
+        .unwrap_or(Value::Null)
+}
+
+/// Starts the operator and a Flow with DDL capture (and `ddl` as given) over a fresh
+/// database; returns once the worker holds its slot.
+async fn ddl_flow(
+    name: &str,
+    ddl: Value,
+) -> (Cluster, Option<Operator>, TestDb, std::path::PathBuf) {
+    let worker = workspace_binary("wallaby-worker");
+    let c = Cluster::start(name).await.with_kubelet(&worker);
+    c.install_crds(true).await;
+    let operator = Operator::start(&c);
+    let db = TestDb::create("k8sddl").await;
+    db.client()
+        .await
+        .batch_execute("CREATE TABLE public.orders (id int PRIMARY KEY, note text)")
+        .await
+        .unwrap();
+    let slot = db.name.clone();
+    let out = c.dir.path().join("out");
+    let dsn = superuser_dsn_for(&db);
+    c.apply_text(&example("secret.yaml", |s| {
+        s["stringData"]["dsn"] = json!(dsn)
+    }))
+    .await;
+    c.apply_text(&example("destination.yaml", |d| {
+        d["spec"]["file"]["path"] = json!(out.display().to_string());
+    }))
+    .await;
+    c.apply_text(&flow_yaml(|f| {
+        f["spec"]["source"]["postgres"]["slot"] = json!(slot);
+        f["spec"]["source"]["postgres"]["publication"] = json!(slot);
+        f["spec"]["source"]["postgres"]["captureDDL"] = json!(true);
+        f["spec"]["ddl"] = ddl.clone();
+    }))
+    .await;
+    wait_for(
+        "the worker to hold its slot",
+        Duration::from_secs(90),
+        async || {
+            db.slot(&slot)
+                .await
+                .filter(|(_, active)| *active)
+                .map(|_| ())
+        },
+    )
+    .await;
+    (c, operator, db, out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn gated_ddl_waits_for_kubectl_patch_then_resumes_or_stops_on_rejection() {
+    let (c, operator, db, out) =
+        ddl_flow("ddl-gate", json!({"gate": true, "autoApprove": false})).await;
+    if !c.is_emulator() {
+        // The file destination is inside the pod on a real cluster; the approval flow is the
+        // same, but delivery cannot be read from here.
+        c.cleanup().await;
+        return;
+    }
+    let sql = db.client().await;
+    let diagnostics = async || {
+        format!(
+            "operator:\n{}\npods:\n{}",
+            operator.as_ref().map(Operator::logs).unwrap_or_default(),
+            c.pod_logs().await
+        )
+    };
+    sql.batch_execute("INSERT INTO public.orders VALUES (1, 'before')")
+        .await
+        .unwrap();
+    sql.batch_execute("ALTER TABLE public.orders ADD COLUMN email text")
+        .await
+        .unwrap();
+    sql.batch_execute("INSERT INTO public.orders VALUES (2, 'after', 'ann@example.com')")
+        .await
+        .unwrap();
+
+    // The worker stops before the statement and asks.
+    let approval = wait_for("a DDLApproval", Duration::from_secs(60), async || {
+        approvals(&c).await.into_iter().next()
+    })
+    .await;
+    let name = approval["metadata"]["name"].as_str().unwrap().to_owned();
+    assert_eq!(approval["spec"]["flow"], "orders");
+    assert_eq!(approval["spec"]["decision"], "Pending");
+    assert_eq!(approval["spec"]["tables"], json!(["public.orders"]));
+    assert!(
+        approval["spec"]["statement"]
+            .as_str()
+            .unwrap()
+            .contains("ADD COLUMN email"),
+        "{approval}"
+    );
+    assert_eq!(approval["spec"]["plan"][0]["name"], "orders-files");
+    assert!(
+        approval["spec"]["plan"][0]["actions"][0]
+            .as_str()
+            .unwrap()
+            .contains("+email text"),
+        "{approval}"
+    );
+    assert_eq!(approval["metadata"]["ownerReferences"][0]["kind"], "Flow");
+    let gated = wait_for("DDLGated=True on the Flow", T, async || {
+        let flow = c.get(&["flow", "orders"]).await?;
+        (flow_condition(&flow, "DDLGated")["status"] == "True").then_some(flow)
+    })
+    .await;
+    assert!(
+        flow_condition(&gated, "DDLGated")["message"]
+            .as_str()
+            .unwrap()
+            .contains(&name),
+        "{gated}"
+    );
+    wait_for("a DDLGated Event", T, async || {
+        let events = c.ok(&["get", "events.events.k8s.io", "-o", "json"]).await;
+        events.contains("DDLGated").then_some(())
+    })
+    .await;
+    let approval_lsn = parse_lsn(approval["spec"]["lsn"].as_str().unwrap());
+    assert!(
+        files_contain(&out, "before").await,
+        "{}",
+        diagnostics().await
+    );
+    assert!(!files_contain(&out, "ann@example.com").await);
+    let (confirmed, _) = db.slot(&db.name).await.unwrap();
+    assert!(parse_lsn(&confirmed.unwrap()) <= approval_lsn);
+
+    // A human approves with kubectl: the flow resumes and the new column arrives.
+    c.ok(&[
+        "patch",
+        "ddlapproval",
+        &name,
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec":{"decision":"Approved"}}"#,
+    ])
+    .await;
+    let arrived = tokio::time::timeout(Duration::from_secs(60), async {
+        while !files_contain(&out, "ann@example.com").await {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await;
+    assert!(
+        arrived.is_ok(),
+        "no row after approval\n{}",
+        diagnostics().await
+    );
+    let applied = wait_for("the approval to be Applied", T, async || {
+        let a = c.get(&["ddlapproval", &name]).await?;
+        (a["status"]["state"] == "Applied").then_some(a)
+    })
+    .await;
+    assert_eq!(applied["status"]["destinations"][0]["state"], "Applied");
+    wait_for("DDLGated=False", T, async || {
+        let flow = c.get(&["flow", "orders"]).await?;
+        (flow_condition(&flow, "DDLGated")["status"] == "False").then_some(())
+    })
+    .await;
+
+    // The next statement is rejected: the flow stops there, the slot is held, the worker
+    // stays up (no crash loop) reporting why.
+    sql.batch_execute("ALTER TABLE public.orders DROP COLUMN note")
+        .await
+        .unwrap();
+    sql.batch_execute("INSERT INTO public.orders VALUES (3, 'bob@example.com')")
+        .await
+        .unwrap();
+    let second = wait_for(
+        "a second DDLApproval",
+        Duration::from_secs(60),
+        async || {
+            approvals(&c)
+                .await
+                .into_iter()
+                .find(|a| a["metadata"]["name"] != name.as_str())
+        },
+    )
+    .await;
+    let second_name = second["metadata"]["name"].as_str().unwrap().to_owned();
+    c.ok(&[
+        "patch",
+        "ddlapproval",
+        &second_name,
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec":{"decision":"Rejected"}}"#,
+    ])
+    .await;
+    wait_for("the approval to be Rejected", T, async || {
+        let a = c.get(&["ddlapproval", &second_name]).await?;
+        (a["status"]["state"] == "Rejected").then_some(())
+    })
+    .await;
+    let flow = wait_for("DDLGated=True (Rejected)", T, async || {
+        let flow = c.get(&["flow", "orders"]).await?;
+        (flow_condition(&flow, "DDLGated")["reason"] == "Rejected").then_some(flow)
+    })
+    .await;
+    assert!(
+        flow_condition(&flow, "DDLGated")["message"]
+            .as_str()
+            .unwrap()
+            .contains("rejected"),
+        "{flow}"
+    );
+    // A decision is final (the CRD's transition rule).
+    let reopen = c
+        .kubectl(&[
+            "-n",
+            &c.ns,
+            "patch",
+            "ddlapproval",
+            &second_name,
+            "--type",
+            "merge",
+            "-p",
+            r#"{"spec":{"decision":"Approved"}}"#,
+        ])
+        .await;
+    assert!(!reopen.status.success());
+    assert!(!files_contain(&out, "bob@example.com").await);
+    let (confirmed, _) = db.slot(&db.name).await.unwrap();
+    assert!(parse_lsn(&confirmed.unwrap()) <= parse_lsn(second["spec"]["lsn"].as_str().unwrap()));
+    c.cleanup().await;
+    db.drop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ungated_ddl_is_applied_and_recorded_without_an_approval() {
+    let (c, operator, db, out) = ddl_flow("ddl-open", json!({})).await;
+    if !c.is_emulator() {
+        c.cleanup().await;
+        return;
+    }
+    let sql = db.client().await;
+    sql.batch_execute("INSERT INTO public.orders VALUES (0, 'first')")
+        .await
+        .unwrap();
+    sql.batch_execute("ALTER TABLE public.orders ADD COLUMN email text")
+        .await
+        .unwrap();
+    sql.batch_execute("INSERT INTO public.orders VALUES (1, 'x', 'cy@example.com')")
+        .await
+        .unwrap();
+    let arrived = tokio::time::timeout(Duration::from_secs(60), async {
+        while !files_contain(&out, "cy@example.com").await {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await;
+    assert!(
+        arrived.is_ok(),
+        "no row\noperator:\n{}\npods:\n{}",
+        operator.as_ref().map(Operator::logs).unwrap_or_default(),
+        c.pod_logs().await
+    );
+    let mut last = Value::Null;
+    let changed = tokio::time::timeout(T, async {
+        loop {
+            if let Some(flow) = c.get(&["flow", "orders"]).await {
+                if flow["status"]["lastSchemaChange"]["source"] == "ddl" {
+                    return flow;
+                }
+                last = flow;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await;
+    let Ok(flow) = changed else {
+        panic!(
+            "no schema change in the Flow status: {last:#}\npods:\n{}",
+            c.pod_logs().await
+        );
+    };
+    assert_eq!(flow["status"]["lastSchemaChange"]["version"], 2);
+    assert_eq!(flow_condition(&flow, "DDLGated")["status"], "False");
+    assert!(approvals(&c).await.is_empty());
+    let admin = common::connect(&superuser_dsn_for(&db)).await;
+    let recorded = admin
+        .query_one("SELECT state, gated FROM wallaby.ddl_events", &[])
+        .await
+        .unwrap();
+    assert_eq!(recorded.get::<_, String>(0), "Applied");
+    assert!(!recorded.get::<_, bool>(1));
+    c.cleanup().await;
+    db.drop_all().await;
+}

@@ -41,7 +41,11 @@ pub struct WorkerDefaults {
 /// The operator's DDL policy defaults from its environment, checked at start.
 pub fn ddl_env_from(get: impl Fn(&str) -> Option<String>) -> Result<Vec<(String, String)>, String> {
     let mut out = Vec::new();
-    for name in ["WALLABY_DDL_GATE", "WALLABY_DDL_AUTO_APPROVE", "WALLABY_DDL_AUTO_APPLY"] {
+    for name in [
+        "WALLABY_DDL_GATE",
+        "WALLABY_DDL_AUTO_APPROVE",
+        "WALLABY_DDL_AUTO_APPLY",
+    ] {
         if let Some(value) = get(name) {
             match value.trim().to_ascii_lowercase().as_str() {
                 "true" | "false" => out.push((name.to_owned(), value.trim().to_ascii_lowercase())),

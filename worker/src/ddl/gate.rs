@@ -3,7 +3,7 @@
 //! says so — holds the stream just before it until a decision (and, with `autoApply:
 //! false`, an apply confirmation) arrives. The pure decision rule is [`next`].
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -20,7 +20,7 @@ use super::capture::CapturedDdl;
 use super::desk::{Desk, Reading, approval_name};
 use super::history::{DdlEvent, DdlLog, NewDdlEvent, SchemaHistory, ShapeColumn, diff, summary};
 use super::plan::{TableChange, destination_plan, materializes_tables};
-use crate::change::SourceEvent;
+use crate::change::{Relation, SourceEvent};
 use crate::lsn::Lsn;
 use crate::metrics::Metrics;
 use crate::pipeline::{GateView, Progress};
@@ -145,9 +145,28 @@ impl DdlStage {
         // End of the last transaction handed on: everything before a statement is
         // confirmed once the pipeline confirmed this.
         let mut last_end = Lsn(0);
+        // Relations whose shape is in the history (by id, the description last seen), so
+        // versions are recorded in stream order, before a later statement's.
+        let mut known: HashMap<u32, Arc<Relation>> = HashMap::new();
         while let Some(event) = input.recv().await {
             match &event {
                 SourceEvent::Commit { end_lsn, .. } => last_end = *end_lsn,
+                SourceEvent::Row(change)
+                    if known
+                        .get(&change.relation.id)
+                        .is_none_or(|r| !Arc::ptr_eq(r, &change.relation)) =>
+                {
+                    super::note_stream_shape(
+                        &self.history,
+                        &change.relation,
+                        change.lsn,
+                        &self.progress,
+                        &self.metrics,
+                        true,
+                    )
+                    .await?;
+                    known.insert(change.relation.id, change.relation.clone());
+                }
                 SourceEvent::Message {
                     transactional: true,
                     lsn,

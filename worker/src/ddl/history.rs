@@ -473,6 +473,48 @@ impl SchemaHistory {
     }
 }
 
+/// Records the current shape of each table of `publication` the history does not know
+/// yet, at `start` (where the stream begins), through the capture's column function, so the
+/// first captured statement on a table has a "before". Called before the stream starts: a
+/// statement committed between `start` and this call would be seen as the starting shape.
+pub async fn seed_from_catalog(
+    client: &Client,
+    history: &SchemaHistory,
+    capture: &super::capture::CaptureSpec,
+    publication: &str,
+    start: Lsn,
+) -> Result<(), DdlError> {
+    let columns_fn = format!(
+        "{}.{}",
+        quote_ident(&capture.schema),
+        quote_ident(&format!("{}_columns", capture.trigger))
+    );
+    let rows = client
+        .query(
+            &format!(
+                "SELECT schemaname::text || '.' || tablename::text,
+                        {columns_fn}(format('%I.%I', schemaname, tablename)::regclass)::text
+                 FROM pg_publication_tables WHERE pubname = $1"
+            ),
+            &[&publication],
+        )
+        .await
+        .map_err(|e| DdlError::sql("reading the published tables' columns", e))?;
+    for row in rows {
+        let table: String = row.get(0);
+        if !history.versions(&table).await?.is_empty() {
+            continue;
+        }
+        let captured: Vec<CapturedColumn> = serde_json::from_str(&row.get::<_, String>(1))
+            .map_err(|e| DdlError::Corrupt(format!("{table}: {e}")))?;
+        let columns: Vec<ShapeColumn> = captured.iter().map(ShapeColumn::from).collect();
+        history
+            .resolve(&table, &columns, start, "catalog", None)
+            .await?;
+    }
+    Ok(())
+}
+
 /// A DDL statement in the log.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

@@ -10,9 +10,14 @@ pub mod gate;
 pub mod history;
 pub mod plan;
 
-use wallaby_crds::flow::EffectiveDdlPolicy;
+use std::sync::Mutex;
 
+use wallaby_crds::flow::{EffectiveDdlPolicy, SchemaChange};
+
+use crate::change::Relation;
 use crate::lsn::Lsn;
+use crate::metrics::Metrics;
+use crate::pipeline::Progress;
 
 /// DDL governance failures; each says what failed and what to do.
 #[derive(Debug, thiserror::Error)]
@@ -87,6 +92,46 @@ impl DdlError {
                 .unwrap_or_else(|| e.to_string()),
         }
     }
+}
+
+/// The version of a relation description met in the stream, recorded when new; a new
+/// shape of a known table that no captured statement announced is reported as drift.
+pub async fn note_stream_shape(
+    history: &history::SchemaHistory,
+    relation: &Relation,
+    lsn: Lsn,
+    progress: &Mutex<Progress>,
+    metrics: &Metrics,
+    captured: bool,
+) -> Result<u32, DdlError> {
+    let table = format!("{}.{}", relation.schema, relation.table);
+    let resolved = history
+        .resolve(&table, &history::shape_of(relation), lsn, "stream", None)
+        .await?;
+    if let Some((Some(previous), changes)) = &resolved.new {
+        let text = history::summary(changes);
+        metrics.schema_change("stream");
+        tracing::warn!(
+            table = %table,
+            from = previous,
+            to = resolved.version,
+            lsn = %lsn,
+            changes = %text,
+            "schema drift: {table} changed ({text}) with no captured DDL statement{}",
+            if captured { " matching it" } else { " (captureDDL is off)" }
+        );
+        progress
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .last_schema_change = Some(SchemaChange {
+            table,
+            version: resolved.version,
+            lsn: lsn.to_string(),
+            source: "stream".into(),
+            summary: text,
+        });
+    }
+    Ok(resolved.version)
 }
 
 /// Operator-wide (or, standalone, machine-wide) defaults of the DDL policy:
