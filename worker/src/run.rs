@@ -349,6 +349,40 @@ pub async fn run_controlled(
         .clone()
         .filter(|s| s.initial && control.start_lsn.is_none());
     setup::prepare_publication(&catalog, pg).await?;
+    // DDL governance: the policy, the durable schema history and the capture triggers, set
+    // up before the slot is created, so the worker's own DDL is not in its stream.
+    let ddl_policy = flow.spec.ddl.effective(ddl::env_defaults()?);
+    let history = if pg.ensure_state || pg.capture_ddl {
+        let tables = HistoryTables::in_schema(&pg.state_schema);
+        tables.ensure(&catalog).await?;
+        Some(Arc::new(SchemaHistory::new(
+            catalog.clone(),
+            tables,
+            flow_id.clone(),
+        )))
+    } else {
+        None
+    };
+    if pg.capture_ddl {
+        CaptureSpec::of(pg).ensure(&catalog).await?;
+    } else if ddl_policy.stops() || ddl_policy.gate {
+        tracing::warn!(
+            "ddl.gate / ddl.autoApply are set but source.postgres.captureDDL is off: no statement is captured, so none is gated; schema drift is still detected from the stream and reported"
+        );
+    }
+    // The shapes the stream starts from, read before the slot exists (at LSN 0: before
+    // anything streamed), so a captured statement has a "before" even on a table with no
+    // change streamed yet.
+    if let (Some(history), true) = (&history, pg.capture_ddl) {
+        ddl::history::seed_from_catalog(
+            &catalog,
+            history,
+            &CaptureSpec::of(pg),
+            &pg.publication,
+            Lsn(0),
+        )
+        .await?;
+    }
     // A new slot for an initial snapshot is created over the replication protocol so that
     // it exports the snapshot its consistent point belongs to; the copy reads inside it.
     let exported = match &snapshot_spec {
@@ -386,26 +420,6 @@ pub async fn run_controlled(
         None => confirmed_flush,
     };
     let source_state = Arc::new(SourceState::start(&catalog, pg, &flow_id).await?);
-    // DDL governance: the policy, the durable schema history and the capture triggers.
-    let ddl_policy = flow.spec.ddl.effective(ddl::env_defaults()?);
-    let history = if pg.ensure_state || pg.capture_ddl {
-        let tables = HistoryTables::in_schema(&pg.state_schema);
-        tables.ensure(&catalog).await?;
-        Some(Arc::new(SchemaHistory::new(
-            catalog.clone(),
-            tables,
-            flow_id.clone(),
-        )))
-    } else {
-        None
-    };
-    if pg.capture_ddl {
-        CaptureSpec::of(pg).ensure(&catalog).await?;
-    } else if ddl_policy.stops() || ddl_policy.gate {
-        tracing::warn!(
-            "ddl.gate / ddl.autoApply are set but source.postgres.captureDDL is off: no statement is captured, so none is gated; schema drift is still detected from the stream and reported"
-        );
-    }
     // Taken after this run's own writes (the state table) so a drain covers them too.
     let drain_target = if control.drain {
         Some(current_wal_lsn(&catalog, "--drain").await?)
@@ -503,18 +517,6 @@ pub async fn run_controlled(
         .clone()
         .unwrap_or_else(|| std::env::temp_dir().join("wallaby-spill").join(&pg.slot));
     let spill = SpillDir::prepare(&spill_dir)?;
-    // The shapes the stream starts with, before it starts (a captured statement then has a
-    // "before" even on a table with no change streamed yet).
-    if let (Some(history), true) = (&history, pg.capture_ddl) {
-        ddl::history::seed_from_catalog(
-            &catalog,
-            history,
-            &CaptureSpec::of(pg),
-            &pg.publication,
-            start,
-        )
-        .await?;
-    }
     let toast = ToastStage::new(pg.toast_fetch, pg.toast_cache_size, catalog.clone());
     let mut reader = ReplicationReader::start_from(
         &conn,

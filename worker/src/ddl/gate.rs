@@ -491,6 +491,12 @@ impl DdlStage {
                             event.lsn
                         );
                         self.set_gate(event, reason, message.clone());
+                        if step == Next::AwaitApply {
+                            // Decided; the approval shows it while the apply is confirmed.
+                            self.desk
+                                .finish(event, ApprovalState::Approved, &[], &message)
+                                .await?;
+                        }
                         self.metrics.ddl_gated();
                         let span = tracing::info_span!("ddl.gated", lsn = %event.lsn, approval = ?event.approval);
                         span.in_scope(|| {
