@@ -1043,6 +1043,58 @@ fn arrow_and_parquet_payloads_carry_typed_fields_and_postgres_metadata() {
     check(builder.schema());
 }
 
+/// A record written at schema version 3 still decodes with the writer schema of version 4
+/// (a column added, one dropped): Avro schema resolution, as a consumer holding the newer
+/// version would do it.
+#[test]
+fn avro_records_of_an_older_version_resolve_against_a_newer_one() {
+    let old = small_schema();
+    let mut new = table(vec![
+        column("id", ty_int4(), true),
+        column("name", ty("text", 25, TypeKind::Text), false),
+        column("email", ty("text", 25, TypeKind::Text), false),
+    ]);
+    new.version = 4;
+    let written = encode(
+        WireFormat::Avro,
+        &old,
+        &[change(
+            Op::Insert,
+            1,
+            None,
+            Some(row(vec![
+                Value::Int4(7),
+                Value::Text("ann".into()),
+                Value::Json("{}".into()),
+            ])),
+        )],
+    )
+    .unwrap();
+    let newer = encode(WireFormat::Avro, &new, &[]).unwrap();
+    let reader_schema = apache_avro::Reader::new(newer.as_slice())
+        .unwrap()
+        .writer_schema()
+        .clone();
+    let resolved: Vec<apache_avro::types::Value> =
+        // No extra schemata: the writer's named types resolve within the writer schema.
+        apache_avro::Reader::builder(written.as_slice())
+            .reader_schema(&reader_schema)
+            .schemata(Vec::new())
+            .build()
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+    assert_eq!(resolved.len(), 1);
+    let text = format!("{:?}", resolved[0]);
+    // The added column reads as null; the dropped one is gone; the rest is intact.
+    assert!(text.contains("\"email\", Union(0, Null)"), "{text}");
+    assert!(
+        text.contains("\"name\", Union(1, String(\"ann\"))"),
+        "{text}"
+    );
+    assert!(!text.contains("\"doc\""), "{text}");
+}
+
 #[test]
 fn avro_proto_and_json_payloads_describe_themselves() {
     use prost::Message as _;

@@ -189,9 +189,12 @@ fn writer_schema(layout: &Layout<'_>) -> Res<Schema> {
         .zip(&layout.wires)
         .zip(&avro_names)
         .map(|((col, w), avro_name)| {
+            // `default: null` lets a reader holding a later version (with this column added)
+            // resolve records written before it: Avro's backward-compatible evolution.
             let mut f = json!({
                 "name": avro_name,
                 "type": nullable(avro_type(w, &mut names)),
+                "default": null,
                 "pg.name": col.name,
                 "pg.type": col.ty.name,
                 "pg.oid": col.ty.oid,
