@@ -296,6 +296,12 @@ impl StatusReporter {
         };
         let (phase, ready, reason, message) = match (running, error) {
             (_, Some(e)) => (FlowPhase::Failed, "False", "WorkerFailed", e.to_owned()),
+            (true, None) if p.ddl_gate.is_some() => (
+                FlowPhase::Gated,
+                "True",
+                "Gated",
+                "holding the stream before a DDL statement: see DDLGated".to_owned(),
+            ),
             (true, None) => (
                 FlowPhase::Running,
                 "True",
@@ -464,6 +470,41 @@ mod tests {
         // The file keeps everything: standalone has no operator.
         assert!(status.phase.is_some());
         assert!(status.conditions.iter().any(|c| c.type_ == "Ready"));
+    }
+
+    #[tokio::test]
+    async fn a_held_gate_shows_as_ddl_gated_with_the_approval_and_phase_gated() {
+        let sink = Arc::new(Collect::default());
+        let reporter = StatusReporter::new(sink, "s".into(), vec![], None);
+        let p = Progress {
+            ddl_gate: Some(crate::pipeline::GateView {
+                approval: Some("orders-ddl-0-16b6c50".into()),
+                lsn: Lsn(0x16B_6C50),
+                reason: "AwaitingApproval".into(),
+                message: "ALTER TABLE on public.orders at 0/16B6C50 waits: kubectl patch …".into(),
+            }),
+            last_schema_change: Some(wallaby_crds::flow::SchemaChange {
+                table: "public.orders".into(),
+                version: 2,
+                lsn: "0/16B6C50".into(),
+                source: "ddl".into(),
+                summary: "+email text".into(),
+            }),
+            ..Progress::default()
+        };
+        let status = reporter.report(&p, None, true, None).await;
+        let gated = condition(&status, "DDLGated");
+        assert_eq!(
+            (gated.status.as_str(), gated.reason.as_str()),
+            ("True", "AwaitingApproval")
+        );
+        assert!(gated.message.contains("kubectl patch"));
+        assert_eq!(status.phase, Some(FlowPhase::Gated));
+        assert_eq!(status.last_schema_change.as_ref().unwrap().version, 2);
+        // In a cluster the worker sends its part, schema change included.
+        let owned = worker_owned(&status);
+        assert_eq!(condition(&owned, "DDLGated").status, "True");
+        assert!(owned.last_schema_change.is_some());
     }
 
     #[test]
