@@ -28,6 +28,15 @@ async fn install_capture(db: &TestDb, manifest: &Path) {
         .unwrap();
 }
 
+/// Runs statements one by one (each its own transaction).
+async fn run_sql(sql: &tokio_postgres::Client, statements: &[&str]) {
+    for stmt in statements {
+        sql.batch_execute(stmt)
+            .await
+            .unwrap_or_else(|e| panic!("{stmt}: {e}"));
+    }
+}
+
 /// Runs `wallaby-worker ddl <args> -f manifest`: (success, stdout, stderr).
 fn ddl_cli(manifest: &Path, args: &[&str]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_wallaby-worker"))
@@ -122,21 +131,23 @@ async fn captured_statements_arrive_at_their_exact_lsn_and_version_the_schema() 
     )
     .await
     .unwrap();
-    for stmt in [
-        "ALTER TABLE t RENAME COLUMN a TO a2",
-        "INSERT INTO t VALUES (4, 'r', 4, 'b4')",
-        "ALTER TABLE t ALTER COLUMN q TYPE bigint",
-        "INSERT INTO t VALUES (5, 's', 5000000000, 'b5')",
-        "ALTER TABLE t DROP COLUMN b",
-        "INSERT INTO t VALUES (6, 'u', 6)",
-        "CREATE TABLE public.n (id int PRIMARY KEY, v text)",
-        "INSERT INTO public.n VALUES (1, 'new')",
-        "DROP TABLE public.n",
-        "CREATE INDEX t_q ON t (q)",
-        "INSERT INTO t VALUES (7, 'end', 7)",
-    ] {
-        sql.batch_execute(stmt).await.unwrap();
-    }
+    run_sql(
+        &sql,
+        &[
+            "ALTER TABLE t RENAME COLUMN a TO a2",
+            "INSERT INTO t VALUES (4, 'r', 4, 'b4')",
+            "ALTER TABLE t ALTER COLUMN q TYPE bigint",
+            "INSERT INTO t VALUES (5, 's', 5000000000, 'b5')",
+            "ALTER TABLE t DROP COLUMN b",
+            "INSERT INTO t VALUES (6, 'u', 6)",
+            "CREATE TABLE public.n (id int PRIMARY KEY, v text)",
+            "INSERT INTO public.n VALUES (1, 'new')",
+            "DROP TABLE public.n",
+            "CREATE INDEX t_q ON t (q)",
+            "INSERT INTO t VALUES (7, 'end', 7)",
+        ],
+    )
+    .await;
     wait_for("the last row", DEADLINE, async || {
         record_with(dir.path(), "public.t", 7).map(|_| ())
     })
@@ -318,15 +329,15 @@ async fn a_gated_statement_waits_for_approve_and_a_rejected_one_stops_the_flow()
     let sql = db.client().await;
     let worker = Worker::spawn(&manifest, dir.path());
     db.attached().await;
-    sql.batch_execute("INSERT INTO t VALUES (1, 'before')")
-        .await
-        .unwrap();
-    sql.batch_execute("ALTER TABLE t ADD COLUMN b int")
-        .await
-        .unwrap();
-    sql.batch_execute("INSERT INTO t VALUES (2, 'after', 42)")
-        .await
-        .unwrap();
+    run_sql(
+        &sql,
+        &[
+            "INSERT INTO t VALUES (1, 'before')",
+            "ALTER TABLE t ADD COLUMN b int",
+            "INSERT INTO t VALUES (2, 'after', 42)",
+        ],
+    )
+    .await;
 
     let gate = wait_gated(dir.path(), "AwaitingApproval").await;
     assert!(
@@ -374,12 +385,11 @@ async fn a_gated_statement_waits_for_approve_and_a_rejected_one_stops_the_flow()
     assert!(!ok && err.contains("already Approved"), "{err}");
 
     // The second statement is rejected: the flow stops before it, the slot is held.
-    sql.batch_execute("ALTER TABLE t DROP COLUMN a")
-        .await
-        .unwrap();
-    sql.batch_execute("INSERT INTO t VALUES (3, 7)")
-        .await
-        .unwrap();
+    run_sql(
+        &sql,
+        &["ALTER TABLE t DROP COLUMN a", "INSERT INTO t VALUES (3, 7)"],
+    )
+    .await;
     wait_gated(dir.path(), "AwaitingApproval").await;
     let second = ddl_lsn(&db, "Pending").await;
     let (ok, out, err) = ddl_cli(
@@ -414,12 +424,14 @@ async fn without_auto_apply_the_flow_waits_for_the_apply_confirmation() {
     let sql = db.client().await;
     let worker = Worker::spawn(&manifest, dir.path());
     db.attached().await;
-    sql.batch_execute("ALTER TABLE t ADD COLUMN b int")
-        .await
-        .unwrap();
-    sql.batch_execute("INSERT INTO t VALUES (1, 'after', 1)")
-        .await
-        .unwrap();
+    run_sql(
+        &sql,
+        &[
+            "ALTER TABLE t ADD COLUMN b int",
+            "INSERT INTO t VALUES (1, 'after', 1)",
+        ],
+    )
+    .await;
     let gate = wait_gated(dir.path(), "AwaitingApply").await;
     assert!(
         gate["message"].as_str().unwrap().contains("ddl apply"),
@@ -455,15 +467,15 @@ async fn without_capture_drift_is_reported_and_versions_survive_a_restart() {
     let manifest = write_manifest(dir.path(), &db.dsn, &db.name, &["public.t"], "");
     let worker = Worker::spawn(&manifest, dir.path());
     db.attached().await;
-    sql.batch_execute("INSERT INTO t VALUES (1, 'x')")
-        .await
-        .unwrap();
-    sql.batch_execute("ALTER TABLE t ADD COLUMN b int")
-        .await
-        .unwrap();
-    sql.batch_execute("INSERT INTO t VALUES (2, 'y', 2)")
-        .await
-        .unwrap();
+    run_sql(
+        &sql,
+        &[
+            "INSERT INTO t VALUES (1, 'x')",
+            "ALTER TABLE t ADD COLUMN b int",
+            "INSERT INTO t VALUES (2, 'y', 2)",
+        ],
+    )
+    .await;
     let st = wait_for("drift in the status", DEADLINE, async || {
         let s = status(dir.path());
         (s["lastSchemaChange"]["source"] == "stream").then_some(s)

@@ -763,6 +763,28 @@ async fn files_contain(dir: &std::path::Path, needle: &str) -> bool {
     false
 }
 
+/// Waits (60 s at most) for `needle` in the destination's files.
+async fn delivered(out: &std::path::Path, needle: &str) -> bool {
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while !files_contain(out, needle).await {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await
+    .is_ok()
+}
+
+/// Waits for the worker to hold `slot`: rows count from then on.
+async fn slot_held(db: &TestDb, slot: &str, timeout: Duration) {
+    wait_for("the worker to hold its slot", timeout, async || {
+        db.slot(slot)
+            .await
+            .filter(|(_, active)| *active)
+            .map(|_| ())
+    })
+    .await;
+}
+
 async fn checkpoint(c: &Cluster) -> Option<u64> {
     let out = c
         .ok(&[
@@ -844,30 +866,15 @@ async fn flow_lifecycle(cleanup_policy: &str) {
 
     // Ready means "serves /healthz"; rows count from the slot's creation, so wait for the
     // worker to hold its slot before the first insert.
-    wait_for(
-        "the worker to hold its slot",
-        Duration::from_secs(60),
-        async || {
-            db.slot(&slot)
-                .await
-                .filter(|(_, active)| *active)
-                .map(|_| ())
-        },
-    )
-    .await;
+    slot_held(&db, &slot, Duration::from_secs(60)).await;
     client
         .execute("INSERT INTO public.orders VALUES (1, 'hello-k8s')", &[])
         .await
         .unwrap();
     if c.is_emulator() {
-        let seen = tokio::time::timeout(Duration::from_secs(60), async {
-            while !files_contain(&out, "hello-k8s").await {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        })
-        .await;
+        let seen = delivered(&out, "hello-k8s").await;
         assert!(
-            seen.is_ok(),
+            seen,
             "the row never reached the file destination\n{}",
             diagnostics().await
         );
@@ -942,17 +949,8 @@ async fn flow_lifecycle(cleanup_policy: &str) {
         .await
         .unwrap();
     if c.is_emulator() {
-        let seen = tokio::time::timeout(Duration::from_secs(60), async {
-            while !files_contain(&out, "after-resume").await {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        })
-        .await;
-        assert!(
-            seen.is_ok(),
-            "no rows after resume\n{}",
-            diagnostics().await
-        );
+        let seen = delivered(&out, "after-resume").await;
+        assert!(seen, "no rows after resume\n{}", diagnostics().await);
     }
 
     // Delete: children go; the slot follows cleanupPolicy.
@@ -1049,17 +1047,7 @@ async fn ddl_flow(
         f["spec"]["ddl"] = ddl.clone();
     }))
     .await;
-    wait_for(
-        "the worker to hold its slot",
-        Duration::from_secs(90),
-        async || {
-            db.slot(&slot)
-                .await
-                .filter(|(_, active)| *active)
-                .map(|_| ())
-        },
-    )
-    .await;
+    slot_held(&db, &slot, Duration::from_secs(90)).await;
     (c, operator, db, out)
 }
 
@@ -1154,17 +1142,8 @@ async fn gated_ddl_waits_for_kubectl_patch_then_resumes_or_stops_on_rejection() 
         r#"{"spec":{"decision":"Approved"}}"#,
     ])
     .await;
-    let arrived = tokio::time::timeout(Duration::from_secs(60), async {
-        while !files_contain(&out, "ann@example.com").await {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    })
-    .await;
-    assert!(
-        arrived.is_ok(),
-        "no row after approval\n{}",
-        diagnostics().await
-    );
+    let arrived = delivered(&out, "ann@example.com").await;
+    assert!(arrived, "no row after approval\n{}", diagnostics().await);
     let applied = wait_for("the approval to be Applied", T, async || {
         let a = c.get(&["ddlapproval", &name]).await?;
         (a["status"]["state"] == "Applied").then_some(a)
@@ -1263,14 +1242,9 @@ async fn ungated_ddl_is_applied_and_recorded_without_an_approval() {
     sql.batch_execute("INSERT INTO public.orders VALUES (1, 'x', 'cy@example.com')")
         .await
         .unwrap();
-    let arrived = tokio::time::timeout(Duration::from_secs(60), async {
-        while !files_contain(&out, "cy@example.com").await {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    })
-    .await;
+    let arrived = delivered(&out, "cy@example.com").await;
     assert!(
-        arrived.is_ok(),
+        arrived,
         "no row\noperator:\n{}\npods:\n{}",
         operator.as_ref().map(Operator::logs).unwrap_or_default(),
         c.pod_logs().await
