@@ -279,7 +279,17 @@ async fn captured_statements_arrive_at_their_exact_lsn_and_version_the_schema() 
     db.drop_all().await;
 }
 
-async fn gated_flow(prefix: &str, policy: &str) -> (TestDb, tempfile::TempDir, std::path::PathBuf) {
+/// A flow over `public.t (id, a)` with capture and the `ddl` policy given, its worker
+/// running and attached.
+struct GatedFlow {
+    db: TestDb,
+    sql: tokio_postgres::Client,
+    dir: tempfile::TempDir,
+    manifest: std::path::PathBuf,
+    worker: Worker,
+}
+
+async fn gated_flow(prefix: &str, policy: &str) -> GatedFlow {
     let db = TestDb::create(prefix).await;
     let sql = db.client().await;
     sql.batch_execute("CREATE TABLE t (id int PRIMARY KEY, a text)")
@@ -299,16 +309,26 @@ async fn gated_flow(prefix: &str, policy: &str) -> (TestDb, tempfile::TempDir, s
     );
     std::fs::write(&manifest, text).unwrap();
     install_capture(&db, &manifest).await;
-    (db, dir, manifest)
+    let worker = Worker::spawn(&manifest, dir.path());
+    db.attached().await;
+    GatedFlow {
+        db,
+        sql,
+        dir,
+        manifest,
+        worker,
+    }
 }
 
-async fn wait_gated(dir: &Path, reason: &str) -> Value {
-    wait_for(&format!("DDLGated=True ({reason})"), DEADLINE, async || {
+/// Waits for `DDLGated=True` with `reason`; its message must name the command `hint`.
+async fn wait_gated(dir: &Path, reason: &str, hint: &str) {
+    let gate = wait_for(&format!("DDLGated=True ({reason})"), DEADLINE, async || {
         let s = status(dir);
         let c = condition(&s, "DDLGated");
         (c["status"] == "True" && c["reason"] == reason).then_some(c)
     })
-    .await
+    .await;
+    assert!(gate["message"].as_str().unwrap().contains(hint), "{gate}");
 }
 
 async fn ddl_lsn(db: &TestDb, tag_state: &str) -> u64 {
@@ -325,10 +345,13 @@ async fn ddl_lsn(db: &TestDb, tag_state: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gated_statement_waits_for_approve_and_a_rejected_one_stops_the_flow() {
-    let (db, dir, manifest) = gated_flow("ddlgate", "{gate: true, autoApprove: false}").await;
-    let sql = db.client().await;
-    let worker = Worker::spawn(&manifest, dir.path());
-    db.attached().await;
+    let GatedFlow {
+        db,
+        sql,
+        dir,
+        manifest,
+        worker,
+    } = gated_flow("ddlgate", "{gate: true, autoApprove: false}").await;
     run_sql(
         &sql,
         &[
@@ -339,11 +362,7 @@ async fn a_gated_statement_waits_for_approve_and_a_rejected_one_stops_the_flow()
     )
     .await;
 
-    let gate = wait_gated(dir.path(), "AwaitingApproval").await;
-    assert!(
-        gate["message"].as_str().unwrap().contains("ddl approve"),
-        "{gate}"
-    );
+    wait_gated(dir.path(), "AwaitingApproval", "ddl approve").await;
     // Everything before the statement is delivered and confirmed; nothing after it.
     let r1 = record_with(dir.path(), "public.t", 1).expect("the row before the statement");
     let r1_commit = lsn_of(&r1["commit_lsn"]);
@@ -390,7 +409,7 @@ async fn a_gated_statement_waits_for_approve_and_a_rejected_one_stops_the_flow()
         &["ALTER TABLE t DROP COLUMN a", "INSERT INTO t VALUES (3, 7)"],
     )
     .await;
-    wait_gated(dir.path(), "AwaitingApproval").await;
+    wait_gated(dir.path(), "AwaitingApproval", "ddl reject").await;
     let second = ddl_lsn(&db, "Pending").await;
     let (ok, out, err) = ddl_cli(
         &manifest,
@@ -420,10 +439,13 @@ async fn a_gated_statement_waits_for_approve_and_a_rejected_one_stops_the_flow()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_auto_apply_the_flow_waits_for_the_apply_confirmation() {
-    let (db, dir, manifest) = gated_flow("ddlapply", "{autoApply: false}").await;
-    let sql = db.client().await;
-    let worker = Worker::spawn(&manifest, dir.path());
-    db.attached().await;
+    let GatedFlow {
+        db,
+        sql,
+        dir,
+        manifest,
+        worker,
+    } = gated_flow("ddlapply", "{autoApply: false}").await;
     run_sql(
         &sql,
         &[
@@ -432,11 +454,7 @@ async fn without_auto_apply_the_flow_waits_for_the_apply_confirmation() {
         ],
     )
     .await;
-    let gate = wait_gated(dir.path(), "AwaitingApply").await;
-    assert!(
-        gate["message"].as_str().unwrap().contains("ddl apply"),
-        "{gate}"
-    );
+    wait_gated(dir.path(), "AwaitingApply", "ddl apply").await;
     assert!(record_with(dir.path(), "public.t", 1).is_none());
     // Decided automatically (no gate), so it can be confirmed right away.
     let (ok, out, err) = ddl_cli(&manifest, &["apply", "1"]);
