@@ -527,3 +527,83 @@ async fn without_capture_drift_is_reported_and_versions_survive_a_restart() {
     assert_eq!(code, Some(0), "{log}");
     db.drop_all().await;
 }
+
+/// The body of `GET /metrics` from a worker listening on `addr`.
+async fn scrape(addr: &str) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+    s.write_all(
+        format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).await.ok()?;
+    text.split_once("\r\n\r\n").map(|(_, body)| body.to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_gate_survives_kill_9_and_is_counted() {
+    let GatedFlow {
+        db,
+        sql,
+        dir,
+        manifest,
+        worker,
+    } = gated_flow("ddlkill", "{gate: true, autoApprove: false}").await;
+    run_sql(
+        &sql,
+        &[
+            "ALTER TABLE t ADD COLUMN b int",
+            "INSERT INTO t VALUES (1, 'after', 1)",
+        ],
+    )
+    .await;
+    wait_gated(dir.path(), "AwaitingApproval", "ddl approve").await;
+    worker.kill9();
+    std::fs::remove_file(dir.path().join("status.json")).unwrap();
+
+    // Restarted, it meets the same statement and waits again: one record, not two.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let worker = Worker::spawn_with_env(
+        &manifest,
+        dir.path(),
+        &[("WALLABY_METRICS_ADDR", Path::new(&addr))],
+    );
+    wait_gated(dir.path(), "AwaitingApproval", "ddl approve").await;
+    // This process stopped once; the version was recorded by the first one.
+    let metrics = wait_for("the gate in /metrics", DEADLINE, async || {
+        scrape(&addr)
+            .await
+            .filter(|m| m.contains("wallaby_ddl_gated_total 1"))
+    })
+    .await;
+    assert!(
+        !metrics.contains("wallaby_schema_changes_total{source=\"ddl\"} 1"),
+        "{metrics}"
+    );
+    let (ok, list, err) = ddl_cli(&manifest, &["list"]);
+    assert!(ok, "{err}");
+    assert_eq!(
+        list.lines().count(),
+        2,
+        "one statement, recorded once: {list}"
+    );
+    assert!(record_with(dir.path(), "public.t", 1).is_none());
+
+    let (ok, out, err) = ddl_cli(&manifest, &["approve", "1"]);
+    assert!(ok, "{out}{err}");
+    let row = wait_for("the row after the statement", DEADLINE, async || {
+        record_with(dir.path(), "public.t", 1)
+    })
+    .await;
+    assert_eq!(row["after"]["b"], 1);
+    let (code, log) = worker.terminate();
+    assert_eq!(code, Some(0), "{log}");
+    db.drop_all().await;
+}
