@@ -5,11 +5,13 @@
 
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio_postgres::Client;
 
 use super::SnapshotError;
+use wallaby_codec::{Row, TableSchema, Value};
+
 use crate::change::{Cell, Column, Relation};
 use crate::source::setup::{TableName, quote_ident};
 
@@ -284,14 +286,72 @@ pub fn parse_line(line: &Bytes, columns: usize) -> Result<Vec<Cell>, String> {
     Ok(cells)
 }
 
+/// Decodes one line of COPY text output (without its newline) straight into typed values
+/// of `schema`'s columns: the values [`parse_line`] followed by the batcher's text decoding
+/// give, without a cell per field. `scratch` holds a field while its escapes are undone.
+pub fn decode_line(
+    line: &[u8],
+    schema: &TableSchema,
+    scratch: &mut Vec<u8>,
+) -> Result<Row, String> {
+    let columns = &schema.columns;
+    let mut values = Vec::with_capacity(columns.len());
+    let mut fields = line.split(|b| *b == b'\t');
+    for column in columns {
+        let Some(field) = fields.next() else {
+            return Err(field_count(line, columns.len()));
+        };
+        if field == b"\\N" {
+            values.push(Value::Null);
+            continue;
+        }
+        let raw = if field.contains(&b'\\') {
+            scratch.clear();
+            unescape_into(field, scratch)?;
+            scratch.as_slice()
+        } else {
+            field
+        };
+        let text = std::str::from_utf8(raw).map_err(|e| {
+            format!(
+                "column {} ({}): the value is not UTF-8: {e}",
+                column.name, column.ty.name
+            )
+        })?;
+        let value = wallaby_codec::text::decode(&column.ty, text)
+            .map_err(|e| format!("column {} ({}): {e}", column.name, column.ty.name))?;
+        values.push(value);
+    }
+    if fields.next().is_some() {
+        return Err(field_count(line, columns.len()));
+    }
+    Ok(Row {
+        values,
+        absent: Vec::new(),
+    })
+}
+
+fn field_count(line: &[u8], columns: usize) -> String {
+    format!(
+        "a COPY row has {} fields, the table {columns} columns",
+        line.split(|b| *b == b'\t').count()
+    )
+}
+
 /// Undoes COPY text escapes (`\\`, `\b`, `\f`, `\n`, `\r`, `\t`, `\v`, octal, `\xHH`).
 fn unescape(field: &[u8]) -> Result<Bytes, String> {
-    let mut out = BytesMut::with_capacity(field.len());
+    let mut out = Vec::with_capacity(field.len());
+    unescape_into(field, &mut out)?;
+    Ok(Bytes::from(out))
+}
+
+/// Appends `field` with its COPY text escapes undone to `out`.
+fn unescape_into(field: &[u8], out: &mut Vec<u8>) -> Result<(), String> {
     let mut i = 0;
     while i < field.len() {
         let b = field[i];
         if b != b'\\' {
-            out.extend_from_slice(&[b]);
+            out.push(b);
             i += 1;
             continue;
         }
@@ -334,9 +394,9 @@ fn unescape(field: &[u8]) -> Result<Bytes, String> {
             }
             other => other,
         };
-        out.extend_from_slice(&[byte]);
+        out.push(byte);
     }
-    Ok(out.freeze())
+    Ok(())
 }
 
 #[cfg(test)]

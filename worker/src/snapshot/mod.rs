@@ -38,11 +38,13 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_postgres::Client;
 use tokio_stream::StreamExt;
+use wallaby_codec::{Change, TableSchema};
 use wallaby_crds::flow::{SnapshotSpec, TableSnapshotProgress};
 
 use crate::ack::AckMode;
-use crate::batch::SchemaSource;
-use crate::change::{Op, RowChange, SourceEvent};
+use crate::batch::{ROW_OVERHEAD, SchemaSource, VALUE_OVERHEAD};
+use crate::batch::BatchError;
+use crate::change::{DecodedRows, Op, SourceEvent};
 use crate::lsn::Lsn;
 use crate::metrics::Metrics;
 use crate::pipeline::{
@@ -57,8 +59,9 @@ use store::{PartitionRecord, SnapshotStore};
 const PIECE_ROWS: usize = 4096;
 /// Bytes of COPY text per piece, whichever comes first.
 const PIECE_BYTES: usize = 4 << 20;
-/// Events buffered between the forwarder and the pipeline.
-const EVENT_BUFFER: usize = 4096;
+/// Events buffered between the forwarder and the pipeline (three per piece: begin, its
+/// decoded rows, commit), so decoded pieces waiting for the pipeline stay few.
+const EVENT_BUFFER: usize = 6;
 /// How often finished partitions are looked for while pieces are quiet.
 const SETTLE_EVERY: Duration = Duration::from_millis(200);
 
@@ -343,10 +346,10 @@ pub struct Job {
     slice: Slice,
 }
 
-/// Rows a copy worker hands to the forwarder.
+/// Rows a copy worker decoded and hands to the forwarder.
 struct Piece {
     job: usize,
-    rows: Vec<RowChange>,
+    rows: DecodedRows,
     last: bool,
 }
 
@@ -469,6 +472,35 @@ async fn copy_jobs(
         "snapshot: copying"
     );
 
+    // Copy workers decode rows themselves (in parallel), so each table's schema is
+    // resolved once here, as the pipeline would for the first row (version 1).
+    let mut sink = sink;
+    let mut resolved: HashMap<u32, Arc<TableSchema>> = HashMap::new();
+    let mut schemas = Vec::with_capacity(jobs.len());
+    for job in &jobs {
+        let relation = &job.table.relation;
+        let schema = match resolved.get(&relation.id) {
+            Some(schema) => schema.clone(),
+            None => {
+                let schema = sink
+                    .schemas
+                    .table_schema(relation, 1)
+                    .await
+                    .map_err(|message| {
+                        SnapshotError::Pipeline(PipelineError::Batch(BatchError::Schema {
+                            table: job.table.name.to_string(),
+                            message,
+                        }))
+                    })?;
+                let schema = Arc::new(schema);
+                resolved.insert(relation.id, schema.clone());
+                schema
+            }
+        };
+        schemas.push(schema);
+    }
+    let schemas = Arc::new(schemas);
+
     let confirmed = Arc::new(AtomicU64::new(0));
     let handles = PipelineHandles {
         progress: Arc::new(Mutex::new(Progress::default())),
@@ -498,6 +530,7 @@ async fn copy_jobs(
         copiers.spawn(copy_worker(
             conn.clone(),
             jobs.clone(),
+            schemas.clone(),
             queue.clone(),
             request.snapshot.clone(),
             request.lsn,
@@ -525,9 +558,9 @@ async fn copy_jobs(
             piece = piece_rx.recv() => match piece {
                 Some(piece) => {
                     settler.copying(piece.job);
-                    if !piece.rows.is_empty() {
+                    if !piece.rows.changes.is_empty() {
                         seq += 1;
-                        let rows = piece.rows.len() as u64;
+                        let rows = piece.rows.changes.len() as u64;
                         let Some(sender) = tx.as_ref() else { break };
                         if forward(sender, piece.rows, request.lsn, Lsn(seq)).await.is_err() {
                             // The pipeline stopped: its error is reported below.
@@ -590,7 +623,7 @@ async fn copy_jobs(
 /// Sends one piece as a transaction: Begin, its rows, Commit ending at `end`.
 async fn forward(
     tx: &mpsc::Sender<SourceEvent>,
-    rows: Vec<RowChange>,
+    rows: DecodedRows,
     lsn: Lsn,
     end: Lsn,
 ) -> Result<(), mpsc::error::SendError<SourceEvent>> {
@@ -601,9 +634,7 @@ async fn forward(
         commit_time: now,
     })
     .await?;
-    for row in rows {
-        tx.send(SourceEvent::Row(row)).await?;
-    }
+    tx.send(SourceEvent::Decoded(rows)).await?;
     tx.send(SourceEvent::Commit {
         commit_lsn: lsn,
         end_lsn: end,
@@ -678,6 +709,7 @@ impl Settler<'_> {
 async fn copy_worker(
     conn: PgConnection,
     jobs: Arc<Vec<Job>>,
+    schemas: Arc<Vec<Arc<TableSchema>>>,
     queue: Arc<Mutex<VecDeque<usize>>>,
     snapshot: Option<String>,
     lsn: Lsn,
@@ -695,7 +727,16 @@ async fn copy_worker(
             return Ok(());
         }
         let j = &jobs[job];
-        let result = copy_partition(&client, j, job, snapshot.as_deref(), lsn, &out, &stop)
+        let result = copy_partition(
+            &client,
+            j,
+            &schemas[job],
+            job,
+            snapshot.as_deref(),
+            lsn,
+            &out,
+            &stop,
+        )
             .await
             .map_err(|message| SnapshotError::Copy {
                 table: j.table.name.to_string(),
@@ -710,9 +751,11 @@ async fn copy_worker(
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn copy_partition(
     client: &Client,
     job: &Job,
+    schema: &Arc<TableSchema>,
     index: usize,
     snapshot: Option<&str>,
     lsn: Lsn,
@@ -736,10 +779,18 @@ async fn copy_partition(
         .await
         .map_err(|e| format!("{statement}: {e}"))?;
     let mut stream = std::pin::pin!(stream);
-    let relation = job.table.relation.clone();
-    let columns = relation.columns.len();
+    let relation_id = job.table.relation.id;
+    let row_cost = ROW_OVERHEAD + VALUE_OVERHEAD * schema.columns.len() as u64;
+    let piece = |changes: Vec<Change>, bytes: u64| DecodedRows {
+        relation_id,
+        schema: schema.clone(),
+        changes,
+        bytes,
+    };
     let mut rows = Vec::with_capacity(PIECE_ROWS);
     let mut bytes = 0usize;
+    let mut cost = 0u64;
+    let mut scratch = Vec::new();
     loop {
         let chunk = tokio::select! {
             chunk = stream.next() => chunk,
@@ -752,31 +803,32 @@ async fn copy_partition(
         };
         // The server sends one row per message; splitting on newlines also covers
         // several (field newlines are escaped in text COPY).
-        let mut start = 0;
-        while start < data.len() {
-            let end = data[start..]
-                .iter()
-                .position(|b| *b == b'\n')
-                .map_or(data.len(), |p| start + p);
-            let line = data.slice(start..end);
-            start = end + 1;
+        for line in data.strip_suffix(b"\n").unwrap_or(&data).split(|b| *b == b'\n') {
             bytes += line.len();
-            rows.push(RowChange {
-                relation: relation.clone(),
+            cost += row_cost + line.len() as u64;
+            let row = copy::decode_line(line, schema, &mut scratch)
+                .map_err(|e| format!("row {}: {e}", rows.len()))?;
+            rows.push(Change {
                 op: Op::Read,
+                commit_lsn: lsn.0,
+                lsn: lsn.0,
+                commit_time_micros: 0,
+                xid: 0,
                 before: None,
-                before_is_identity: false,
-                after: Some(copy::parse_line(&line, columns)?),
-                lsn,
+                after: Some(row),
             });
         }
         if rows.len() >= PIECE_ROWS || bytes >= PIECE_BYTES {
             let piece = Piece {
                 job: index,
-                rows: std::mem::replace(&mut rows, Vec::with_capacity(PIECE_ROWS)),
+                rows: piece(
+                    std::mem::replace(&mut rows, Vec::with_capacity(PIECE_ROWS)),
+                    cost,
+                ),
                 last: false,
             };
             bytes = 0;
+            cost = 0;
             if out.send(piece).await.is_err() {
                 return Ok(());
             }
@@ -789,7 +841,7 @@ async fn copy_partition(
     let _ = out
         .send(Piece {
             job: index,
-            rows,
+            rows: piece(rows, cost),
             last: true,
         })
         .await;
