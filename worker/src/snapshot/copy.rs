@@ -338,6 +338,156 @@ fn field_count(line: &[u8], columns: usize) -> String {
     )
 }
 
+/// Signature opening `COPY … (FORMAT binary)` data.
+const BINARY_SIGNATURE: &[u8; 11] = b"PGCOPY\n\xff\r\n\0";
+
+/// Whether every column of `schema` decodes from `COPY … (FORMAT binary)` (cheaper for
+/// the server and for the worker than text); otherwise the table is copied as text.
+pub fn binary_copy(schema: &TableSchema) -> bool {
+    schema
+        .columns
+        .iter()
+        .all(|c| wallaby_codec::binary::supports(&c.ty))
+}
+
+/// Reads `COPY … (FORMAT binary)` data chunk by chunk: the header once, then each complete
+/// tuple, keeping a tuple cut between chunks for the next one.
+#[derive(Debug, Default)]
+pub struct BinaryRows {
+    header_done: bool,
+    finished: bool,
+    carry: Vec<u8>,
+}
+
+impl BinaryRows {
+    /// Decodes the tuples completed by `data` into rows of `schema`, handing each to
+    /// `each` with its size in bytes.
+    pub fn feed(
+        &mut self,
+        data: &[u8],
+        schema: &TableSchema,
+        each: &mut dyn FnMut(Row, usize),
+    ) -> Result<(), String> {
+        if self.carry.is_empty() {
+            let used = self.parse(data, schema, each)?;
+            self.carry.extend_from_slice(&data[used..]);
+        } else {
+            let mut buf = std::mem::take(&mut self.carry);
+            buf.extend_from_slice(data);
+            let used = self.parse(&buf, schema, each)?;
+            buf.drain(..used);
+            self.carry = buf;
+        }
+        Ok(())
+    }
+
+    /// Checks that the data ended with its trailer, after a whole tuple.
+    pub fn finish(&self) -> Result<(), String> {
+        if !self.carry.is_empty() {
+            return Err(format!(
+                "binary COPY data ended inside a row ({} bytes left)",
+                self.carry.len()
+            ));
+        }
+        if !self.finished {
+            return Err("binary COPY data ended without its trailer".into());
+        }
+        Ok(())
+    }
+
+    /// Decodes whole tuples from the start of `buf`; returns the bytes used.
+    fn parse(
+        &mut self,
+        buf: &[u8],
+        schema: &TableSchema,
+        each: &mut dyn FnMut(Row, usize),
+    ) -> Result<usize, String> {
+        let mut pos = 0;
+        if !self.header_done {
+            // Signature, flags, header extension length, extension.
+            let Some(ext) = buf.get(15..19) else {
+                return Ok(0);
+            };
+            if &buf[..11] != BINARY_SIGNATURE {
+                return Err("binary COPY data does not start with its signature".into());
+            }
+            let ext = u32::from_be_bytes([ext[0], ext[1], ext[2], ext[3]]) as usize;
+            if buf.len() < 19 + ext {
+                return Ok(0);
+            }
+            pos = 19 + ext;
+            self.header_done = true;
+        }
+        let columns = &schema.columns;
+        let mut fields: Vec<Option<(usize, usize)>> = Vec::with_capacity(columns.len());
+        while pos < buf.len() {
+            if self.finished {
+                return Err("binary COPY data continues after its trailer".into());
+            }
+            let Some(count) = buf.get(pos..pos + 2) else {
+                break;
+            };
+            let count = i16::from_be_bytes([count[0], count[1]]);
+            if count == -1 {
+                self.finished = true;
+                pos += 2;
+                continue;
+            }
+            if count as usize != columns.len() {
+                return Err(format!(
+                    "a COPY row has {count} fields, the table {} columns",
+                    columns.len()
+                ));
+            }
+            // The tuple's extent first: a tuple cut by the chunk end waits for the next.
+            fields.clear();
+            let mut at = pos + 2;
+            let mut complete = true;
+            for _ in 0..columns.len() {
+                let Some(len) = buf.get(at..at + 4) else {
+                    complete = false;
+                    break;
+                };
+                let len = i32::from_be_bytes([len[0], len[1], len[2], len[3]]);
+                at += 4;
+                if len < 0 {
+                    fields.push(None);
+                    continue;
+                }
+                let len = len as usize;
+                if buf.len() < at + len {
+                    complete = false;
+                    break;
+                }
+                fields.push(Some((at, len)));
+                at += len;
+            }
+            if !complete {
+                break;
+            }
+            let mut values = Vec::with_capacity(columns.len());
+            for (column, field) in columns.iter().zip(&fields) {
+                values.push(match field {
+                    None => Value::Null,
+                    Some((start, len)) => {
+                        wallaby_codec::binary::decode(&column.ty, &buf[*start..start + len])
+                            .map_err(|e| format!("column {} ({}): {e}", column.name, column.ty.name))?
+                    }
+                });
+            }
+            each(
+                Row {
+                    values,
+                    absent: Vec::new(),
+                },
+                at - pos,
+            );
+            pos = at;
+        }
+        Ok(pos)
+    }
+}
+
 /// Undoes COPY text escapes (`\\`, `\b`, `\f`, `\n`, `\r`, `\t`, `\v`, octal, `\xHH`).
 fn unescape(field: &[u8]) -> Result<Bytes, String> {
     let mut out = Vec::with_capacity(field.len());

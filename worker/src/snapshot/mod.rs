@@ -38,7 +38,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_postgres::Client;
 use tokio_stream::StreamExt;
-use wallaby_codec::{Change, TableSchema};
+use wallaby_codec::{Change, Row, TableSchema};
 use wallaby_crds::flow::{SnapshotSpec, TableSnapshotProgress};
 
 use crate::ack::AckMode;
@@ -773,7 +773,11 @@ async fn copy_partition(
         .batch_execute(&begin)
         .await
         .map_err(|e| format!("opening the snapshot transaction: {e}"))?;
-    let statement = copy::copy_statement(&job.table, &job.slice);
+    let binary = copy::binary_copy(schema);
+    let mut statement = copy::copy_statement(&job.table, &job.slice);
+    if binary {
+        statement.push_str(" (FORMAT binary)");
+    }
     let stream = client
         .copy_out(&statement)
         .await
@@ -791,6 +795,7 @@ async fn copy_partition(
     let mut bytes = 0usize;
     let mut cost = 0u64;
     let mut scratch = Vec::new();
+    let mut tuples = copy::BinaryRows::default();
     loop {
         let chunk = tokio::select! {
             chunk = stream.next() => chunk,
@@ -801,22 +806,30 @@ async fn copy_partition(
             Some(Err(e)) => return Err(format!("reading COPY data: {e}")),
             Some(Ok(data)) => data,
         };
-        // The server sends one row per message; splitting on newlines also covers
-        // several (field newlines are escaped in text COPY).
-        for line in data.strip_suffix(b"\n").unwrap_or(&data).split(|b| *b == b'\n') {
+        let read = |row: Row| Change {
+            op: Op::Read,
+            commit_lsn: lsn.0,
+            lsn: lsn.0,
+            commit_time_micros: 0,
+            xid: 0,
+            before: None,
+            after: Some(row),
+        };
+        if binary {
+            tuples.feed(&data, schema, &mut |row, size| {
+                bytes += size;
+                cost += row_cost + size as u64;
+                rows.push(read(row));
+            })?;
+        } else {
+            // The server sends one row per message; splitting on newlines also covers
+            // several (field newlines are escaped in text COPY).
+            for line in data.strip_suffix(b"\n").unwrap_or(&data).split(|b| *b == b'\n') {
             bytes += line.len();
             cost += row_cost + line.len() as u64;
-            let row = copy::decode_line(line, schema, &mut scratch)
-                .map_err(|e| format!("row {}: {e}", rows.len()))?;
-            rows.push(Change {
-                op: Op::Read,
-                commit_lsn: lsn.0,
-                lsn: lsn.0,
-                commit_time_micros: 0,
-                xid: 0,
-                before: None,
-                after: Some(row),
-            });
+                let row = copy::decode_line(line, schema, &mut scratch)?;
+                rows.push(read(row));
+            }
         }
         if rows.len() >= PIECE_ROWS || bytes >= PIECE_BYTES {
             let piece = Piece {
@@ -833,6 +846,9 @@ async fn copy_partition(
                 return Ok(());
             }
         }
+    }
+    if binary {
+        tuples.finish()?;
     }
     client
         .batch_execute("COMMIT")
