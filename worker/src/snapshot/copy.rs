@@ -575,6 +575,63 @@ mod tests {
         assert!(parse_line(&Bytes::from_static(b"1"), 2).is_err());
     }
 
+    fn int4_schema() -> TableSchema {
+        TableSchema {
+            schema: "public".into(),
+            table: "t".into(),
+            columns: vec![wallaby_codec::ColumnSchema {
+                name: "a".into(),
+                ty: Arc::new(wallaby_codec::TypeInfo {
+                    oid: 23,
+                    name: "int4".into(),
+                    typmod: -1,
+                    kind: wallaby_codec::TypeKind::Int4,
+                }),
+                key: false,
+                mapped_type: None,
+            }],
+            version: 1,
+        }
+    }
+
+    #[test]
+    fn binary_copy_data_is_read_whole_and_a_cut_stream_is_an_error() {
+        let schema = int4_schema();
+        let mut data = BINARY_SIGNATURE.to_vec();
+        data.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 0]);
+        for v in [7i32, -1] {
+            data.extend_from_slice(&1i16.to_be_bytes());
+            data.extend_from_slice(&4i32.to_be_bytes());
+            data.extend_from_slice(&v.to_be_bytes());
+        }
+        data.extend_from_slice(&1i16.to_be_bytes());
+        data.extend_from_slice(&(-1i32).to_be_bytes());
+        let body = data.len();
+        data.extend_from_slice(&(-1i16).to_be_bytes());
+
+        let mut rows = Vec::new();
+        let mut reader = BinaryRows::default();
+        let (a, b) = data.split_at(25);
+        reader.feed(a, &schema, &mut |r, _| rows.push(r)).unwrap();
+        reader.feed(b, &schema, &mut |r, _| rows.push(r)).unwrap();
+        reader.finish().unwrap();
+        let values: Vec<Value> = rows.into_iter().flat_map(|r| r.values).collect();
+        assert_eq!(values, vec![Value::Int4(7), Value::Int4(-1), Value::Null]);
+
+        let mut cut = BinaryRows::default();
+        cut.feed(&data[..body - 2], &schema, &mut |_, _| {}).unwrap();
+        assert!(cut.finish().unwrap_err().contains("inside a row"));
+        let mut untrailed = BinaryRows::default();
+        untrailed.feed(&data[..body], &schema, &mut |_, _| {}).unwrap();
+        assert!(untrailed.finish().unwrap_err().contains("trailer"));
+        let mut wrong = data.clone();
+        wrong[19..21].copy_from_slice(&2i16.to_be_bytes());
+        let err = BinaryRows::default()
+            .feed(&wrong, &schema, &mut |_, _| {})
+            .unwrap_err();
+        assert!(err.contains("2 fields, the table 1 columns"), "{err}");
+    }
+
     #[test]
     fn page_ranges_cover_the_heap_and_leave_the_last_one_open() {
         let table = TableInfo {

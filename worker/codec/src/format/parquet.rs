@@ -17,6 +17,7 @@ pub(crate) fn encode(layout: &Layout<'_>, changes: &[Change]) -> Res<Vec<u8>> {
     let batch = arrow::to_batch(layout, changes)?;
     let props = WriterProperties::builder()
         .set_compression(Compression::SNAPPY)
+        .set_dictionary_enabled(false)
         .build();
     let mut out = Vec::new();
     let mut writer =
