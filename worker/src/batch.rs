@@ -691,6 +691,51 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn decoded_rows_fill_the_batch_up_to_its_room_and_get_the_transaction_fields() {
+        let mut b = Batcher::new(1 << 20);
+        let schema = Arc::new(
+            TextSchemas
+                .table_schema(&relation(&["a"]), 1)
+                .await
+                .unwrap(),
+        );
+        let change = |v: &str| Change {
+            op: Op::Read,
+            commit_lsn: 0,
+            lsn: 5,
+            commit_time_micros: 0,
+            xid: 0,
+            before: None,
+            after: Some(Row {
+                values: vec![Value::Text(v.into())],
+                absent: Vec::new(),
+            }),
+        };
+        let rows = DecodedRows {
+            relation_id: 7,
+            schema,
+            changes: vec![change("x"), change("y"), change("z")],
+            bytes: 300,
+        };
+        let now = Utc::now();
+        b.begin(3, Lsn(100), now);
+        let rest = b.decoded(rows, 2).await.unwrap().expect("one row left");
+        assert_eq!((rest.changes.len(), rest.bytes), (1, 100));
+        let first = b.take().unwrap();
+        assert_eq!((first.rows, first.bytes), (2, 200));
+        let c = &first.tables[0].changes[1];
+        assert_eq!(
+            (c.commit_lsn, c.lsn, c.xid, c.commit_time_micros),
+            (100, 5, 3, now.timestamp_micros())
+        );
+        assert_eq!(first.op_counts, vec![("public.t".to_owned(), Op::Read, 2)]);
+        assert!(b.decoded(rest, 0).await.unwrap().is_none(), "at least one row is taken");
+        b.commit(Lsn(110), now);
+        let second = b.take().unwrap();
+        assert_eq!((second.rows, second.checkpoint), (1, Some(Lsn(110))));
+    }
+
+    #[tokio::test]
     async fn the_memory_budget_holds_reading_until_destinations_release_batches() {
         // 64 KiB budget, rows of ~20 KiB: the fourth row must wait for the first batch.
         let mut b = Batcher::new(64 << 10);

@@ -1011,7 +1011,10 @@ fn batch_room(current: Option<&ChangeBatch>, config: &PipelineConfig, rows: &Dec
     let (held_rows, held_bytes) = current.map_or((0, 0), |b| (b.rows, b.bytes));
     let by_count = config.batch_size.saturating_sub(held_rows);
     let per_row = (rows.bytes / (rows.changes.len() as u64).max(1)).max(1);
-    let by_bytes = config.batch_max_bytes.saturating_sub(held_bytes).div_ceil(per_row);
+    let by_bytes = config
+        .batch_max_bytes
+        .saturating_sub(held_bytes)
+        .div_ceil(per_row);
     by_count.min(by_bytes).max(1)
 }
 

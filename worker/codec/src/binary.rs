@@ -89,9 +89,7 @@ fn decode_inner(ty: &TypeInfo, bytes: &[u8]) -> Result<Value, String> {
             let days = i32::from_be_bytes(fixed(bytes)?);
             Value::Date(match days {
                 i32::MIN | i32::MAX => days,
-                d => d
-                    .checked_add(EPOCH_SHIFT_DAYS)
-                    .ok_or("date out of range")?,
+                d => d.checked_add(EPOCH_SHIFT_DAYS).ok_or("date out of range")?,
             })
         }
         TypeKind::Time => Value::Time(i64::from_be_bytes(fixed(bytes)?)),

@@ -1,7 +1,8 @@
 //! Reading one partition of a table inside a snapshot: the table described as a
 //! [`Relation`] (the shape pgoutput gives the stream), the partition's predicate (a hash of
-//! a column, or a range of heap pages), and `COPY … TO STDOUT` text rows turned into the
-//! same text cells pgoutput sends, so snapshot rows and streamed rows decode identically.
+//! a column, or a range of heap pages), and `COPY … TO STDOUT` rows (text, or binary where
+//! every column has a binary decoder) decoded straight into the typed values the stream's
+//! text cells decode to, so snapshot rows and streamed rows are encoded identically.
 
 use std::sync::Arc;
 
@@ -471,7 +472,9 @@ impl BinaryRows {
                     None => Value::Null,
                     Some((start, len)) => {
                         wallaby_codec::binary::decode(&column.ty, &buf[*start..start + len])
-                            .map_err(|e| format!("column {} ({}): {e}", column.name, column.ty.name))?
+                            .map_err(|e| {
+                                format!("column {} ({}): {e}", column.name, column.ty.name)
+                            })?
                     }
                 });
             }
@@ -619,10 +622,13 @@ mod tests {
         assert_eq!(values, vec![Value::Int4(7), Value::Int4(-1), Value::Null]);
 
         let mut cut = BinaryRows::default();
-        cut.feed(&data[..body - 2], &schema, &mut |_, _| {}).unwrap();
+        cut.feed(&data[..body - 2], &schema, &mut |_, _| {})
+            .unwrap();
         assert!(cut.finish().unwrap_err().contains("inside a row"));
         let mut untrailed = BinaryRows::default();
-        untrailed.feed(&data[..body], &schema, &mut |_, _| {}).unwrap();
+        untrailed
+            .feed(&data[..body], &schema, &mut |_, _| {})
+            .unwrap();
         assert!(untrailed.finish().unwrap_err().contains("trailer"));
         let mut wrong = data.clone();
         wrong[19..21].copy_from_slice(&2i16.to_be_bytes());

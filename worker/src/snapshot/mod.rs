@@ -7,9 +7,12 @@
 //!                                            ▼
 //!  plan (state store) ─▶ queue ─▶ copy worker 1..N: BEGIN REPEATABLE READ;
 //!                                   SET TRANSACTION SNAPSHOT; COPY (SELECT … WHERE slice)
-//!                                            │ pieces of ≤ PIECE_ROWS rows (op `read`)
+//!                                   (binary when every column type has a binary decoder)
+//!                                            │ decoded in the copy worker (in parallel):
+//!                                            │ pieces of ≤ PIECE_ROWS typed rows (op `read`)
 //!                                            ▼
-//!       forwarder: each piece = one synthetic transaction (end = sequence number)
+//!       forwarder: each piece = one synthetic transaction (end = sequence number),
+//!                  its rows one `SourceEvent::Decoded` the batcher only groups
 //!                                            ▼
 //!       Pipeline (ackPolicy all) ─durable─▶ confirmed sequence ─▶ partition done (store)
 //! ```
@@ -42,8 +45,8 @@ use wallaby_codec::{Change, Row, TableSchema};
 use wallaby_crds::flow::{SnapshotSpec, TableSnapshotProgress};
 
 use crate::ack::AckMode;
-use crate::batch::{ROW_OVERHEAD, SchemaSource, VALUE_OVERHEAD};
 use crate::batch::BatchError;
+use crate::batch::{ROW_OVERHEAD, SchemaSource, VALUE_OVERHEAD};
 use crate::change::{DecodedRows, Op, SourceEvent};
 use crate::lsn::Lsn;
 use crate::metrics::Metrics;
@@ -737,12 +740,12 @@ async fn copy_worker(
             &out,
             &stop,
         )
-            .await
-            .map_err(|message| SnapshotError::Copy {
-                table: j.table.name.to_string(),
-                index: j.index,
-                message,
-            });
+        .await
+        .map_err(|message| SnapshotError::Copy {
+            table: j.table.name.to_string(),
+            index: j.index,
+            message,
+        });
         if result.is_err() {
             // The other workers stop too: the flow fails and restarts from the state.
             stop.cancel();
@@ -815,6 +818,9 @@ async fn copy_partition(
             before: None,
             after: Some(row),
         };
+        if data.is_empty() {
+            continue;
+        }
         if binary {
             tuples.feed(&data, schema, &mut |row, size| {
                 bytes += size;
@@ -824,9 +830,13 @@ async fn copy_partition(
         } else {
             // The server sends one row per message; splitting on newlines also covers
             // several (field newlines are escaped in text COPY).
-            for line in data.strip_suffix(b"\n").unwrap_or(&data).split(|b| *b == b'\n') {
-            bytes += line.len();
-            cost += row_cost + line.len() as u64;
+            for line in data
+                .strip_suffix(b"\n")
+                .unwrap_or(&data)
+                .split(|b| *b == b'\n')
+            {
+                bytes += line.len();
+                cost += row_cost + line.len() as u64;
                 let row = copy::decode_line(line, schema, &mut scratch)?;
                 rows.push(read(row));
             }
