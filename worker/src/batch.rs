@@ -729,7 +729,10 @@ mod tests {
             (100, 5, 3, now.timestamp_micros())
         );
         assert_eq!(first.op_counts, vec![("public.t".to_owned(), Op::Read, 2)]);
-        assert!(b.decoded(rest, 0).await.unwrap().is_none(), "at least one row is taken");
+        assert!(
+            b.decoded(rest, 0).await.unwrap().is_none(),
+            "at least one row is taken"
+        );
         b.commit(Lsn(110), now);
         let second = b.take().unwrap();
         assert_eq!((second.rows, second.checkpoint), (1, Some(Lsn(110))));

@@ -502,7 +502,6 @@ async fn copy_jobs(
         };
         schemas.push(schema);
     }
-    let schemas = Arc::new(schemas);
 
     let confirmed = Arc::new(AtomicU64::new(0));
     let handles = PipelineHandles {
@@ -524,7 +523,11 @@ async fn copy_jobs(
     let pipeline_task = tokio::spawn(pipeline.run(rx));
 
     let jobs = Arc::new(jobs);
-    let queue = Arc::new(Mutex::new((0..jobs.len()).collect::<VecDeque<usize>>()));
+    let work = Arc::new(Work {
+        jobs: jobs.clone(),
+        schemas,
+        queue: Mutex::new((0..jobs.len()).collect()),
+    });
     let stop = cancel.child_token();
     let workers = (request.workers as usize).min(jobs.len()).max(1);
     let (piece_tx, mut piece_rx) = mpsc::channel::<Piece>(workers * 2);
@@ -532,9 +535,7 @@ async fn copy_jobs(
     for _ in 0..workers {
         copiers.spawn(copy_worker(
             conn.clone(),
-            jobs.clone(),
-            schemas.clone(),
-            queue.clone(),
+            work.clone(),
             request.snapshot.clone(),
             request.lsn,
             piece_tx.clone(),
@@ -708,12 +709,18 @@ impl Settler<'_> {
     }
 }
 
+/// What the copy workers share: the partitions, the schema of each, and the queue of those
+/// not yet taken.
+struct Work {
+    jobs: Arc<Vec<Job>>,
+    schemas: Vec<Arc<TableSchema>>,
+    queue: Mutex<VecDeque<usize>>,
+}
+
 /// Takes partitions from the queue and copies each in its own transaction.
 async fn copy_worker(
     conn: PgConnection,
-    jobs: Arc<Vec<Job>>,
-    schemas: Arc<Vec<Arc<TableSchema>>>,
-    queue: Arc<Mutex<VecDeque<usize>>>,
+    work: Arc<Work>,
     snapshot: Option<String>,
     lsn: Lsn,
     out: mpsc::Sender<Piece>,
@@ -721,7 +728,8 @@ async fn copy_worker(
 ) -> Result<(), SnapshotError> {
     let client = conn.connect().await?;
     loop {
-        let next = queue
+        let next = work
+            .queue
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .pop_front();
@@ -729,11 +737,11 @@ async fn copy_worker(
         if stop.is_cancelled() {
             return Ok(());
         }
-        let j = &jobs[job];
+        let j = &work.jobs[job];
         let result = copy_partition(
             &client,
             j,
-            &schemas[job],
+            &work.schemas[job],
             job,
             snapshot.as_deref(),
             lsn,
