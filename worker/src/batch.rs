@@ -12,14 +12,14 @@ use chrono::{DateTime, Utc};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use wallaby_codec::{Change, Row, TableSchema, Value};
 
-use crate::change::{Cell, Op, Relation, RowChange};
+use crate::change::{Cell, DecodedRows, Op, Relation, RowChange};
 use crate::lsn::Lsn;
 
 /// Fixed cost charged per row on top of its values (the `Change`, its vectors and their
 /// allocations, as measured with the 1M-row test).
-const ROW_OVERHEAD: u64 = 160;
+pub(crate) const ROW_OVERHEAD: u64 = 160;
 /// Cost charged per typed value on top of its text.
-const VALUE_OVERHEAD: u64 = 64;
+pub(crate) const VALUE_OVERHEAD: u64 = 64;
 /// Budget permits are KiB so that a `u32` permit count covers terabytes.
 const PERMIT_UNIT: u64 = 1024;
 
@@ -371,6 +371,88 @@ impl Batcher {
         Ok(())
     }
 
+    /// Adds rows decoded ahead of the batcher, at most `room` of them (at least one), and
+    /// returns the rest: the caller dispatches the full batch and hands the rest back. The
+    /// rows get the open transaction's commit LSN, commit time and xid.
+    pub async fn decoded(
+        &mut self,
+        mut rows: DecodedRows,
+        room: u64,
+    ) -> Result<Option<DecodedRows>, BatchError> {
+        let (xid, commit_lsn, commit_time) = self
+            .txn
+            .ok_or_else(|| BatchError::Protocol("decoded rows outside a transaction".into()))?;
+        let total = rows.changes.len() as u64;
+        if total == 0 {
+            return Ok(None);
+        }
+        let take = room.clamp(1, total);
+        let rest = (take < total).then(|| {
+            let changes = rows.changes.split_off(take as usize);
+            // The bytes are shared in proportion to the rows (rows of a piece are alike).
+            let bytes = rows.bytes * (total - take) / total;
+            rows.bytes -= bytes;
+            DecodedRows {
+                relation_id: rows.relation_id,
+                schema: rows.schema.clone(),
+                changes,
+                bytes,
+            }
+        });
+        self.charge(rows.bytes).await;
+        let micros = commit_time.timestamp_micros();
+        for change in &mut rows.changes {
+            change.commit_lsn = commit_lsn.0;
+            change.commit_time_micros = micros;
+            change.xid = xid;
+        }
+        let schema = rows.schema;
+        let key = (rows.relation_id, schema.version);
+        let group = match self.group_index.get(&key) {
+            Some(i) => *i,
+            None => {
+                let batch = self.batch();
+                batch.tables.push(TableChanges {
+                    schema: schema.clone(),
+                    changes: Vec::new(),
+                });
+                let i = batch.tables.len() - 1;
+                self.group_index.insert(key, i);
+                i
+            }
+        };
+        let mut counts: Vec<(Op, u64)> = Vec::new();
+        for change in &rows.changes {
+            match counts.iter_mut().find(|(op, _)| *op == change.op) {
+                Some((_, n)) => *n += 1,
+                None => counts.push((change.op, 1)),
+            }
+        }
+        for (op, n) in counts {
+            let op_key = (rows.relation_id, schema.version, op);
+            let slot = match self.op_index.get(&op_key) {
+                Some(i) => *i,
+                None => {
+                    let batch = self.batch();
+                    batch.op_counts.push((schema.qualified_name(), op, 0));
+                    let i = batch.op_counts.len() - 1;
+                    self.op_index.insert(op_key, i);
+                    i
+                }
+            };
+            self.batch().op_counts[slot].2 += n;
+        }
+        let batch = self.batch();
+        let changes = &mut batch.tables[group].changes;
+        if changes.is_empty() {
+            *changes = rows.changes;
+        } else {
+            changes.append(&mut rows.changes);
+        }
+        batch.rows += take;
+        Ok(rest)
+    }
+
     async fn schema(
         &mut self,
         relation: &Arc<Relation>,
@@ -623,6 +705,54 @@ mod tests {
             (1, 2),
             "batches are numbered in order"
         );
+    }
+
+    #[tokio::test]
+    async fn decoded_rows_fill_the_batch_up_to_its_room_and_get_the_transaction_fields() {
+        let mut b = Batcher::new(1 << 20);
+        let schema = Arc::new(
+            TextSchemas
+                .table_schema(&relation(&["a"]), 1)
+                .await
+                .unwrap(),
+        );
+        let change = |v: &str| Change {
+            op: Op::Read,
+            commit_lsn: 0,
+            lsn: 5,
+            commit_time_micros: 0,
+            xid: 0,
+            before: None,
+            after: Some(Row {
+                values: vec![Value::Text(v.into())],
+                absent: Vec::new(),
+            }),
+        };
+        let rows = DecodedRows {
+            relation_id: 7,
+            schema,
+            changes: vec![change("x"), change("y"), change("z")],
+            bytes: 300,
+        };
+        let now = Utc::now();
+        b.begin(3, Lsn(100), now);
+        let rest = b.decoded(rows, 2).await.unwrap().expect("one row left");
+        assert_eq!((rest.changes.len(), rest.bytes), (1, 100));
+        let first = b.take().unwrap();
+        assert_eq!((first.rows, first.bytes), (2, 200));
+        let c = &first.tables[0].changes[1];
+        assert_eq!(
+            (c.commit_lsn, c.lsn, c.xid, c.commit_time_micros),
+            (100, 5, 3, now.timestamp_micros())
+        );
+        assert_eq!(first.op_counts, vec![("public.t".to_owned(), Op::Read, 2)]);
+        assert!(
+            b.decoded(rest, 0).await.unwrap().is_none(),
+            "at least one row is taken"
+        );
+        b.commit(Lsn(110), now);
+        let second = b.take().unwrap();
+        assert_eq!((second.rows, second.checkpoint), (1, Some(Lsn(110))));
     }
 
     #[tokio::test]

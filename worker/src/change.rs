@@ -71,6 +71,21 @@ pub struct RowChange {
     pub lsn: Lsn,
 }
 
+/// Typed rows of one table, decoded ahead of the pipeline; the batcher stamps their
+/// transaction fields (commit LSN, commit time, xid) from the enclosing `Begin`.
+#[derive(Debug, Clone)]
+pub struct DecodedRows {
+    /// Relation OID (groups the rows with others of the same table and schema).
+    pub relation_id: u32,
+    /// Schema the rows were decoded with.
+    pub schema: Arc<wallaby_codec::TableSchema>,
+    /// The changes, in order.
+    pub changes: Vec<wallaby_codec::Change>,
+    /// Bytes to charge to the memory budget for all of them (the same measure as a row's
+    /// text cells are charged).
+    pub bytes: u64,
+}
+
 /// What the source emits.
 #[derive(Debug, Clone)]
 pub enum SourceEvent {
@@ -85,6 +100,9 @@ pub enum SourceEvent {
     },
     /// A row change (or a truncate of one table).
     Row(RowChange),
+    /// Rows of one table already decoded to typed changes (the snapshot's copy workers
+    /// decode in parallel, so the pipeline only groups them into batches).
+    Decoded(DecodedRows),
     /// A `pg_logical_emit_message` message.
     Message {
         /// Transactional messages are delivered inside their transaction.

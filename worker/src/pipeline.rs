@@ -34,7 +34,7 @@ use wallaby_crds::flow::Counters;
 
 use crate::ack::{AckMode, AckTracker};
 use crate::batch::{BatchError, Batcher, ChangeBatch, LogicalMessage, SchemaSource};
-use crate::change::{Op, SourceEvent};
+use crate::change::{DecodedRows, Op, SourceEvent};
 use crate::destination::{Destination, DestinationError, WriteAck};
 use crate::lsn::Lsn;
 use crate::metrics::Metrics;
@@ -449,6 +449,20 @@ impl Pipeline {
                                 SourceEvent::Row(change) => {
                                     let lsn = change.lsn;
                                     batcher.row(&change, lsn, schemas.as_mut()).await?;
+                                    batcher.current().is_some_and(|b| {
+                                        b.rows >= config.batch_size || b.bytes >= config.batch_max_bytes
+                                    })
+                                }
+                                SourceEvent::Decoded(rows) => {
+                                    let mut next_rows = Some(rows);
+                                    while let Some(rows) = next_rows.take() {
+                                        let room = batch_room(batcher.current(), &config, &rows);
+                                        next_rows = batcher.decoded(rows, room).await?;
+                                        if next_rows.is_some() && let Some(batch) = batcher.take() {
+                                            opened = Some(Instant::now());
+                                            state.dispatch(batch).await?;
+                                        }
+                                    }
                                     batcher.current().is_some_and(|b| {
                                         b.rows >= config.batch_size || b.bytes >= config.batch_max_bytes
                                     })
@@ -1006,6 +1020,19 @@ async fn attempt(
             }
         }
     }
+}
+
+/// How many of `rows` fit in the batch being assembled before it reaches `batchSize` or
+/// `batchMaxBytes` (at least one, as a single streamed row is always taken).
+fn batch_room(current: Option<&ChangeBatch>, config: &PipelineConfig, rows: &DecodedRows) -> u64 {
+    let (held_rows, held_bytes) = current.map_or((0, 0), |b| (b.rows, b.bytes));
+    let by_count = config.batch_size.saturating_sub(held_rows);
+    let per_row = (rows.bytes / (rows.changes.len() as u64).max(1)).max(1);
+    let by_bytes = config
+        .batch_max_bytes
+        .saturating_sub(held_bytes)
+        .div_ceil(per_row);
+    by_count.min(by_bytes).max(1)
 }
 
 async fn sleep_until(deadline: Option<Instant>) {

@@ -7,6 +7,7 @@
 //! Value ──text::render──▶ PostgreSQL's own text output (the fidelity contract)
 //! ```
 
+pub mod binary;
 pub mod format;
 pub mod schema;
 pub mod text;

@@ -1,15 +1,18 @@
 //! Reading one partition of a table inside a snapshot: the table described as a
 //! [`Relation`] (the shape pgoutput gives the stream), the partition's predicate (a hash of
-//! a column, or a range of heap pages), and `COPY … TO STDOUT` text rows turned into the
-//! same text cells pgoutput sends, so snapshot rows and streamed rows decode identically.
+//! a column, or a range of heap pages), and `COPY … TO STDOUT` rows (text, or binary where
+//! every column has a binary decoder) decoded straight into the typed values the stream's
+//! text cells decode to, so snapshot rows and streamed rows are encoded identically.
 
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio_postgres::Client;
 
 use super::SnapshotError;
+use wallaby_codec::{Row, TableSchema, Value};
+
 use crate::change::{Cell, Column, Relation};
 use crate::source::setup::{TableName, quote_ident};
 
@@ -284,14 +287,224 @@ pub fn parse_line(line: &Bytes, columns: usize) -> Result<Vec<Cell>, String> {
     Ok(cells)
 }
 
+/// Decodes one line of COPY text output (without its newline) straight into typed values
+/// of `schema`'s columns: the values [`parse_line`] followed by the batcher's text decoding
+/// give, without a cell per field. `scratch` holds a field while its escapes are undone.
+pub fn decode_line(
+    line: &[u8],
+    schema: &TableSchema,
+    scratch: &mut Vec<u8>,
+) -> Result<Row, String> {
+    let columns = &schema.columns;
+    let mut values = Vec::with_capacity(columns.len());
+    let mut fields = line.split(|b| *b == b'\t');
+    for column in columns {
+        let Some(field) = fields.next() else {
+            return Err(field_count(line, columns.len()));
+        };
+        if field == b"\\N" {
+            values.push(Value::Null);
+            continue;
+        }
+        let raw = if field.contains(&b'\\') {
+            scratch.clear();
+            unescape_into(field, scratch)?;
+            scratch.as_slice()
+        } else {
+            field
+        };
+        let text = std::str::from_utf8(raw).map_err(|e| {
+            format!(
+                "column {} ({}): the value is not UTF-8: {e}",
+                column.name, column.ty.name
+            )
+        })?;
+        let value = wallaby_codec::text::decode(&column.ty, text)
+            .map_err(|e| format!("column {} ({}): {e}", column.name, column.ty.name))?;
+        values.push(value);
+    }
+    if fields.next().is_some() {
+        return Err(field_count(line, columns.len()));
+    }
+    Ok(Row {
+        values,
+        absent: Vec::new(),
+    })
+}
+
+fn field_count(line: &[u8], columns: usize) -> String {
+    format!(
+        "a COPY row has {} fields, the table {columns} columns",
+        line.split(|b| *b == b'\t').count()
+    )
+}
+
+/// Signature opening `COPY … (FORMAT binary)` data.
+const BINARY_SIGNATURE: &[u8; 11] = b"PGCOPY\n\xff\r\n\0";
+
+/// Whether every column of `schema` decodes from `COPY … (FORMAT binary)` (cheaper for
+/// the server and for the worker than text); otherwise the table is copied as text.
+pub fn binary_copy(schema: &TableSchema) -> bool {
+    schema
+        .columns
+        .iter()
+        .all(|c| wallaby_codec::binary::supports(&c.ty))
+}
+
+/// Reads `COPY … (FORMAT binary)` data chunk by chunk: the header once, then each complete
+/// tuple, keeping a tuple cut between chunks for the next one.
+#[derive(Debug, Default)]
+pub struct BinaryRows {
+    header_done: bool,
+    finished: bool,
+    carry: Vec<u8>,
+}
+
+impl BinaryRows {
+    /// Decodes the tuples completed by `data` into rows of `schema`, handing each to
+    /// `each` with its size in bytes.
+    pub fn feed(
+        &mut self,
+        data: &[u8],
+        schema: &TableSchema,
+        each: &mut dyn FnMut(Row, usize),
+    ) -> Result<(), String> {
+        if self.carry.is_empty() {
+            let used = self.parse(data, schema, each)?;
+            self.carry.extend_from_slice(&data[used..]);
+        } else {
+            let mut buf = std::mem::take(&mut self.carry);
+            buf.extend_from_slice(data);
+            let used = self.parse(&buf, schema, each)?;
+            buf.drain(..used);
+            self.carry = buf;
+        }
+        Ok(())
+    }
+
+    /// Checks that the data ended with its trailer, after a whole tuple.
+    pub fn finish(&self) -> Result<(), String> {
+        if !self.carry.is_empty() {
+            return Err(format!(
+                "binary COPY data ended inside a row ({} bytes left)",
+                self.carry.len()
+            ));
+        }
+        if !self.finished {
+            return Err("binary COPY data ended without its trailer".into());
+        }
+        Ok(())
+    }
+
+    /// Decodes whole tuples from the start of `buf`; returns the bytes used.
+    fn parse(
+        &mut self,
+        buf: &[u8],
+        schema: &TableSchema,
+        each: &mut dyn FnMut(Row, usize),
+    ) -> Result<usize, String> {
+        let mut pos = 0;
+        if !self.header_done {
+            // Signature, flags, header extension length, extension.
+            let Some(ext) = buf.get(15..19) else {
+                return Ok(0);
+            };
+            if &buf[..11] != BINARY_SIGNATURE {
+                return Err("binary COPY data does not start with its signature".into());
+            }
+            let ext = u32::from_be_bytes([ext[0], ext[1], ext[2], ext[3]]) as usize;
+            if buf.len() < 19 + ext {
+                return Ok(0);
+            }
+            pos = 19 + ext;
+            self.header_done = true;
+        }
+        let columns = &schema.columns;
+        let mut fields: Vec<Option<(usize, usize)>> = Vec::with_capacity(columns.len());
+        while pos < buf.len() {
+            if self.finished {
+                return Err("binary COPY data continues after its trailer".into());
+            }
+            let Some(count) = buf.get(pos..pos + 2) else {
+                break;
+            };
+            let count = i16::from_be_bytes([count[0], count[1]]);
+            if count == -1 {
+                self.finished = true;
+                pos += 2;
+                continue;
+            }
+            if count as usize != columns.len() {
+                return Err(format!(
+                    "a COPY row has {count} fields, the table {} columns",
+                    columns.len()
+                ));
+            }
+            // The tuple's extent first: a tuple cut by the chunk end waits for the next.
+            fields.clear();
+            let mut at = pos + 2;
+            let mut complete = true;
+            for _ in 0..columns.len() {
+                let Some(len) = buf.get(at..at + 4) else {
+                    complete = false;
+                    break;
+                };
+                let len = i32::from_be_bytes([len[0], len[1], len[2], len[3]]);
+                at += 4;
+                if len < 0 {
+                    fields.push(None);
+                    continue;
+                }
+                let len = len as usize;
+                if buf.len() < at + len {
+                    complete = false;
+                    break;
+                }
+                fields.push(Some((at, len)));
+                at += len;
+            }
+            if !complete {
+                break;
+            }
+            let mut values = Vec::with_capacity(columns.len());
+            for (column, field) in columns.iter().zip(&fields) {
+                values.push(match field {
+                    None => Value::Null,
+                    Some((start, len)) => {
+                        wallaby_codec::binary::decode(&column.ty, &buf[*start..start + len])
+                            .map_err(|e| {
+                                format!("column {} ({}): {e}", column.name, column.ty.name)
+                            })?
+                    }
+                });
+            }
+            each(
+                Row {
+                    values,
+                    absent: Vec::new(),
+                },
+                at - pos,
+            );
+            pos = at;
+        }
+        Ok(pos)
+    }
+}
+
 /// Undoes COPY text escapes (`\\`, `\b`, `\f`, `\n`, `\r`, `\t`, `\v`, octal, `\xHH`).
 fn unescape(field: &[u8]) -> Result<Bytes, String> {
-    let mut out = BytesMut::with_capacity(field.len());
+    let mut out = Vec::with_capacity(field.len());
+    unescape_into(field, &mut out)?;
+    Ok(Bytes::from(out))
+}
+
+/// Appends `field` with its COPY text escapes undone to `out`.
+fn unescape_into(field: &[u8], out: &mut Vec<u8>) -> Result<(), String> {
     let mut i = 0;
     while i < field.len() {
         let b = field[i];
         if b != b'\\' {
-            out.extend_from_slice(&[b]);
+            out.push(b);
             i += 1;
             continue;
         }
@@ -334,9 +547,9 @@ fn unescape(field: &[u8]) -> Result<Bytes, String> {
             }
             other => other,
         };
-        out.extend_from_slice(&[byte]);
+        out.push(byte);
     }
-    Ok(out.freeze())
+    Ok(())
 }
 
 #[cfg(test)]
@@ -363,6 +576,66 @@ mod tests {
             assert_eq!(&got, want, "{line:?}");
         }
         assert!(parse_line(&Bytes::from_static(b"1"), 2).is_err());
+    }
+
+    fn int4_schema() -> TableSchema {
+        TableSchema {
+            schema: "public".into(),
+            table: "t".into(),
+            columns: vec![wallaby_codec::ColumnSchema {
+                name: "a".into(),
+                ty: Arc::new(wallaby_codec::TypeInfo {
+                    oid: 23,
+                    name: "int4".into(),
+                    typmod: -1,
+                    kind: wallaby_codec::TypeKind::Int4,
+                }),
+                key: false,
+                mapped_type: None,
+            }],
+            version: 1,
+        }
+    }
+
+    #[test]
+    fn binary_copy_data_is_read_whole_and_a_cut_stream_is_an_error() {
+        let schema = int4_schema();
+        let mut data = BINARY_SIGNATURE.to_vec();
+        data.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 0]);
+        for v in [7i32, -1] {
+            data.extend_from_slice(&1i16.to_be_bytes());
+            data.extend_from_slice(&4i32.to_be_bytes());
+            data.extend_from_slice(&v.to_be_bytes());
+        }
+        data.extend_from_slice(&1i16.to_be_bytes());
+        data.extend_from_slice(&(-1i32).to_be_bytes());
+        let body = data.len();
+        data.extend_from_slice(&(-1i16).to_be_bytes());
+
+        let mut rows = Vec::new();
+        let mut reader = BinaryRows::default();
+        let (a, b) = data.split_at(25);
+        reader.feed(a, &schema, &mut |r, _| rows.push(r)).unwrap();
+        reader.feed(b, &schema, &mut |r, _| rows.push(r)).unwrap();
+        reader.finish().unwrap();
+        let values: Vec<Value> = rows.into_iter().flat_map(|r| r.values).collect();
+        assert_eq!(values, vec![Value::Int4(7), Value::Int4(-1), Value::Null]);
+
+        let mut cut = BinaryRows::default();
+        cut.feed(&data[..body - 2], &schema, &mut |_, _| {})
+            .unwrap();
+        assert!(cut.finish().unwrap_err().contains("inside a row"));
+        let mut untrailed = BinaryRows::default();
+        untrailed
+            .feed(&data[..body], &schema, &mut |_, _| {})
+            .unwrap();
+        assert!(untrailed.finish().unwrap_err().contains("trailer"));
+        let mut wrong = data.clone();
+        wrong[19..21].copy_from_slice(&2i16.to_be_bytes());
+        let err = BinaryRows::default()
+            .feed(&wrong, &schema, &mut |_, _| {})
+            .unwrap_err();
+        assert!(err.contains("2 fields, the table 1 columns"), "{err}");
     }
 
     #[test]

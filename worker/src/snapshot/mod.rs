@@ -7,9 +7,12 @@
 //!                                            ▼
 //!  plan (state store) ─▶ queue ─▶ copy worker 1..N: BEGIN REPEATABLE READ;
 //!                                   SET TRANSACTION SNAPSHOT; COPY (SELECT … WHERE slice)
-//!                                            │ pieces of ≤ PIECE_ROWS rows (op `read`)
+//!                                   (binary when every column type has a binary decoder)
+//!                                            │ decoded in the copy worker (in parallel):
+//!                                            │ pieces of ≤ PIECE_ROWS typed rows (op `read`)
 //!                                            ▼
-//!       forwarder: each piece = one synthetic transaction (end = sequence number)
+//!       forwarder: each piece = one synthetic transaction (end = sequence number),
+//!                  its rows one `SourceEvent::Decoded` the batcher only groups
 //!                                            ▼
 //!       Pipeline (ackPolicy all) ─durable─▶ confirmed sequence ─▶ partition done (store)
 //! ```
@@ -38,11 +41,13 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_postgres::Client;
 use tokio_stream::StreamExt;
+use wallaby_codec::{Change, Row, TableSchema};
 use wallaby_crds::flow::{SnapshotSpec, TableSnapshotProgress};
 
 use crate::ack::AckMode;
-use crate::batch::SchemaSource;
-use crate::change::{Op, RowChange, SourceEvent};
+use crate::batch::BatchError;
+use crate::batch::{ROW_OVERHEAD, SchemaSource, VALUE_OVERHEAD};
+use crate::change::{DecodedRows, Op, SourceEvent};
 use crate::lsn::Lsn;
 use crate::metrics::Metrics;
 use crate::pipeline::{
@@ -57,8 +62,9 @@ use store::{PartitionRecord, SnapshotStore};
 const PIECE_ROWS: usize = 4096;
 /// Bytes of COPY text per piece, whichever comes first.
 const PIECE_BYTES: usize = 4 << 20;
-/// Events buffered between the forwarder and the pipeline.
-const EVENT_BUFFER: usize = 4096;
+/// Events buffered between the forwarder and the pipeline (three per piece: begin, its
+/// decoded rows, commit), so decoded pieces waiting for the pipeline stay few.
+const EVENT_BUFFER: usize = 6;
 /// How often finished partitions are looked for while pieces are quiet.
 const SETTLE_EVERY: Duration = Duration::from_millis(200);
 
@@ -343,10 +349,10 @@ pub struct Job {
     slice: Slice,
 }
 
-/// Rows a copy worker hands to the forwarder.
+/// Rows a copy worker decoded and hands to the forwarder.
 struct Piece {
     job: usize,
-    rows: Vec<RowChange>,
+    rows: DecodedRows,
     last: bool,
 }
 
@@ -469,6 +475,34 @@ async fn copy_jobs(
         "snapshot: copying"
     );
 
+    // Copy workers decode rows themselves (in parallel), so each table's schema is
+    // resolved once here, as the pipeline would for the first row (version 1).
+    let mut sink = sink;
+    let mut resolved: HashMap<u32, Arc<TableSchema>> = HashMap::new();
+    let mut schemas = Vec::with_capacity(jobs.len());
+    for job in &jobs {
+        let relation = &job.table.relation;
+        let schema = match resolved.get(&relation.id) {
+            Some(schema) => schema.clone(),
+            None => {
+                let schema = sink
+                    .schemas
+                    .table_schema(relation, 1)
+                    .await
+                    .map_err(|message| {
+                        SnapshotError::Pipeline(PipelineError::Batch(BatchError::Schema {
+                            table: job.table.name.to_string(),
+                            message,
+                        }))
+                    })?;
+                let schema = Arc::new(schema);
+                resolved.insert(relation.id, schema.clone());
+                schema
+            }
+        };
+        schemas.push(schema);
+    }
+
     let confirmed = Arc::new(AtomicU64::new(0));
     let handles = PipelineHandles {
         progress: Arc::new(Mutex::new(Progress::default())),
@@ -489,7 +523,11 @@ async fn copy_jobs(
     let pipeline_task = tokio::spawn(pipeline.run(rx));
 
     let jobs = Arc::new(jobs);
-    let queue = Arc::new(Mutex::new((0..jobs.len()).collect::<VecDeque<usize>>()));
+    let work = Arc::new(Work {
+        jobs: jobs.clone(),
+        schemas,
+        queue: Mutex::new((0..jobs.len()).collect()),
+    });
     let stop = cancel.child_token();
     let workers = (request.workers as usize).min(jobs.len()).max(1);
     let (piece_tx, mut piece_rx) = mpsc::channel::<Piece>(workers * 2);
@@ -497,8 +535,7 @@ async fn copy_jobs(
     for _ in 0..workers {
         copiers.spawn(copy_worker(
             conn.clone(),
-            jobs.clone(),
-            queue.clone(),
+            work.clone(),
             request.snapshot.clone(),
             request.lsn,
             piece_tx.clone(),
@@ -525,9 +562,9 @@ async fn copy_jobs(
             piece = piece_rx.recv() => match piece {
                 Some(piece) => {
                     settler.copying(piece.job);
-                    if !piece.rows.is_empty() {
+                    if !piece.rows.changes.is_empty() {
                         seq += 1;
-                        let rows = piece.rows.len() as u64;
+                        let rows = piece.rows.changes.len() as u64;
                         let Some(sender) = tx.as_ref() else { break };
                         if forward(sender, piece.rows, request.lsn, Lsn(seq)).await.is_err() {
                             // The pipeline stopped: its error is reported below.
@@ -590,7 +627,7 @@ async fn copy_jobs(
 /// Sends one piece as a transaction: Begin, its rows, Commit ending at `end`.
 async fn forward(
     tx: &mpsc::Sender<SourceEvent>,
-    rows: Vec<RowChange>,
+    rows: DecodedRows,
     lsn: Lsn,
     end: Lsn,
 ) -> Result<(), mpsc::error::SendError<SourceEvent>> {
@@ -601,9 +638,7 @@ async fn forward(
         commit_time: now,
     })
     .await?;
-    for row in rows {
-        tx.send(SourceEvent::Row(row)).await?;
-    }
+    tx.send(SourceEvent::Decoded(rows)).await?;
     tx.send(SourceEvent::Commit {
         commit_lsn: lsn,
         end_lsn: end,
@@ -674,11 +709,18 @@ impl Settler<'_> {
     }
 }
 
+/// What the copy workers share: the partitions, the schema of each, and the queue of those
+/// not yet taken.
+struct Work {
+    jobs: Arc<Vec<Job>>,
+    schemas: Vec<Arc<TableSchema>>,
+    queue: Mutex<VecDeque<usize>>,
+}
+
 /// Takes partitions from the queue and copies each in its own transaction.
 async fn copy_worker(
     conn: PgConnection,
-    jobs: Arc<Vec<Job>>,
-    queue: Arc<Mutex<VecDeque<usize>>>,
+    work: Arc<Work>,
     snapshot: Option<String>,
     lsn: Lsn,
     out: mpsc::Sender<Piece>,
@@ -686,7 +728,8 @@ async fn copy_worker(
 ) -> Result<(), SnapshotError> {
     let client = conn.connect().await?;
     loop {
-        let next = queue
+        let next = work
+            .queue
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .pop_front();
@@ -694,14 +737,23 @@ async fn copy_worker(
         if stop.is_cancelled() {
             return Ok(());
         }
-        let j = &jobs[job];
-        let result = copy_partition(&client, j, job, snapshot.as_deref(), lsn, &out, &stop)
-            .await
-            .map_err(|message| SnapshotError::Copy {
-                table: j.table.name.to_string(),
-                index: j.index,
-                message,
-            });
+        let j = &work.jobs[job];
+        let result = copy_partition(
+            &client,
+            j,
+            &work.schemas[job],
+            job,
+            snapshot.as_deref(),
+            lsn,
+            &out,
+            &stop,
+        )
+        .await
+        .map_err(|message| SnapshotError::Copy {
+            table: j.table.name.to_string(),
+            index: j.index,
+            message,
+        });
         if result.is_err() {
             // The other workers stop too: the flow fails and restarts from the state.
             stop.cancel();
@@ -710,9 +762,11 @@ async fn copy_worker(
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn copy_partition(
     client: &Client,
     job: &Job,
+    schema: &Arc<TableSchema>,
     index: usize,
     snapshot: Option<&str>,
     lsn: Lsn,
@@ -730,16 +784,29 @@ async fn copy_partition(
         .batch_execute(&begin)
         .await
         .map_err(|e| format!("opening the snapshot transaction: {e}"))?;
-    let statement = copy::copy_statement(&job.table, &job.slice);
+    let binary = copy::binary_copy(schema);
+    let mut statement = copy::copy_statement(&job.table, &job.slice);
+    if binary {
+        statement.push_str(" (FORMAT binary)");
+    }
     let stream = client
         .copy_out(&statement)
         .await
         .map_err(|e| format!("{statement}: {e}"))?;
     let mut stream = std::pin::pin!(stream);
-    let relation = job.table.relation.clone();
-    let columns = relation.columns.len();
+    let relation_id = job.table.relation.id;
+    let row_cost = ROW_OVERHEAD + VALUE_OVERHEAD * schema.columns.len() as u64;
+    let piece = |changes: Vec<Change>, bytes: u64| DecodedRows {
+        relation_id,
+        schema: schema.clone(),
+        changes,
+        bytes,
+    };
     let mut rows = Vec::with_capacity(PIECE_ROWS);
     let mut bytes = 0usize;
+    let mut cost = 0u64;
+    let mut scratch = Vec::new();
+    let mut tuples = copy::BinaryRows::default();
     loop {
         let chunk = tokio::select! {
             chunk = stream.next() => chunk,
@@ -750,37 +817,56 @@ async fn copy_partition(
             Some(Err(e)) => return Err(format!("reading COPY data: {e}")),
             Some(Ok(data)) => data,
         };
-        // The server sends one row per message; splitting on newlines also covers
-        // several (field newlines are escaped in text COPY).
-        let mut start = 0;
-        while start < data.len() {
-            let end = data[start..]
-                .iter()
-                .position(|b| *b == b'\n')
-                .map_or(data.len(), |p| start + p);
-            let line = data.slice(start..end);
-            start = end + 1;
-            bytes += line.len();
-            rows.push(RowChange {
-                relation: relation.clone(),
-                op: Op::Read,
-                before: None,
-                before_is_identity: false,
-                after: Some(copy::parse_line(&line, columns)?),
-                lsn,
-            });
+        let read = |row: Row| Change {
+            op: Op::Read,
+            commit_lsn: lsn.0,
+            lsn: lsn.0,
+            commit_time_micros: 0,
+            xid: 0,
+            before: None,
+            after: Some(row),
+        };
+        if data.is_empty() {
+            continue;
+        }
+        if binary {
+            tuples.feed(&data, schema, &mut |row, size| {
+                bytes += size;
+                cost += row_cost + size as u64;
+                rows.push(read(row));
+            })?;
+        } else {
+            // The server sends one row per message; splitting on newlines also covers
+            // several (field newlines are escaped in text COPY).
+            for line in data
+                .strip_suffix(b"\n")
+                .unwrap_or(&data)
+                .split(|b| *b == b'\n')
+            {
+                bytes += line.len();
+                cost += row_cost + line.len() as u64;
+                let row = copy::decode_line(line, schema, &mut scratch)?;
+                rows.push(read(row));
+            }
         }
         if rows.len() >= PIECE_ROWS || bytes >= PIECE_BYTES {
             let piece = Piece {
                 job: index,
-                rows: std::mem::replace(&mut rows, Vec::with_capacity(PIECE_ROWS)),
+                rows: piece(
+                    std::mem::replace(&mut rows, Vec::with_capacity(PIECE_ROWS)),
+                    cost,
+                ),
                 last: false,
             };
             bytes = 0;
+            cost = 0;
             if out.send(piece).await.is_err() {
                 return Ok(());
             }
         }
+    }
+    if binary {
+        tuples.finish()?;
     }
     client
         .batch_execute("COMMIT")
@@ -789,7 +875,7 @@ async fn copy_partition(
     let _ = out
         .send(Piece {
             job: index,
-            rows,
+            rows: piece(rows, cost),
             last: true,
         })
         .await;

@@ -244,7 +244,9 @@ impl SpillFile {
                 put_bytes(&mut buf, prefix.as_bytes());
                 put_bytes(&mut buf, content);
             }
-            SourceEvent::Begin { .. } | SourceEvent::Commit { .. } => {
+            // Decoded rows come from snapshot copies only, never from a streamed
+            // transaction.
+            SourceEvent::Begin { .. } | SourceEvent::Commit { .. } | SourceEvent::Decoded(_) => {
                 self.scratch = buf;
                 return Ok(());
             }

@@ -643,6 +643,14 @@ pub(crate) fn build(w: &Wire, vals: &[&Value]) -> Res<ArrayRef> {
 
 fn rows_array(layout: &Layout<'_>, rows: &[Option<&Row>], which: &str) -> Res<ArrayRef> {
     let fields = row_fields(layout);
+    if rows.iter().all(Option::is_none) {
+        // No row of the batch has this tuple (inserts' `before`, deletes' `after`): the
+        // same all-NULL struct without building each column from NULL values.
+        return Ok(arrow_array::new_null_array(
+            &DataType::Struct(fields),
+            rows.len(),
+        ));
+    }
     let children = layout
         .schema
         .columns
@@ -665,6 +673,16 @@ fn rows_array(layout: &Layout<'_>, rows: &[Option<&Row>], which: &str) -> Res<Ar
 }
 
 fn absent_array(layout: &Layout<'_>, rows: &[Option<&Row>]) -> Res<ArrayRef> {
+    if rows.iter().flatten().all(|r| r.absent.is_empty()) {
+        // The common case: every list is empty.
+        let values = StringArray::from_iter_values(std::iter::empty::<&str>());
+        return list(
+            DataType::Utf8,
+            vec![0; rows.len()],
+            Arc::new(values),
+            vec![true; rows.len()],
+        );
+    }
     let names = rows
         .iter()
         .map(|r| r.map_or(Ok(Vec::new()), |r| layout.absent_names(r)))
