@@ -305,8 +305,10 @@ impl Desk for KubeDesk {
             Ok(None) => {
                 // Deleted by someone (to be asked again): a fresh, pending approval.
                 tracing::info!(approval = %name, "DDLApproval was deleted; asking again");
-                let plan: Vec<DestinationPlan> =
-                    serde_json::from_value(event.plan.clone()).unwrap_or_default();
+                let plan: Vec<DestinationPlan> = serde_json::from_value(event.plan.clone())
+                    .map_err(|e| {
+                        DdlError::Corrupt(format!("the plan of the DDL at {}: {e}", event.lsn))
+                    })?;
                 self.create(event, &plan, Decision::Pending).await?;
                 self.log.mirror(event.lsn, "Pending", false).await?;
                 return Ok(Reading {
