@@ -1221,6 +1221,32 @@ async fn gated_ddl_waits_for_kubectl_patch_then_resumes_or_stops_on_rejection() 
     assert!(!files_contain(&out, "bob@example.com").await);
     let (confirmed, _) = db.slot(&db.name).await.unwrap();
     assert!(parse_lsn(&confirmed.unwrap()) <= parse_lsn(second["spec"]["lsn"].as_str().unwrap()));
+
+    // Deleting the rejected approval asks again: the parked worker recreates it Pending,
+    // and an approval this time lets the row through.
+    let rejected_uid = second["metadata"]["uid"].clone();
+    c.ok(&["delete", "ddlapproval", &second_name]).await;
+    wait_for("the approval to be asked again", T, async || {
+        let a = c.get(&["ddlapproval", &second_name]).await?;
+        (a["metadata"]["uid"] != rejected_uid && a["spec"]["decision"] == "Pending").then_some(())
+    })
+    .await;
+    c.ok(&[
+        "patch",
+        "ddlapproval",
+        &second_name,
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec":{"decision":"Approved"}}"#,
+    ])
+    .await;
+    let arrived = delivered(&out, "bob@example.com").await;
+    assert!(
+        arrived,
+        "no row after the second approval\n{}",
+        diagnostics().await
+    );
     c.cleanup().await;
     db.drop_all().await;
 }
