@@ -1006,6 +1006,21 @@ async fn approvals(c: &Cluster) -> Vec<Value> {
         .unwrap_or_default()
 }
 
+/// `kubectl patch ddlapproval <name> --type merge -p '{"spec":{"decision":…}}'`.
+async fn decide(c: &Cluster, name: &str, decision: &str) {
+    let patch = format!(r#"{{"spec":{{"decision":"{decision}"}}}}"#);
+    c.ok(&[
+        "patch",
+        "ddlapproval",
+        name,
+        "--type",
+        "merge",
+        "-p",
+        &patch,
+    ])
+    .await;
+}
+
 fn flow_condition(flow: &Value, kind: &str) -> Value {
     flow["status"]["conditions"]
         .as_array()
@@ -1132,16 +1147,7 @@ async fn gated_ddl_waits_for_kubectl_patch_then_resumes_or_stops_on_rejection() 
     assert!(parse_lsn(&confirmed.unwrap()) <= approval_lsn);
 
     // A human approves with kubectl: the flow resumes and the new column arrives.
-    c.ok(&[
-        "patch",
-        "ddlapproval",
-        &name,
-        "--type",
-        "merge",
-        "-p",
-        r#"{"spec":{"decision":"Approved"}}"#,
-    ])
-    .await;
+    decide(&c, &name, "Approved").await;
     let arrived = delivered(&out, "ann@example.com").await;
     assert!(arrived, "no row after approval\n{}", diagnostics().await);
     let applied = wait_for("the approval to be Applied", T, async || {
@@ -1176,16 +1182,7 @@ async fn gated_ddl_waits_for_kubectl_patch_then_resumes_or_stops_on_rejection() 
     )
     .await;
     let second_name = second["metadata"]["name"].as_str().unwrap().to_owned();
-    c.ok(&[
-        "patch",
-        "ddlapproval",
-        &second_name,
-        "--type",
-        "merge",
-        "-p",
-        r#"{"spec":{"decision":"Rejected"}}"#,
-    ])
-    .await;
+    decide(&c, &second_name, "Rejected").await;
     wait_for("the approval to be Rejected", T, async || {
         let a = c.get(&["ddlapproval", &second_name]).await?;
         (a["status"]["state"] == "Rejected").then_some(())
@@ -1231,16 +1228,7 @@ async fn gated_ddl_waits_for_kubectl_patch_then_resumes_or_stops_on_rejection() 
         (a["metadata"]["uid"] != rejected_uid && a["spec"]["decision"] == "Pending").then_some(())
     })
     .await;
-    c.ok(&[
-        "patch",
-        "ddlapproval",
-        &second_name,
-        "--type",
-        "merge",
-        "-p",
-        r#"{"spec":{"decision":"Approved"}}"#,
-    ])
-    .await;
+    decide(&c, &second_name, "Approved").await;
     let arrived = delivered(&out, "bob@example.com").await;
     assert!(
         arrived,
