@@ -337,33 +337,8 @@ impl Batcher {
             },
         };
 
-        let key = (change.relation.id, schema.version);
-        let group = match self.group_index.get(&key) {
-            Some(i) => *i,
-            None => {
-                let batch = self.batch();
-                batch.tables.push(TableChanges {
-                    schema: schema.clone(),
-                    changes: Vec::new(),
-                });
-                let i = batch.tables.len() - 1;
-                self.group_index.insert(key, i);
-                i
-            }
-        };
-        let op_key = (change.relation.id, schema.version, change.op);
-        let op_slot = match self.op_index.get(&op_key) {
-            Some(i) => *i,
-            None => {
-                let batch = self.batch();
-                batch
-                    .op_counts
-                    .push((schema.qualified_name(), change.op, 0));
-                let i = batch.op_counts.len() - 1;
-                self.op_index.insert(op_key, i);
-                i
-            }
-        };
+        let group = self.group(change.relation.id, &schema);
+        let op_slot = self.op_slot(change.relation.id, &schema, change.op);
         let batch = self.batch();
         batch.tables[group].changes.push(decoded);
         batch.op_counts[op_slot].2 += 1;
@@ -407,20 +382,7 @@ impl Batcher {
             change.xid = xid;
         }
         let schema = rows.schema;
-        let key = (rows.relation_id, schema.version);
-        let group = match self.group_index.get(&key) {
-            Some(i) => *i,
-            None => {
-                let batch = self.batch();
-                batch.tables.push(TableChanges {
-                    schema: schema.clone(),
-                    changes: Vec::new(),
-                });
-                let i = batch.tables.len() - 1;
-                self.group_index.insert(key, i);
-                i
-            }
-        };
+        let group = self.group(rows.relation_id, &schema);
         let mut counts: Vec<(Op, u64)> = Vec::new();
         for change in &rows.changes {
             match counts.iter_mut().find(|(op, _)| *op == change.op) {
@@ -429,17 +391,7 @@ impl Batcher {
             }
         }
         for (op, n) in counts {
-            let op_key = (rows.relation_id, schema.version, op);
-            let slot = match self.op_index.get(&op_key) {
-                Some(i) => *i,
-                None => {
-                    let batch = self.batch();
-                    batch.op_counts.push((schema.qualified_name(), op, 0));
-                    let i = batch.op_counts.len() - 1;
-                    self.op_index.insert(op_key, i);
-                    i
-                }
-            };
+            let slot = self.op_slot(rows.relation_id, &schema, op);
             self.batch().op_counts[slot].2 += n;
         }
         let batch = self.batch();
@@ -451,6 +403,37 @@ impl Batcher {
         }
         batch.rows += take;
         Ok(rest)
+    }
+
+    /// Position in the current batch of the changes of `relation_id` at `schema`'s version
+    /// (a new, empty group the first time).
+    fn group(&mut self, relation_id: u32, schema: &Arc<TableSchema>) -> usize {
+        let key = (relation_id, schema.version);
+        if let Some(i) = self.group_index.get(&key) {
+            return *i;
+        }
+        let batch = self.batch();
+        batch.tables.push(TableChanges {
+            schema: schema.clone(),
+            changes: Vec::new(),
+        });
+        let i = batch.tables.len() - 1;
+        self.group_index.insert(key, i);
+        i
+    }
+
+    /// Position in the current batch's `op_counts` of (`relation_id`, `schema`'s version,
+    /// `op`): one table name per relation and version, so no name is built per row.
+    fn op_slot(&mut self, relation_id: u32, schema: &TableSchema, op: Op) -> usize {
+        let key = (relation_id, schema.version, op);
+        if let Some(i) = self.op_index.get(&key) {
+            return *i;
+        }
+        let batch = self.batch();
+        batch.op_counts.push((schema.qualified_name(), op, 0));
+        let i = batch.op_counts.len() - 1;
+        self.op_index.insert(key, i);
+        i
     }
 
     async fn schema(

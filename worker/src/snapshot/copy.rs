@@ -208,8 +208,9 @@ pub async fn describe(client: &Client, name: &TableName) -> Result<TableInfo, Sn
     })
 }
 
-/// `COPY (SELECT <columns> FROM <table> <predicate>) TO STDOUT`.
-pub fn copy_statement(table: &TableInfo, slice: &Slice) -> String {
+/// `COPY (SELECT <columns> FROM <table><predicate>) TO STDOUT`: the published columns in
+/// relation order, so copied rows line up with the stream's.
+fn copy_with(table: &TableInfo, predicate: &str) -> String {
     let columns: Vec<String> = table
         .relation
         .columns
@@ -217,11 +218,15 @@ pub fn copy_statement(table: &TableInfo, slice: &Slice) -> String {
         .map(|c| quote_ident(&c.name))
         .collect();
     format!(
-        "COPY (SELECT {} FROM {}{}) TO STDOUT",
+        "COPY (SELECT {} FROM {}{predicate}) TO STDOUT",
         columns.join(", "),
         table.name.quoted(),
-        slice.predicate()
     )
+}
+
+/// `COPY (SELECT <columns> FROM <table> <predicate>) TO STDOUT`.
+pub fn copy_statement(table: &TableInfo, slice: &Slice) -> String {
+    copy_with(table, &slice.predicate())
 }
 
 /// The COPY of heap pages `[from, to)` of a partition (`to: None`: to the end).
@@ -241,17 +246,7 @@ pub fn copy_chunk_statement(
             pages.trim_start().trim_start_matches("WHERE ")
         ),
     };
-    let columns: Vec<String> = table
-        .relation
-        .columns
-        .iter()
-        .map(|c| quote_ident(&c.name))
-        .collect();
-    format!(
-        "COPY (SELECT {} FROM {}{combined}) TO STDOUT",
-        columns.join(", "),
-        table.name.quoted(),
-    )
+    copy_with(table, &combined)
 }
 
 /// Splits one line of COPY text output (without its newline) into cells: `\N` is NULL,
