@@ -364,24 +364,19 @@ pub async fn run_controlled(
         None
     };
     if pg.capture_ddl {
-        CaptureSpec::of(pg).ensure(&catalog).await?;
-    } else if ddl_policy.stops() || ddl_policy.gate {
+        let capture = CaptureSpec::of(pg);
+        capture.ensure(&catalog).await?;
+        // The shapes the stream starts from, read before the slot exists (at LSN 0: before
+        // anything streamed), so a captured statement has a "before" even on a table with
+        // no change streamed yet.
+        if let Some(history) = &history {
+            ddl::history::seed_from_catalog(&catalog, history, &capture, &pg.publication, Lsn(0))
+                .await?;
+        }
+    } else if ddl_policy.records_approval() {
         tracing::warn!(
             "ddl.gate / ddl.autoApply are set but source.postgres.captureDDL is off: no statement is captured, so none is gated; schema drift is still detected from the stream and reported"
         );
-    }
-    // The shapes the stream starts from, read before the slot exists (at LSN 0: before
-    // anything streamed), so a captured statement has a "before" even on a table with no
-    // change streamed yet.
-    if let (Some(history), true) = (&history, pg.capture_ddl) {
-        ddl::history::seed_from_catalog(
-            &catalog,
-            history,
-            &CaptureSpec::of(pg),
-            &pg.publication,
-            Lsn(0),
-        )
-        .await?;
     }
     // A new slot for an initial snapshot is created over the replication protocol so that
     // it exports the snapshot its consistent point belongs to; the copy reads inside it.

@@ -208,24 +208,6 @@ $wallaby$;"#
         tracing::info!(trigger = %self.trigger, schema = %self.schema, prefix = %self.prefix, "installed the DDL capture event triggers");
         Ok(true)
     }
-
-    /// Removes the triggers and functions (cleanup of a flow with `cleanupPolicy: delete`
-    /// or by hand); other flows sharing the trigger lose their capture.
-    pub fn uninstall_sql(&self) -> String {
-        let schema = quote_ident(&self.schema);
-        format!(
-            "DROP EVENT TRIGGER IF EXISTS {};
-             DROP EVENT TRIGGER IF EXISTS {};
-             DROP FUNCTION IF EXISTS {schema}.{}();
-             DROP FUNCTION IF EXISTS {schema}.{}();
-             DROP FUNCTION IF EXISTS {schema}.{}(oid);",
-            quote_ident(&self.trigger),
-            quote_ident(&self.drop_trigger()),
-            quote_ident(&format!("{}_fn", self.trigger)),
-            quote_ident(&format!("{}_drop_fn", self.trigger)),
-            quote_ident(&format!("{}_columns", self.trigger)),
-        )
-    }
 }
 
 /// A column as the capture reports it after the statement.

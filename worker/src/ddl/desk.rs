@@ -3,6 +3,8 @@
 //! `DDLApproval` resource owned by the Flow (in a cluster: `kubectl patch`), mirrored into
 //! the log so both modes keep the same record.
 
+use std::sync::{Arc, Mutex};
+
 use async_trait::async_trait;
 use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
@@ -56,6 +58,15 @@ pub trait Desk: Send + Sync + std::fmt::Debug {
     fn how_to_decide(&self, event: &DdlEvent) -> String;
     /// How a human confirms a manual apply.
     fn how_to_confirm(&self, event: &DdlEvent) -> String;
+}
+
+/// A decision as the DDL log stores it.
+pub(super) fn decision_text(d: Decision) -> &'static str {
+    match d {
+        Decision::Pending => "Pending",
+        Decision::Approved => "Approved",
+        Decision::Rejected => "Rejected",
+    }
 }
 
 fn decision_of(text: &str) -> Decision {
@@ -143,6 +154,9 @@ pub struct KubeDesk {
     flow_uid: String,
     recorder: Recorder,
     log: DdlLog,
+    /// The reading last written to the log (by LSN), so a held gate polling every second
+    /// writes only when the decision changes.
+    mirrored: Arc<Mutex<Option<(Lsn, Reading)>>>,
 }
 
 impl std::fmt::Debug for KubeDesk {
@@ -168,6 +182,7 @@ impl KubeDesk {
             flow_uid: flow_uid.to_owned(),
             recorder: Recorder::new(client, reporter),
             log,
+            mirrored: Arc::default(),
         }
     }
 
@@ -247,6 +262,29 @@ impl KubeDesk {
         .await
     }
 
+    /// Writes `reading` into the DDL log unless it is what was last written for `lsn`.
+    async fn mirror(&self, lsn: Lsn, reading: Reading) -> Result<(), DdlError> {
+        let last = *self
+            .mirrored
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if last == Some((lsn, reading)) {
+            return Ok(());
+        }
+        self.log
+            .mirror(
+                lsn,
+                decision_text(reading.decision),
+                reading.apply_confirmed,
+            )
+            .await?;
+        *self
+            .mirrored
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some((lsn, reading));
+        Ok(())
+    }
+
     async fn patch_status(
         &self,
         name: &str,
@@ -310,11 +348,12 @@ impl Desk for KubeDesk {
                         DdlError::Corrupt(format!("the plan of the DDL at {}: {e}", event.lsn))
                     })?;
                 self.create(event, &plan, Decision::Pending).await?;
-                self.log.mirror(event.lsn, "Pending", false).await?;
-                return Ok(Reading {
+                let reading = Reading {
                     decision: Decision::Pending,
                     apply_confirmed: false,
-                });
+                };
+                self.mirror(event.lsn, reading).await?;
+                return Ok(reading);
             }
             Err(e) => return Err(self.api_error("reading", &name, e)),
         };
@@ -324,17 +363,12 @@ impl Desk for KubeDesk {
             .as_ref()
             .and_then(|a| a.get(APPLIED_ANNOTATION))
             .is_some_and(|v| v == "true");
-        let decision = approval.spec.decision;
-        let text = match decision {
-            Decision::Pending => "Pending",
-            Decision::Approved => "Approved",
-            Decision::Rejected => "Rejected",
-        };
-        self.log.mirror(event.lsn, text, apply_confirmed).await?;
-        Ok(Reading {
-            decision,
+        let reading = Reading {
+            decision: approval.spec.decision,
             apply_confirmed,
-        })
+        };
+        self.mirror(event.lsn, reading).await?;
+        Ok(reading)
     }
 
     async fn announce(&self, event: &DdlEvent, reason: &str, note: &str) {

@@ -17,7 +17,7 @@ use wallaby_crds::flow::{EffectiveDdlPolicy, SchemaChange};
 
 use super::DdlError;
 use super::capture::CapturedDdl;
-use super::desk::{Desk, Reading, approval_name};
+use super::desk::{Desk, Reading, approval_name, decision_text};
 use super::history::{DdlEvent, DdlLog, NewDdlEvent, SchemaHistory, ShapeColumn, diff, summary};
 use super::plan::{TableChange, destination_plan, materializes_tables};
 use crate::change::{Relation, SourceEvent};
@@ -532,14 +532,6 @@ impl DdlStage {
 
     fn clear_gate(&self) {
         lock(&self.progress).ddl_gate = None;
-    }
-}
-
-fn decision_text(d: Decision) -> &'static str {
-    match d {
-        Decision::Pending => "Pending",
-        Decision::Approved => "Approved",
-        Decision::Rejected => "Rejected",
     }
 }
 

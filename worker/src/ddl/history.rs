@@ -230,8 +230,20 @@ impl HistoryTables {
         }
     }
 
-    /// Creates both tables if missing.
+    /// Creates both tables if missing. When both exist nothing is executed: a DDL script on
+    /// every start would take locks and, with capture installed, emit capture messages.
     pub async fn ensure(&self, client: &Client) -> Result<(), DdlError> {
+        let exists: bool = client
+            .query_one(
+                "SELECT to_regclass($1) IS NOT NULL AND to_regclass($2) IS NOT NULL",
+                &[&self.versions, &self.events],
+            )
+            .await
+            .map_err(|e| DdlError::sql("looking up the schema-history tables", e))?
+            .get(0);
+        if exists {
+            return Ok(());
+        }
         let sql = format!(
             "SELECT pg_advisory_xact_lock({CREATE_LOCK_KEY});
              CREATE SCHEMA IF NOT EXISTS {schema};
@@ -360,15 +372,6 @@ impl SchemaHistory {
         let loaded = self.load(table).await?;
         cache.insert(table.to_owned(), loaded.clone());
         Ok(loaded)
-    }
-
-    /// The latest version of `table` starting at or before `lsn`.
-    pub async fn at(&self, table: &str, lsn: Lsn) -> Result<Option<SchemaVersion>, DdlError> {
-        Ok(self
-            .versions(table)
-            .await?
-            .into_iter()
-            .rfind(|v| v.lsn <= lsn))
     }
 
     /// The version of `columns` for `table` seen at `lsn`: an existing version of the same
@@ -665,6 +668,13 @@ impl DdlLog {
         row.as_ref().map(event_of).transpose()
     }
 
+    /// The statement at `lsn`, which must be in the log.
+    pub async fn get_required(&self, lsn: Lsn) -> Result<DdlEvent, DdlError> {
+        self.get(lsn)
+            .await?
+            .ok_or_else(|| DdlError::NotFound(format!("no DDL statement at {lsn}")))
+    }
+
     /// The statement with CLI handle `id` (or at LSN `id` when it has a `/`).
     pub async fn find(&self, id: &str) -> Result<DdlEvent, DdlError> {
         let found = if id.contains('/') {
@@ -725,10 +735,7 @@ impl DdlLog {
             )
             .await
             .map_err(|e| DdlError::sql(format!("deciding the DDL at {lsn}"), e))?;
-        let event = self
-            .get(lsn)
-            .await?
-            .ok_or_else(|| DdlError::NotFound(format!("no DDL statement at {lsn}")))?;
+        let event = self.get_required(lsn).await?;
         if updated == 0 && event.decision != decision {
             return Err(DdlError::Decided {
                 lsn,
@@ -750,9 +757,7 @@ impl DdlLog {
             )
             .await
             .map_err(|e| DdlError::sql(format!("confirming the apply of the DDL at {lsn}"), e))?;
-        self.get(lsn)
-            .await?
-            .ok_or_else(|| DdlError::NotFound(format!("no DDL statement at {lsn}")))
+        self.get_required(lsn).await
     }
 
     /// Mirrors a decision taken elsewhere (the DDLApproval) into the log.
