@@ -119,29 +119,60 @@ fn churn(
     })
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn initial_snapshot_under_concurrent_changes_ends_equal_to_the_source() {
-    let db = TestDb::create("snap").await;
+/// A flow over `items (id, v, n)` with `rows` rows, started with `snapshot` while DML runs
+/// on the table until the worker holds its slot.
+struct Churned {
+    db: TestDb,
+    sql: tokio_postgres::Client,
+    dir: tempfile::TempDir,
+    manifest: std::path::PathBuf,
+    worker: Worker,
+    /// DML statements run during the start.
+    statements: u64,
+}
+
+async fn copy_under_churn(prefix: &str, rows: u64, snapshot: &str) -> Churned {
+    let db = TestDb::create(prefix).await;
     let sql = db.client().await;
-    sql.batch_execute(
+    sql.batch_execute(&format!(
         "CREATE TABLE items (id int PRIMARY KEY, v text, n int);
-         INSERT INTO items SELECT g, 'row ' || g, g FROM generate_series(1, 20000) g;",
-    )
+         INSERT INTO items SELECT g, 'row ' || g, g FROM generate_series(1, {rows}) g;"
+    ))
     .await
     .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let manifest = snapshot_manifest(
-        dir.path(),
-        &db,
-        &["public.items"],
-        "{initial: true, workers: 2, partitionCount: 4}",
-    );
+    let manifest = snapshot_manifest(dir.path(), &db, &["public.items"], snapshot);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let dml = churn(db.dsn.clone(), "items", stop.clone());
     let worker = Worker::spawn(&manifest, dir.path());
     db.attached().await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let statements = dml.await.unwrap();
+    Churned {
+        db,
+        sql,
+        dir,
+        manifest,
+        worker,
+        statements,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn initial_snapshot_under_concurrent_changes_ends_equal_to_the_source() {
+    let Churned {
+        db,
+        sql,
+        dir,
+        worker,
+        statements,
+        ..
+    } = copy_under_churn(
+        "snap",
+        20_000,
+        "{initial: true, workers: 2, partitionCount: 4}",
+    )
+    .await;
     assert!(statements > 0, "no DML ran during the snapshot");
 
     let records = converges(dir.path(), &sql, &["items"]).await;
@@ -469,27 +500,19 @@ async fn a_missing_snapshot_table_stops_the_worker_with_its_name() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_consistent_snapshot_or_state_the_copy_still_converges_and_is_not_repeated() {
-    let db = TestDb::create("snapnone").await;
-    let sql = db.client().await;
-    sql.batch_execute(
-        "CREATE TABLE items (id int PRIMARY KEY, v text, n int);
-         INSERT INTO items SELECT g, 'row ' || g, g FROM generate_series(1, 5000) g;",
-    )
-    .await
-    .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let manifest = snapshot_manifest(
-        dir.path(),
-        &db,
-        &["public.items"],
+    let Churned {
+        db,
+        sql,
+        dir,
+        manifest,
+        worker,
+        ..
+    } = copy_under_churn(
+        "snapnone",
+        5_000,
         "{initial: true, consistent: false, stateBackend: none, workers: 2, partitionCount: 3}",
-    );
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let dml = churn(db.dsn.clone(), "items", stop.clone());
-    let worker = Worker::spawn(&manifest, dir.path());
-    db.attached().await;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    dml.await.unwrap();
+    )
+    .await;
     let records = converges(dir.path(), &sql, &["items"]).await;
     let reads = records.iter().filter(|r| r["op"] == "read").count();
     let (code, log) = worker.terminate();
