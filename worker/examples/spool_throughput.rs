@@ -65,7 +65,11 @@ fn batch(seq: u64, rows: u64) -> ChangeBatch {
     b.bytes = rows * 300;
     b.transactions = 1;
     b.checkpoint = Some(Lsn(commit_lsn + rows + 1));
-    b.tables.push(TableChanges { schema, changes });
+    b.tables.push(TableChanges {
+        schema,
+        changes,
+        encoded: Vec::new(),
+    });
     b
 }
 

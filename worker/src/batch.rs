@@ -12,7 +12,7 @@ use chrono::{DateTime, Utc};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use wallaby_codec::{Change, Row, TableSchema, Value};
 
-use crate::change::{Cell, DecodedRows, Op, Relation, RowChange};
+use crate::change::{Cell, DecodedRows, EncodedRows, Op, Relation, RowChange};
 use crate::lsn::Lsn;
 
 /// Fixed cost charged per row on top of its values (the `Change`, its vectors and their
@@ -30,6 +30,17 @@ pub struct TableChanges {
     pub schema: Arc<TableSchema>,
     /// Changes.
     pub changes: Vec<Change>,
+    /// Rows encoded ahead (a snapshot's copy workers), after `changes`' rows; only
+    /// destinations with a [`payload_encoding`](crate::destination::Destination::payload_encoding)
+    /// receive batches holding them.
+    pub encoded: Vec<Arc<EncodedRows>>,
+}
+
+impl ChangeBatch {
+    /// Whether a table group holds rows encoded ahead.
+    pub fn has_encoded(&self) -> bool {
+        self.tables.iter().any(|g| !g.encoded.is_empty())
+    }
 }
 
 /// A `pg_logical_emit_message` carried through to destinations.
@@ -357,8 +368,19 @@ impl Batcher {
         let (xid, commit_lsn, commit_time) = self
             .txn
             .ok_or_else(|| BatchError::Protocol("decoded rows outside a transaction".into()))?;
-        let total = rows.changes.len() as u64;
+        let total = rows.len();
         if total == 0 {
+            return Ok(None);
+        }
+        if let Some(encoded) = rows.encoded.take() {
+            // Payloads cannot be split: the piece goes whole.
+            self.charge(rows.bytes).await;
+            let group = self.group(rows.relation_id, &rows.schema);
+            let slot = self.op_slot(rows.relation_id, &rows.schema, Op::Read);
+            let batch = self.batch();
+            batch.op_counts[slot].2 += total;
+            batch.tables[group].encoded.push(encoded);
+            batch.rows += total;
             return Ok(None);
         }
         let take = room.clamp(1, total);
@@ -372,6 +394,7 @@ impl Batcher {
                 schema: rows.schema.clone(),
                 changes,
                 bytes,
+                encoded: None,
             }
         });
         self.charge(rows.bytes).await;
@@ -416,6 +439,7 @@ impl Batcher {
         batch.tables.push(TableChanges {
             schema: schema.clone(),
             changes: Vec::new(),
+            encoded: Vec::new(),
         });
         let i = batch.tables.len() - 1;
         self.group_index.insert(key, i);
@@ -716,6 +740,7 @@ mod tests {
             schema,
             changes: vec![change("x"), change("y"), change("z")],
             bytes: 300,
+            encoded: None,
         };
         let now = Utc::now();
         b.begin(3, Lsn(100), now);

@@ -8,6 +8,7 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
 
+use crate::destination::PayloadEncoding;
 use crate::lsn::Lsn;
 
 /// A table as described by the last pgoutput Relation message.
@@ -84,6 +85,49 @@ pub struct DecodedRows {
     /// Bytes to charge to the memory budget for all of them (the same measure as a row's
     /// text cells are charged).
     pub bytes: u64,
+    /// The rows already encoded for every destination (a snapshot's copy workers do
+    /// this when each destination writes a table group as one payload); `changes` is
+    /// then empty, and the piece is never split across batches.
+    pub encoded: Option<Arc<EncodedRows>>,
+}
+
+impl DecodedRows {
+    /// Rows held.
+    pub fn len(&self) -> u64 {
+        match &self.encoded {
+            Some(e) => e.rows,
+            None => self.changes.len() as u64,
+        }
+    }
+
+    /// Whether no row is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Rows of one table encoded ahead of the pipeline: one payload per distinct
+/// [`PayloadEncoding`] of the flow's destinations,
+/// each exactly what the destination's own encoding of the rows as `read` changes at
+/// `lsn` would give.
+#[derive(Debug)]
+pub struct EncodedRows {
+    /// Rows in each payload.
+    pub rows: u64,
+    /// Commit LSN (and change LSN) of every row.
+    pub lsn: u64,
+    /// The payloads.
+    pub payloads: Vec<(PayloadEncoding, Bytes)>,
+}
+
+impl EncodedRows {
+    /// The payload for `encoding`.
+    pub fn payload(&self, encoding: &PayloadEncoding) -> Option<&Bytes> {
+        self.payloads
+            .iter()
+            .find(|(e, _)| e == encoding)
+            .map(|(_, p)| p)
+    }
 }
 
 /// What the source emits.

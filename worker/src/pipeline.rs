@@ -457,6 +457,15 @@ impl Pipeline {
                                     let mut next_rows = Some(rows);
                                     while let Some(rows) = next_rows.take() {
                                         let room = batch_room(batcher.current(), &config, &rows);
+                                        if rows.encoded.is_some()
+                                            && room < rows.len()
+                                            && batcher.current().is_some_and(|b| b.rows > 0)
+                                            && let Some(batch) = batcher.take()
+                                        {
+                                            // An encoded piece goes whole: into the next batch.
+                                            opened = Some(Instant::now());
+                                            state.dispatch(batch).await?;
+                                        }
                                         next_rows = batcher.decoded(rows, room).await?;
                                         if next_rows.is_some() && let Some(batch) = batcher.take() {
                                             opened = Some(Instant::now());
@@ -981,7 +990,13 @@ async fn attempt(
         let started = std::time::Instant::now();
         let result = match what {
             Attempt::Write(batch) => {
-                let r = slot.sink.write(batch).await.map(Some);
+                let r = if batch.has_encoded() && slot.sink.payload_encoding().is_none() {
+                    Err(DestinationError::permanent(
+                        "internal error: rows encoded ahead reached a destination that needs the rows",
+                    ))
+                } else {
+                    slot.sink.write(batch).await.map(Some)
+                };
                 metrics.destination_write(&slot.name, batch.bytes, started.elapsed(), r.is_ok());
                 r
             }
@@ -1027,7 +1042,7 @@ async fn attempt(
 fn batch_room(current: Option<&ChangeBatch>, config: &PipelineConfig, rows: &DecodedRows) -> u64 {
     let (held_rows, held_bytes) = current.map_or((0, 0), |b| (b.rows, b.bytes));
     let by_count = config.batch_size.saturating_sub(held_rows);
-    let per_row = (rows.bytes / (rows.changes.len() as u64).max(1)).max(1);
+    let per_row = (rows.bytes / rows.len().max(1)).max(1);
     let by_bytes = config
         .batch_max_bytes
         .saturating_sub(held_bytes)

@@ -413,6 +413,14 @@ impl SecondarySpool {
     /// The serialized frame of `batch` (without what is already held), or `None` when
     /// the spool already holds all of it.
     pub fn frame(&self, batch: &ChangeBatch) -> Result<Option<Vec<u8>>, SpoolError> {
+        if batch.has_encoded() {
+            // Only a snapshot (ackPolicy all, no spool) encodes rows ahead.
+            return Err(SpoolError::Encode {
+                dir: self.dir.clone(),
+                seq: batch.seq,
+                reason: "internal error: the batch holds rows encoded ahead".into(),
+            });
+        }
         let held = self.held_through.0;
         let fresh = |commit_lsn: u64| commit_lsn >= held;
         let filtered = batch
@@ -731,6 +739,7 @@ fn decode(body: &[u8]) -> Result<ChangeBatch, String> {
         batch.tables.push(TableChanges {
             schema: Arc::new(schema),
             changes,
+            encoded: Vec::new(),
         });
     }
     for m in header.messages {
@@ -947,6 +956,7 @@ mod tests {
         b.tables.push(TableChanges {
             schema: schema(),
             changes,
+            encoded: Vec::new(),
         });
         b.messages.push(LogicalMessage {
             lsn: Lsn(commit_lsn - 1),

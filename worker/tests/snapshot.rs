@@ -537,13 +537,17 @@ async fn without_a_consistent_snapshot_or_state_the_copy_still_converges_and_is_
 }
 
 /// Every type the binary COPY decoder claims, with edge values, decodes from
-/// `COPY … (FORMAT binary)` to exactly the values its text form decodes to.
+/// `COPY … (FORMAT binary)` to exactly the values its text form decodes to, and the
+/// column encoders (Parquet, Arrow) fed the binary fields give the payloads the row
+/// encoder gives for those values.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn binary_copy_decodes_every_supported_type_as_text_copy_does() {
     use std::sync::Arc;
     use tokio_stream::StreamExt;
-    use wallaby_codec::{ColumnSchema, TableSchema, TypeInfo, TypeKind};
-    use wallaby_worker::snapshot::copy::{BinaryRows, binary_copy, decode_line};
+    use wallaby_codec::{
+        Change, ColumnSchema, Op, ReadEncoder, TableSchema, TypeInfo, TypeKind, WireFormat,
+    };
+    use wallaby_worker::snapshot::copy::{BinaryRows, binary_copy, decode_fields, decode_line};
 
     let db = TestDb::create("snapbin").await;
     let sql = db.client().await;
@@ -641,13 +645,22 @@ async fn binary_copy_decodes_every_supported_type_as_text_copy_does() {
             let mut rows = Vec::new();
             let mut tuples = BinaryRows::default();
             let mut scratch = Vec::new();
+            let shared = Arc::new(schema.clone());
+            let mut encoders = [WireFormat::Parquet, WireFormat::Arrow]
+                .map(|f| (f, ReadEncoder::new(f, shared.clone()).unwrap()));
             while let Some(chunk) = stream.next().await {
                 let chunk = chunk.unwrap();
                 if binary {
                     // Fed a byte at a time: tuples cut anywhere are put together.
                     for byte in chunk.chunks(1) {
                         tuples
-                            .feed(byte, schema, &mut |row, _| rows.push(row))
+                            .feed(byte, schema.columns.len(), &mut |fields, _| {
+                                for (_, encoder) in &mut encoders {
+                                    encoder.push_row(fields).map_err(|e| e.to_string())?;
+                                }
+                                rows.push(decode_fields(fields, schema)?);
+                                Ok(())
+                            })
                             .unwrap();
                     }
                 } else {
@@ -658,6 +671,26 @@ async fn binary_copy_decodes_every_supported_type_as_text_copy_does() {
             }
             if binary {
                 tuples.finish().unwrap();
+                // The column encoders' payloads are the row encoder's for the same rows.
+                let (lsn, time) = (0x16B3_74D48, 1_700_000_000_000_000);
+                let changes: Vec<Change> = rows
+                    .iter()
+                    .map(|row| Change {
+                        op: Op::Read,
+                        commit_lsn: lsn,
+                        lsn,
+                        commit_time_micros: time,
+                        xid: 0,
+                        before: None,
+                        after: Some(row.clone()),
+                    })
+                    .collect();
+                for (format, encoder) in &mut encoders {
+                    assert_eq!(encoder.rows(), rows.len());
+                    let payload = encoder.finish(lsn, time).unwrap();
+                    let want = wallaby_codec::encode(*format, schema, &changes).unwrap();
+                    assert!(payload == want, "{format:?} payloads differ");
+                }
             }
             rows
         }

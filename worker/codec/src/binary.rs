@@ -54,7 +54,7 @@ fn base(ty: &TypeInfo) -> &TypeInfo {
     }
 }
 
-fn fixed<const N: usize>(bytes: &[u8]) -> Result<[u8; N], String> {
+pub(crate) fn fixed<const N: usize>(bytes: &[u8]) -> Result<[u8; N], String> {
     bytes
         .try_into()
         .map_err(|_| format!("expected {N} bytes, got {}", bytes.len()))
@@ -80,26 +80,11 @@ fn decode_inner(ty: &TypeInfo, bytes: &[u8]) -> Result<Value, String> {
         TypeKind::Bytea => Value::Bytes(bytes.to_vec()),
         TypeKind::Uuid => Value::Uuid(fixed(bytes)?),
         TypeKind::Json => Value::Json(utf8(bytes)?),
-        TypeKind::Jsonb => match bytes.split_first() {
-            Some((1, text)) => Value::Json(utf8(text)?),
-            Some((v, _)) => return Err(format!("unknown jsonb binary version {v}")),
-            None => return Err("empty jsonb value".into()),
-        },
-        TypeKind::Date => {
-            let days = i32::from_be_bytes(fixed(bytes)?);
-            Value::Date(match days {
-                i32::MIN | i32::MAX => days,
-                d => d.checked_add(EPOCH_SHIFT_DAYS).ok_or("date out of range")?,
-            })
-        }
+        TypeKind::Jsonb => Value::Json(utf8(jsonb_text(bytes)?)?),
+        TypeKind::Date => Value::Date(date_days(bytes)?),
         TypeKind::Time => Value::Time(i64::from_be_bytes(fixed(bytes)?)),
         TypeKind::Timestamp | TypeKind::TimestampTz => {
-            let micros = match i64::from_be_bytes(fixed(bytes)?) {
-                m @ (i64::MIN | i64::MAX) => m,
-                m => m
-                    .checked_add(EPOCH_SHIFT_MICROS)
-                    .ok_or("timestamp out of range")?,
-            };
+            let micros = timestamp_micros(bytes)?;
             if ty.kind == TypeKind::Timestamp {
                 Value::Timestamp(micros)
             } else {
@@ -110,9 +95,46 @@ fn decode_inner(ty: &TypeInfo, bytes: &[u8]) -> Result<Value, String> {
     })
 }
 
+/// The text of a `jsonb` value's binary form (a version byte, then the text).
+pub(crate) fn jsonb_text(bytes: &[u8]) -> Result<&[u8], String> {
+    match bytes.split_first() {
+        Some((1, text)) => Ok(text),
+        Some((v, _)) => Err(format!("unknown jsonb binary version {v}")),
+        None => Err("empty jsonb value".into()),
+    }
+}
+
+/// A `date`'s binary form as days since 1970-01-01 (±infinity kept as `i32::MIN/MAX`).
+pub(crate) fn date_days(bytes: &[u8]) -> Result<i32, String> {
+    match i32::from_be_bytes(fixed(bytes)?) {
+        d @ (i32::MIN | i32::MAX) => Ok(d),
+        d => d
+            .checked_add(EPOCH_SHIFT_DAYS)
+            .ok_or_else(|| "date out of range".into()),
+    }
+}
+
+/// A `timestamp[tz]`'s binary form as microseconds since 1970-01-01 (±infinity kept as
+/// `i64::MIN/MAX`).
+pub(crate) fn timestamp_micros(bytes: &[u8]) -> Result<i64, String> {
+    match i64::from_be_bytes(fixed(bytes)?) {
+        m @ (i64::MIN | i64::MAX) => Ok(m),
+        m => m
+            .checked_add(EPOCH_SHIFT_MICROS)
+            .ok_or_else(|| "timestamp out of range".into()),
+    }
+}
+
 /// `numeric`'s binary form (base-10000 digits, weight, sign, display scale) printed as
 /// PostgreSQL's `numeric_out` prints it.
 fn numeric_text(bytes: &[u8]) -> Result<String, String> {
+    let mut out = String::new();
+    numeric_into(bytes, &mut out)?;
+    Ok(out)
+}
+
+/// [`numeric_text`] appended to `out`.
+pub(crate) fn numeric_into(bytes: &[u8], out: &mut String) -> Result<(), String> {
     let word = |i: usize| -> Result<u16, String> {
         bytes
             .get(i * 2..i * 2 + 2)
@@ -124,9 +146,18 @@ fn numeric_text(bytes: &[u8]) -> Result<String, String> {
     let sign = word(2)?;
     let dscale = i32::from(word(3)?);
     match sign {
-        0xC000 => return Ok("NaN".into()),
-        0xD000 => return Ok("Infinity".into()),
-        0xF000 => return Ok("-Infinity".into()),
+        0xC000 => {
+            out.push_str("NaN");
+            return Ok(());
+        }
+        0xD000 => {
+            out.push_str("Infinity");
+            return Ok(());
+        }
+        0xF000 => {
+            out.push_str("-Infinity");
+            return Ok(());
+        }
         0x0000 | 0x4000 => {}
         other => return Err(format!("unknown numeric sign {other:#06x}")),
     }
@@ -136,22 +167,22 @@ fn numeric_text(bytes: &[u8]) -> Result<String, String> {
             bytes.len()
         ));
     }
-    let mut digits = Vec::with_capacity(ndigits);
     for i in 0..ndigits {
         let d = word(4 + i)?;
         if d >= 10_000 {
             return Err(format!("numeric digit {d} out of range"));
         }
-        digits.push(d);
     }
+    // Digits past the stored ones are zeros.
     let digit = |i: i32| -> u16 {
         usize::try_from(i)
             .ok()
-            .and_then(|i| digits.get(i))
-            .copied()
-            .unwrap_or(0)
+            .filter(|i| *i < ndigits)
+            .map_or(0, |i| {
+                u16::from_be_bytes([bytes[8 + i * 2], bytes[9 + i * 2]])
+            })
     };
-    let mut out = String::with_capacity(8 + 4 * ndigits + dscale as usize);
+    out.reserve(8 + 4 * ndigits + dscale.max(0) as usize);
     if sign == 0x4000 {
         out.push('-');
     }
@@ -161,9 +192,9 @@ fn numeric_text(bytes: &[u8]) -> Result<String, String> {
         for i in 0..=weight {
             let d = digit(i);
             if i == 0 {
-                push_number(&mut out, u32::from(d));
+                push_number(out, d);
             } else {
-                push_padded(&mut out, d);
+                push_padded(out, d);
             }
         }
     }
@@ -184,12 +215,16 @@ fn numeric_text(bytes: &[u8]) -> Result<String, String> {
             i += 1;
         }
     }
-    Ok(out)
+    Ok(())
 }
 
-fn push_number(out: &mut String, n: u32) {
-    use std::fmt::Write;
-    let _ = write!(out, "{n}");
+/// A base-10000 digit without leading zeros.
+fn push_number(out: &mut String, n: u16) {
+    let digits = [n / 1000, n / 100 % 10, n / 10 % 10, n % 10];
+    let first = digits.iter().position(|d| *d != 0).unwrap_or(3);
+    for d in &digits[first..] {
+        out.push(char::from(b'0' + *d as u8));
+    }
 }
 
 fn push_padded(out: &mut String, d: u16) {

@@ -14,8 +14,8 @@ pub mod text;
 pub mod value;
 
 pub use format::{
-    Encoder, PayloadColumn, PayloadSchema, TypeMapping, WireBatch, WireFormat, check_type_mapping,
-    decode, encode, payload_schema,
+    Encoder, PayloadColumn, PayloadSchema, ReadEncoder, TypeMapping, WireBatch, WireFormat,
+    check_type_mapping, decode, encode, payload_schema,
 };
 pub use schema::{ColumnSchema, TableSchema, TypeInfo, TypeKind};
 pub use value::{Change, Op, Row, Value};

@@ -10,10 +10,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
-use wallaby_codec::WireFormat;
+use wallaby_codec::{TableSchema, WireFormat};
 use wallaby_crds::destination::FileSpec;
 
-use super::{Destination, DestinationError, TypeOverrides, WriteAck};
+use super::{Destination, DestinationError, PayloadEncoding, TypeOverrides, WriteAck};
 use crate::batch::ChangeBatch;
 
 /// Writer of one destination directory.
@@ -124,38 +124,33 @@ impl FileDestination {
     }
 
     fn write_batch(&mut self, batch: &ChangeBatch) -> Result<(), DestinationError> {
+        let encoding = self.payload_encoding();
         for group in &batch.tables {
-            if group.changes.is_empty() {
-                continue;
-            }
             let schema = self.overrides.apply(&group.schema);
-            let payload =
-                wallaby_codec::encode(self.format, &schema, &group.changes).map_err(|e| {
-                    DestinationError::permanent(format!(
-                        "encoding {}: {e}",
-                        schema.qualified_name()
-                    ))
-                })?;
-            let first_lsn = group.changes.first().map_or(0, |c| c.commit_lsn);
-            if self.format == WireFormat::Json {
-                self.append(first_lsn, &payload)
-                    .map_err(|e| DestinationError::from_io("file destination", &e))?;
-                continue;
+            if !group.changes.is_empty() {
+                let payload =
+                    wallaby_codec::encode(self.format, &schema, &group.changes).map_err(|e| {
+                        DestinationError::permanent(format!(
+                            "encoding {}: {e}",
+                            schema.qualified_name()
+                        ))
+                    })?;
+                let first_lsn = group.changes.first().map_or(0, |c| c.commit_lsn);
+                self.write_payload(&schema, first_lsn, &payload)?;
             }
-            let (millis, seq) = (self.next_millis(), self.next_sequence());
-            let name = format!(
-                "{}.{}.v{}-{millis:013}-{first_lsn:016X}-{seq:06}.{}",
-                schema.schema,
-                schema.table,
-                schema.version,
-                self.format.extension()
-            );
-            let path = self.dir.join(&name);
-            let tmp = self.dir.join(format!(".{name}.tmp"));
-            fs::write(&tmp, &payload).map_err(|e| {
-                DestinationError::from_io(&format!("writing {}", tmp.display()), &e)
-            })?;
-            self.staged.push((tmp, path));
+            for rows in &group.encoded {
+                let payload = encoding
+                    .as_ref()
+                    .and_then(|e| rows.payload(e))
+                    .ok_or_else(|| {
+                        DestinationError::permanent(format!(
+                            "internal error: no {} payload among the rows of {} encoded ahead",
+                            self.format.as_str(),
+                            schema.qualified_name()
+                        ))
+                    })?;
+                self.write_payload(&schema, rows.lsn, payload)?;
+            }
         }
         for m in &batch.messages {
             let mut line = serde_json::json!({
@@ -172,6 +167,35 @@ impl FileDestination {
             self.append(m.lsn.0, &line)
                 .map_err(|e| DestinationError::from_io("file destination", &e))?;
         }
+        Ok(())
+    }
+
+    /// Writes one group's payload: appended to the JSON-lines file, or staged as a file of
+    /// its own.
+    fn write_payload(
+        &mut self,
+        schema: &TableSchema,
+        first_lsn: u64,
+        payload: &[u8],
+    ) -> Result<(), DestinationError> {
+        if self.format == WireFormat::Json {
+            return self
+                .append(first_lsn, payload)
+                .map_err(|e| DestinationError::from_io("file destination", &e));
+        }
+        let (millis, seq) = (self.next_millis(), self.next_sequence());
+        let name = format!(
+            "{}.{}.v{}-{millis:013}-{first_lsn:016X}-{seq:06}.{}",
+            schema.schema,
+            schema.table,
+            schema.version,
+            self.format.extension()
+        );
+        let path = self.dir.join(&name);
+        let tmp = self.dir.join(format!(".{name}.tmp"));
+        fs::write(&tmp, payload)
+            .map_err(|e| DestinationError::from_io(&format!("writing {}", tmp.display()), &e))?;
+        self.staged.push((tmp, path));
         Ok(())
     }
 
@@ -229,6 +253,13 @@ impl Destination for FileDestination {
 
     async fn flush(&mut self) -> Result<(), DestinationError> {
         blocking(|| self.sync()).map_err(|e| DestinationError::from_io("file destination", &e))
+    }
+
+    fn payload_encoding(&self) -> Option<PayloadEncoding> {
+        Some(PayloadEncoding {
+            format: self.format,
+            type_mappings: self.overrides.mappings().clone(),
+        })
     }
 }
 

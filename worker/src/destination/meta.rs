@@ -150,6 +150,11 @@ impl MetaDestination {
         out.checkpoint_time = batch.checkpoint_time;
         out.op_counts = batch.op_counts.clone();
         out.span = batch.span.clone();
+        if batch.has_encoded() {
+            return Err(DestinationError::permanent(
+                "internal error: rows encoded ahead reached a destination that rewrites rows",
+            ));
+        }
         for group in &batch.tables {
             let schema = self.schema(&group.schema)?;
             let changes = group
@@ -157,7 +162,11 @@ impl MetaDestination {
                 .iter()
                 .map(|c| self.options.rewrite_change(c, synced_at))
                 .collect();
-            out.tables.push(TableChanges { schema, changes });
+            out.tables.push(TableChanges {
+                schema,
+                changes,
+                encoded: Vec::new(),
+            });
         }
         Ok(out)
     }

@@ -8,7 +8,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use wallaby_codec::TableSchema;
+use wallaby_codec::{TableSchema, WireFormat};
 use wallaby_crds::destination::{DestinationSpec, RetrySpec};
 
 use crate::batch::ChangeBatch;
@@ -128,6 +128,32 @@ pub trait Destination: Send + fmt::Debug {
 
     /// Makes every accepted batch durable.
     async fn flush(&mut self) -> Result<(), DestinationError>;
+
+    /// How this destination encodes a table group when it writes the group's rows as
+    /// whole payloads (a JSON-lines run, one file or object per group). When every
+    /// destination of a flow has one, a snapshot's copy workers encode the rows they
+    /// read themselves, in parallel, and batches carry the payloads
+    /// ([`TableChanges::encoded`](crate::batch::TableChanges::encoded)) instead of the
+    /// rows. `None` (the default): the destination needs the rows.
+    fn payload_encoding(&self) -> Option<PayloadEncoding> {
+        None
+    }
+}
+
+/// A destination's encoding of a table group: the wire format and its `typeMappings`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PayloadEncoding {
+    /// Wire format.
+    pub format: WireFormat,
+    /// `typeMappings` (PostgreSQL type name → destination type).
+    pub type_mappings: BTreeMap<String, String>,
+}
+
+impl PayloadEncoding {
+    /// `schema` with this encoding's type mappings applied.
+    pub fn schema(&self, schema: &Arc<TableSchema>) -> Arc<TableSchema> {
+        TypeOverrides::new(self.type_mappings.clone()).apply(schema)
+    }
 }
 
 /// The retry block the pipeline uses for a Destination. The seeds put `max_retries` and
@@ -163,6 +189,11 @@ impl TypeOverrides {
             mappings,
             cache: HashMap::new(),
         }
+    }
+
+    /// The mappings.
+    pub fn mappings(&self) -> &BTreeMap<String, String> {
+        &self.mappings
     }
 
     /// The schema with each column's `mapped_type` set from the mappings (keyed by the

@@ -346,6 +346,9 @@ pub fn binary_copy(schema: &TableSchema) -> bool {
         .all(|c| wallaby_codec::binary::supports(&c.ty))
 }
 
+/// Receives a binary COPY tuple: its fields (`None`: NULL) and its size in bytes.
+pub type TupleFn<'a> = dyn FnMut(&[Option<&[u8]>], usize) -> Result<(), String> + 'a;
+
 /// Reads `COPY … (FORMAT binary)` data chunk by chunk: the header once, then each complete
 /// tuple, keeping a tuple cut between chunks for the next one.
 #[derive(Debug, Default)]
@@ -356,21 +359,21 @@ pub struct BinaryRows {
 }
 
 impl BinaryRows {
-    /// Decodes the tuples completed by `data` into rows of `schema`, handing each to
-    /// `each` with its size in bytes.
+    /// Hands each tuple completed by `data` to `each` as its fields (`None`: NULL) with
+    /// its size in bytes; a tuple must have `columns` fields.
     pub fn feed(
         &mut self,
         data: &[u8],
-        schema: &TableSchema,
-        each: &mut dyn FnMut(Row, usize),
+        columns: usize,
+        each: &mut TupleFn<'_>,
     ) -> Result<(), String> {
         if self.carry.is_empty() {
-            let used = self.parse(data, schema, each)?;
+            let used = self.parse(data, columns, each)?;
             self.carry.extend_from_slice(&data[used..]);
         } else {
             let mut buf = std::mem::take(&mut self.carry);
             buf.extend_from_slice(data);
-            let used = self.parse(&buf, schema, each)?;
+            let used = self.parse(&buf, columns, each)?;
             buf.drain(..used);
             self.carry = buf;
         }
@@ -391,12 +394,12 @@ impl BinaryRows {
         Ok(())
     }
 
-    /// Decodes whole tuples from the start of `buf`; returns the bytes used.
+    /// Hands on whole tuples from the start of `buf`; returns the bytes used.
     fn parse(
         &mut self,
         buf: &[u8],
-        schema: &TableSchema,
-        each: &mut dyn FnMut(Row, usize),
+        columns: usize,
+        each: &mut TupleFn<'_>,
     ) -> Result<usize, String> {
         let mut pos = 0;
         if !self.header_done {
@@ -414,8 +417,7 @@ impl BinaryRows {
             pos = 19 + ext;
             self.header_done = true;
         }
-        let columns = &schema.columns;
-        let mut fields: Vec<Option<(usize, usize)>> = Vec::with_capacity(columns.len());
+        let mut fields: Vec<Option<&[u8]>> = Vec::with_capacity(columns);
         while pos < buf.len() {
             if self.finished {
                 return Err("binary COPY data continues after its trailer".into());
@@ -429,17 +431,16 @@ impl BinaryRows {
                 pos += 2;
                 continue;
             }
-            if count as usize != columns.len() {
+            if count as usize != columns {
                 return Err(format!(
-                    "a COPY row has {count} fields, the table {} columns",
-                    columns.len()
+                    "a COPY row has {count} fields, the table {columns} columns"
                 ));
             }
             // The tuple's extent first: a tuple cut by the chunk end waits for the next.
             fields.clear();
             let mut at = pos + 2;
             let mut complete = true;
-            for _ in 0..columns.len() {
+            for _ in 0..columns {
                 let Some(len) = buf.get(at..at + 4) else {
                     complete = false;
                     break;
@@ -451,39 +452,39 @@ impl BinaryRows {
                     continue;
                 }
                 let len = len as usize;
-                if buf.len() < at + len {
+                let Some(field) = buf.get(at..at + len) else {
                     complete = false;
                     break;
-                }
-                fields.push(Some((at, len)));
+                };
+                fields.push(Some(field));
                 at += len;
             }
             if !complete {
                 break;
             }
-            let mut values = Vec::with_capacity(columns.len());
-            for (column, field) in columns.iter().zip(&fields) {
-                values.push(match field {
-                    None => Value::Null,
-                    Some((start, len)) => {
-                        wallaby_codec::binary::decode(&column.ty, &buf[*start..start + len])
-                            .map_err(|e| {
-                                format!("column {} ({}): {e}", column.name, column.ty.name)
-                            })?
-                    }
-                });
-            }
-            each(
-                Row {
-                    values,
-                    absent: Vec::new(),
-                },
-                at - pos,
-            );
+            each(&fields, at - pos)?;
             pos = at;
         }
         Ok(pos)
     }
+}
+
+/// The typed row of binary COPY `fields` (see [`BinaryRows::feed`]) of `schema`'s columns.
+pub fn decode_fields(fields: &[Option<&[u8]>], schema: &TableSchema) -> Result<Row, String> {
+    let values = schema
+        .columns
+        .iter()
+        .zip(fields)
+        .map(|(column, field)| match field {
+            None => Ok(Value::Null),
+            Some(bytes) => wallaby_codec::binary::decode(&column.ty, bytes)
+                .map_err(|e| format!("column {} ({}): {e}", column.name, column.ty.name)),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Row {
+        values,
+        absent: Vec::new(),
+    })
 }
 
 /// Undoes COPY text escapes (`\\`, `\b`, `\f`, `\n`, `\r`, `\t`, `\v`, octal, `\xHH`).
@@ -610,25 +611,28 @@ mod tests {
         let mut rows = Vec::new();
         let mut reader = BinaryRows::default();
         let (a, b) = data.split_at(25);
-        reader.feed(a, &schema, &mut |r, _| rows.push(r)).unwrap();
-        reader.feed(b, &schema, &mut |r, _| rows.push(r)).unwrap();
+        let mut each = |fields: &[Option<&[u8]>], _| {
+            rows.push(decode_fields(fields, &schema)?);
+            Ok(())
+        };
+        reader.feed(a, 1, &mut each).unwrap();
+        reader.feed(b, 1, &mut each).unwrap();
         reader.finish().unwrap();
         let values: Vec<Value> = rows.into_iter().flat_map(|r| r.values).collect();
         assert_eq!(values, vec![Value::Int4(7), Value::Int4(-1), Value::Null]);
 
         let mut cut = BinaryRows::default();
-        cut.feed(&data[..body - 2], &schema, &mut |_, _| {})
-            .unwrap();
+        cut.feed(&data[..body - 2], 1, &mut |_, _| Ok(())).unwrap();
         assert!(cut.finish().unwrap_err().contains("inside a row"));
         let mut untrailed = BinaryRows::default();
         untrailed
-            .feed(&data[..body], &schema, &mut |_, _| {})
+            .feed(&data[..body], 1, &mut |_, _| Ok(()))
             .unwrap();
         assert!(untrailed.finish().unwrap_err().contains("trailer"));
         let mut wrong = data.clone();
         wrong[19..21].copy_from_slice(&2i16.to_be_bytes());
         let err = BinaryRows::default()
-            .feed(&wrong, &schema, &mut |_, _| {})
+            .feed(&wrong, 1, &mut |_, _| Ok(()))
             .unwrap_err();
         assert!(err.contains("2 fields, the table 1 columns"), "{err}");
     }

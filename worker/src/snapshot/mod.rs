@@ -33,6 +33,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use chrono::Utc;
+use futures::FutureExt;
 use pg_walstream::{
     CancellationToken, LogicalReplicationStream, ReplicationSlotOptions, ReplicationStreamConfig,
     RetryConfig, SharedLsnFeedback, StreamingMode,
@@ -41,13 +42,14 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_postgres::Client;
 use tokio_stream::StreamExt;
-use wallaby_codec::{Change, Row, TableSchema};
+use wallaby_codec::{Change, ReadEncoder, Row, TableSchema};
 use wallaby_crds::flow::{SnapshotSpec, TableSnapshotProgress};
 
 use crate::ack::AckMode;
 use crate::batch::BatchError;
 use crate::batch::{ROW_OVERHEAD, SchemaSource, VALUE_OVERHEAD};
-use crate::change::{DecodedRows, Op, SourceEvent};
+use crate::change::{DecodedRows, EncodedRows, Op, SourceEvent};
+use crate::destination::PayloadEncoding;
 use crate::lsn::Lsn;
 use crate::metrics::Metrics;
 use crate::pipeline::{
@@ -62,6 +64,8 @@ use store::{PartitionRecord, SnapshotStore};
 const PIECE_ROWS: usize = 4096;
 /// Bytes of COPY text per piece, whichever comes first.
 const PIECE_BYTES: usize = 4 << 20;
+/// Most rows per piece when the copy workers encode (pieces are then `batchSize` rows).
+const MAX_ENCODED_PIECE_ROWS: usize = 1 << 16;
 /// Events buffered between the forwarder and the pipeline (three per piece: begin, its
 /// decoded rows, commit), so decoded pieces waiting for the pipeline stay few.
 const EVENT_BUFFER: usize = 6;
@@ -511,6 +515,8 @@ async fn copy_jobs(
     };
     let mut config = sink.config;
     config.ack = AckMode::All;
+    let output = Output::of(&sink.destinations, config.batch_size);
+    tracing::debug!(?output, "snapshot: copy output");
     let pipeline = Pipeline::new(
         config,
         sink.destinations,
@@ -527,6 +533,7 @@ async fn copy_jobs(
         jobs: jobs.clone(),
         schemas,
         queue: Mutex::new((0..jobs.len()).collect()),
+        output,
     });
     let stop = cancel.child_token();
     let workers = (request.workers as usize).min(jobs.len()).max(1);
@@ -562,9 +569,9 @@ async fn copy_jobs(
             piece = piece_rx.recv() => match piece {
                 Some(piece) => {
                     settler.copying(piece.job);
-                    if !piece.rows.changes.is_empty() {
+                    if !piece.rows.is_empty() {
                         seq += 1;
-                        let rows = piece.rows.changes.len() as u64;
+                        let rows = piece.rows.len();
                         let Some(sender) = tx.as_ref() else { break };
                         if forward(sender, piece.rows, request.lsn, Lsn(seq)).await.is_err() {
                             // The pipeline stopped: its error is reported below.
@@ -715,6 +722,7 @@ struct Work {
     jobs: Arc<Vec<Job>>,
     schemas: Vec<Arc<TableSchema>>,
     queue: Mutex<VecDeque<usize>>,
+    output: Output,
 }
 
 /// Takes partitions from the queue and copies each in its own transaction.
@@ -745,6 +753,7 @@ async fn copy_worker(
             job,
             snapshot.as_deref(),
             lsn,
+            &work.output,
             &out,
             &stop,
         )
@@ -770,6 +779,7 @@ async fn copy_partition(
     index: usize,
     snapshot: Option<&str>,
     lsn: Lsn,
+    output: &Output,
     out: &mpsc::Sender<Piece>,
     stop: &CancellationToken,
 ) -> Result<(), String> {
@@ -794,46 +804,30 @@ async fn copy_partition(
         .await
         .map_err(|e| format!("{statement}: {e}"))?;
     let mut stream = std::pin::pin!(stream);
-    let relation_id = job.table.relation.id;
-    let row_cost = ROW_OVERHEAD + VALUE_OVERHEAD * schema.columns.len() as u64;
-    let piece = |changes: Vec<Change>, bytes: u64| DecodedRows {
-        relation_id,
-        schema: schema.clone(),
-        changes,
-        bytes,
-    };
-    let mut rows = Vec::with_capacity(PIECE_ROWS);
-    let mut bytes = 0usize;
-    let mut cost = 0u64;
+    let mut piece = Assembler::new(job.table.relation.id, schema, lsn, output, binary)?;
     let mut scratch = Vec::new();
     let mut tuples = copy::BinaryRows::default();
     loop {
-        let chunk = tokio::select! {
-            chunk = stream.next() => chunk,
-            _ = stop.cancelled() => return Ok(()),
+        // The server sends a message per row: take what is ready without a wake-up per
+        // row, and look at the stop signal only when waiting.
+        let chunk = match stream.next().now_or_never() {
+            Some(chunk) => chunk,
+            None => tokio::select! {
+                chunk = stream.next() => chunk,
+                _ = stop.cancelled() => return Ok(()),
+            },
         };
         let data: Bytes = match chunk {
             None => break,
             Some(Err(e)) => return Err(format!("reading COPY data: {e}")),
             Some(Ok(data)) => data,
         };
-        let read = |row: Row| Change {
-            op: Op::Read,
-            commit_lsn: lsn.0,
-            lsn: lsn.0,
-            commit_time_micros: 0,
-            xid: 0,
-            before: None,
-            after: Some(row),
-        };
         if data.is_empty() {
             continue;
         }
         if binary {
-            tuples.feed(&data, schema, &mut |row, size| {
-                bytes += size;
-                cost += row_cost + size as u64;
-                rows.push(read(row));
+            tuples.feed(&data, schema.columns.len(), &mut |fields, size| {
+                piece.push_fields(fields, size)
             })?;
         } else {
             // The server sends one row per message; splitting on newlines also covers
@@ -843,24 +837,21 @@ async fn copy_partition(
                 .unwrap_or(&data)
                 .split(|b| *b == b'\n')
             {
-                bytes += line.len();
-                cost += row_cost + line.len() as u64;
                 let row = copy::decode_line(line, schema, &mut scratch)?;
-                rows.push(read(row));
+                piece.push_row(row, line.len());
             }
         }
-        if rows.len() >= PIECE_ROWS || bytes >= PIECE_BYTES {
-            let piece = Piece {
-                job: index,
-                rows: piece(
-                    std::mem::replace(&mut rows, Vec::with_capacity(PIECE_ROWS)),
-                    cost,
-                ),
-                last: false,
-            };
-            bytes = 0;
-            cost = 0;
-            if out.send(piece).await.is_err() {
+        if piece.full() {
+            let rows = piece.take()?;
+            if out
+                .send(Piece {
+                    job: index,
+                    rows,
+                    last: false,
+                })
+                .await
+                .is_err()
+            {
                 return Ok(());
             }
         }
@@ -872,12 +863,214 @@ async fn copy_partition(
         .batch_execute("COMMIT")
         .await
         .map_err(|e| format!("ending the snapshot transaction: {e}"))?;
+    let rows = piece.take()?;
     let _ = out
         .send(Piece {
             job: index,
-            rows: piece(rows, cost),
+            rows,
             last: true,
         })
         .await;
     Ok(())
+}
+
+/// How copy workers hand on the rows they read.
+#[derive(Debug, Clone)]
+enum Output {
+    /// Typed rows; each destination encodes them.
+    Rows,
+    /// Payloads, one per distinct encoding of the destinations (every destination writes
+    /// table groups as whole payloads): the encoding is done by the copy workers, in
+    /// parallel, and straight from binary COPY fields for the columnar formats.
+    Encoded {
+        encodings: Arc<Vec<PayloadEncoding>>,
+        /// Rows per piece (the flow's `batchSize`: one payload per batch, as in the stream).
+        piece_rows: usize,
+    },
+}
+
+impl Output {
+    /// `Encoded` when every destination has a payload encoding, `Rows` otherwise.
+    fn of(destinations: &[DestinationSlot], batch_size: u64) -> Self {
+        let mut encodings: Vec<PayloadEncoding> = Vec::new();
+        for slot in destinations {
+            let Some(encoding) = slot.sink.payload_encoding() else {
+                return Self::Rows;
+            };
+            if !encodings.contains(&encoding) {
+                encodings.push(encoding);
+            }
+        }
+        if encodings.is_empty() {
+            return Self::Rows;
+        }
+        Self::Encoded {
+            encodings: Arc::new(encodings),
+            piece_rows: usize::try_from(batch_size)
+                .unwrap_or(usize::MAX)
+                .clamp(1, MAX_ENCODED_PIECE_ROWS),
+        }
+    }
+}
+
+/// The piece a copy worker is filling.
+struct Assembler {
+    relation_id: u32,
+    schema: Arc<TableSchema>,
+    lsn: Lsn,
+    row_cost: u64,
+    piece_rows: usize,
+    /// Typed rows (kept when handed on as rows or encoded by row).
+    rows: Vec<Change>,
+    keep_rows: bool,
+    /// Payload encoders fed with binary COPY fields.
+    columnar: Vec<(PayloadEncoding, ReadEncoder)>,
+    /// Encodings made from the typed rows (with the schema as each maps it).
+    by_row: Vec<(PayloadEncoding, Arc<TableSchema>)>,
+    encoded: bool,
+    count: usize,
+    bytes: usize,
+    cost: u64,
+}
+
+impl Assembler {
+    fn new(
+        relation_id: u32,
+        schema: &Arc<TableSchema>,
+        lsn: Lsn,
+        output: &Output,
+        binary: bool,
+    ) -> Result<Self, String> {
+        let mut columnar = Vec::new();
+        let mut by_row = Vec::new();
+        let (piece_rows, encoded) = match output {
+            Output::Rows => (PIECE_ROWS, false),
+            Output::Encoded {
+                encodings,
+                piece_rows,
+            } => {
+                for encoding in encodings.iter() {
+                    let mapped = encoding.schema(schema);
+                    if binary && ReadEncoder::supports(encoding.format) {
+                        let encoder =
+                            ReadEncoder::new(encoding.format, mapped).map_err(|e| e.to_string())?;
+                        columnar.push((encoding.clone(), encoder));
+                    } else {
+                        by_row.push((encoding.clone(), mapped));
+                    }
+                }
+                (*piece_rows, true)
+            }
+        };
+        Ok(Self {
+            relation_id,
+            schema: schema.clone(),
+            lsn,
+            row_cost: ROW_OVERHEAD + VALUE_OVERHEAD * schema.columns.len() as u64,
+            piece_rows,
+            rows: Vec::new(),
+            keep_rows: !encoded || !by_row.is_empty(),
+            columnar,
+            by_row,
+            encoded,
+            count: 0,
+            bytes: 0,
+            cost: 0,
+        })
+    }
+
+    fn read(&self, row: Row) -> Change {
+        Change {
+            op: Op::Read,
+            commit_lsn: self.lsn.0,
+            lsn: self.lsn.0,
+            commit_time_micros: 0,
+            xid: 0,
+            before: None,
+            after: Some(row),
+        }
+    }
+
+    /// Adds a row from its binary COPY fields.
+    fn push_fields(&mut self, fields: &[Option<&[u8]>], size: usize) -> Result<(), String> {
+        for (_, encoder) in &mut self.columnar {
+            encoder.push_row(fields).map_err(|e| e.to_string())?;
+        }
+        if self.keep_rows {
+            let row = copy::decode_fields(fields, &self.schema)?;
+            let change = self.read(row);
+            self.rows.push(change);
+        }
+        self.counted(size);
+        Ok(())
+    }
+
+    /// Adds a typed row (read as text).
+    fn push_row(&mut self, row: Row, size: usize) {
+        let change = self.read(row);
+        self.rows.push(change);
+        self.counted(size);
+    }
+
+    fn counted(&mut self, size: usize) {
+        self.count += 1;
+        self.bytes += size;
+        self.cost += self.row_cost + size as u64;
+    }
+
+    fn full(&self) -> bool {
+        self.count >= self.piece_rows || self.bytes >= PIECE_BYTES
+    }
+
+    /// The piece so far (possibly empty); the assembler starts a new one.
+    fn take(&mut self) -> Result<DecodedRows, String> {
+        let count = std::mem::take(&mut self.count) as u64;
+        self.bytes = 0;
+        let cost = std::mem::take(&mut self.cost);
+        let mut changes = std::mem::take(&mut self.rows);
+        if !self.encoded || count == 0 {
+            if !self.encoded {
+                self.rows = Vec::with_capacity(PIECE_ROWS);
+            }
+            return Ok(DecodedRows {
+                relation_id: self.relation_id,
+                schema: self.schema.clone(),
+                changes,
+                bytes: cost,
+                encoded: None,
+            });
+        }
+        let time = Utc::now().timestamp_micros();
+        let mut payloads = Vec::with_capacity(self.columnar.len() + self.by_row.len());
+        for (encoding, encoder) in &mut self.columnar {
+            let payload = encoder
+                .finish(self.lsn.0, time)
+                .map_err(|e| e.to_string())?;
+            payloads.push((encoding.clone(), Bytes::from(payload)));
+        }
+        if !self.by_row.is_empty() {
+            for change in &mut changes {
+                change.commit_time_micros = time;
+            }
+            for (encoding, mapped) in &self.by_row {
+                let payload = wallaby_codec::encode(encoding.format, mapped, &changes)
+                    .map_err(|e| e.to_string())?;
+                payloads.push((encoding.clone(), Bytes::from(payload)));
+            }
+        }
+        // The rows are dropped here, by the thread that made them.
+        drop(changes);
+        let held: u64 = payloads.iter().map(|(_, p)| p.len() as u64).sum();
+        Ok(DecodedRows {
+            relation_id: self.relation_id,
+            schema: self.schema.clone(),
+            changes: Vec::new(),
+            bytes: held,
+            encoded: Some(Arc::new(EncodedRows {
+                rows: count,
+                lsn: self.lsn.0,
+                payloads,
+            })),
+        })
+    }
 }

@@ -20,7 +20,7 @@ use arrow_schema::{DataType, Field, FieldRef, Fields, Schema, TimeUnit};
 
 use super::{Layout, Res, Wire, base_type, mismatch, parse_op};
 use crate::schema::TypeKind;
-use crate::value::{Change, RangeValue, Row, Value};
+use crate::value::{Change, Op, RangeValue, Row, Value};
 
 static NULL: Value = Value::Null;
 
@@ -28,11 +28,15 @@ static NULL: Value = Value::Null;
 pub(crate) const SCHEMA_KEY: &str = "wallaby.schema";
 
 pub(crate) fn encode(layout: &Layout<'_>, changes: &[Change]) -> Res<Vec<u8>> {
-    let batch = to_batch(layout, changes)?;
+    write(&to_batch(layout, changes)?)
+}
+
+/// The Arrow IPC stream of one record batch.
+pub(crate) fn write(batch: &RecordBatch) -> Res<Vec<u8>> {
     let mut out = Vec::new();
     let mut writer = arrow_ipc::writer::StreamWriter::try_new(&mut out, &batch.schema())
         .map_err(|e| e.to_string())?;
-    writer.write(&batch).map_err(|e| e.to_string())?;
+    writer.write(batch).map_err(|e| e.to_string())?;
     writer.finish().map_err(|e| e.to_string())?;
     drop(writer);
     Ok(out)
@@ -672,16 +676,16 @@ fn rows_array(layout: &Layout<'_>, rows: &[Option<&Row>], which: &str) -> Res<Ar
     ))
 }
 
+/// `n` empty lists of column names.
+fn no_absent(n: usize) -> Res<ArrayRef> {
+    let values = StringArray::from_iter_values(std::iter::empty::<&str>());
+    list(DataType::Utf8, vec![0; n], Arc::new(values), vec![true; n])
+}
+
 fn absent_array(layout: &Layout<'_>, rows: &[Option<&Row>]) -> Res<ArrayRef> {
     if rows.iter().flatten().all(|r| r.absent.is_empty()) {
         // The common case: every list is empty.
-        let values = StringArray::from_iter_values(std::iter::empty::<&str>());
-        return list(
-            DataType::Utf8,
-            vec![0; rows.len()],
-            Arc::new(values),
-            vec![true; rows.len()],
-        );
+        return no_absent(rows.len());
     }
     let names = rows
         .iter()
@@ -722,6 +726,34 @@ pub(crate) fn to_batch(layout: &Layout<'_>, changes: &[Change]) -> Res<RecordBat
         rows_array(layout, &after, "after")?,
         absent_array(layout, &before)?,
         absent_array(layout, &after)?,
+    ];
+    RecordBatch::try_new(Arc::new(arrow_schema(layout)), columns).map_err(err)
+}
+
+/// The record batch of `n` snapshot reads (op `read`, no `before`, nothing absent) at
+/// `lsn` and `commit_time_micros`, whose `after` columns are `after` (one array per
+/// column, built elsewhere): what [`to_batch`] gives for the same rows as [`Change`]s.
+pub(crate) fn read_batch(
+    layout: &Layout<'_>,
+    n: usize,
+    lsn: u64,
+    commit_time_micros: i64,
+    after: Vec<ArrayRef>,
+) -> Res<RecordBatch> {
+    let fields = row_fields(layout);
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(StringArray::from_iter_values(std::iter::repeat_n(
+            Op::Read.as_str(),
+            n,
+        ))),
+        Arc::new(PrimitiveArray::<UInt64Type>::from_value(lsn, n)),
+        Arc::new(PrimitiveArray::<UInt64Type>::from_value(lsn, n)),
+        Arc::new(TimestampMicrosecondArray::from_value(commit_time_micros, n).with_timezone("UTC")),
+        Arc::new(PrimitiveArray::<UInt32Type>::from_value(0, n)),
+        arrow_array::new_null_array(&DataType::Struct(fields.clone()), n),
+        Arc::new(StructArray::try_new_with_length(fields, after, None, n).map_err(err)?),
+        no_absent(n)?,
+        no_absent(n)?,
     ];
     RecordBatch::try_new(Arc::new(arrow_schema(layout)), columns).map_err(err)
 }

@@ -21,8 +21,10 @@ mod avro;
 mod json;
 mod parquet;
 mod proto;
+mod reads;
 
 pub use proto::WireBatch;
+pub use reads::ReadEncoder;
 
 use std::sync::Arc;
 
