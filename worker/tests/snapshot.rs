@@ -441,7 +441,13 @@ async fn backfill_copies_the_named_tables_prints_progress_and_exits() {
         serde_json::from_slice(&std::fs::read(dir.path().join("status.json")).unwrap()).unwrap();
     assert_eq!(status["snapshot"][0]["partitionsDone"], 3, "{status}");
 
-    // A finished backfill copies everything again when run again.
+    // A finished backfill copies everything again when run again. This time the
+    // destination rewrites rows (softDelete), so the copy workers hand on rows instead of
+    // payloads they encoded themselves.
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    let rewriting = text.replace("  type: file\n", "  type: file\n  softDelete: true\n");
+    assert_ne!(text, rewriting);
+    std::fs::write(&manifest, rewriting).unwrap();
     let again = std::process::Command::new(env!("CARGO_BIN_EXE_wallaby-worker"))
         .args(["backfill", "-f"])
         .arg(&manifest)
@@ -456,7 +462,13 @@ async fn backfill_copies_the_named_tables_prints_progress_and_exits() {
         .output()
         .unwrap();
     assert!(again.status.success());
-    assert_eq!(common::records(dir.path()).len(), 10_000);
+    let records = common::records(dir.path());
+    assert_eq!(records.len(), 10_000);
+    assert_eq!(
+        applied(&records[5_000..]),
+        source_state(&sql, &["a"]).await
+    );
+    assert!(records[5_000..].iter().all(|r| r["after"]["__ds_is_deleted"] == false));
     db.drop_all().await;
 }
 
