@@ -881,7 +881,7 @@ enum Output {
     Rows,
     /// Payloads, one per distinct encoding of the destinations (every destination writes
     /// table groups as whole payloads): the encoding is done by the copy workers, in
-    /// parallel, and straight from binary COPY fields for the columnar formats.
+    /// parallel, and straight from binary COPY fields (Arrow, Parquet, JSON).
     Encoded {
         encodings: Arc<Vec<PayloadEncoding>>,
         /// Rows per piece (the flow's `batchSize`: one payload per batch, as in the stream).
@@ -924,13 +924,15 @@ struct Assembler {
     rows: Vec<Change>,
     keep_rows: bool,
     /// Payload encoders fed with binary COPY fields.
-    columnar: Vec<(PayloadEncoding, ReadEncoder)>,
+    from_fields: Vec<(PayloadEncoding, ReadEncoder)>,
     /// Encodings made from the typed rows (with the schema as each maps it).
     by_row: Vec<(PayloadEncoding, Arc<TableSchema>)>,
     encoded: bool,
     count: usize,
     bytes: usize,
     cost: u64,
+    /// When the piece's first row was read: the rows' commit time.
+    time: i64,
 }
 
 impl Assembler {
@@ -941,7 +943,7 @@ impl Assembler {
         output: &Output,
         binary: bool,
     ) -> Result<Self, String> {
-        let mut columnar = Vec::new();
+        let mut from_fields = Vec::new();
         let mut by_row = Vec::new();
         let (piece_rows, encoded) = match output {
             Output::Rows => (PIECE_ROWS, false),
@@ -954,7 +956,7 @@ impl Assembler {
                     if binary && ReadEncoder::supports(encoding.format) {
                         let encoder =
                             ReadEncoder::new(encoding.format, mapped).map_err(|e| e.to_string())?;
-                        columnar.push((encoding.clone(), encoder));
+                        from_fields.push((encoding.clone(), encoder));
                     } else {
                         by_row.push((encoding.clone(), mapped));
                     }
@@ -970,12 +972,13 @@ impl Assembler {
             piece_rows,
             rows: Vec::new(),
             keep_rows: !encoded || !by_row.is_empty(),
-            columnar,
+            from_fields,
             by_row,
             encoded,
             count: 0,
             bytes: 0,
             cost: 0,
+            time: 0,
         })
     }
 
@@ -993,7 +996,16 @@ impl Assembler {
 
     /// Adds a row from its binary COPY fields.
     fn push_fields(&mut self, fields: &[Option<&[u8]>], size: usize) -> Result<(), String> {
-        for (_, encoder) in &mut self.columnar {
+        if self.count == 0 {
+            // A piece's rows are stamped with the time it started.
+            self.time = Utc::now().timestamp_micros();
+            for (_, encoder) in &mut self.from_fields {
+                encoder
+                    .begin(self.lsn.0, self.time)
+                    .map_err(|e| e.to_string())?;
+            }
+        }
+        for (_, encoder) in &mut self.from_fields {
             encoder.push_row(fields).map_err(|e| e.to_string())?;
         }
         if self.keep_rows {
@@ -1007,6 +1019,9 @@ impl Assembler {
 
     /// Adds a typed row (read as text).
     fn push_row(&mut self, row: Row, size: usize) {
+        if self.count == 0 {
+            self.time = Utc::now().timestamp_micros();
+        }
         let change = self.read(row);
         self.rows.push(change);
         self.counted(size);
@@ -1040,17 +1055,14 @@ impl Assembler {
                 encoded: None,
             });
         }
-        let time = Utc::now().timestamp_micros();
-        let mut payloads = Vec::with_capacity(self.columnar.len() + self.by_row.len());
-        for (encoding, encoder) in &mut self.columnar {
-            let payload = encoder
-                .finish(self.lsn.0, time)
-                .map_err(|e| e.to_string())?;
+        let mut payloads = Vec::with_capacity(self.from_fields.len() + self.by_row.len());
+        for (encoding, encoder) in &mut self.from_fields {
+            let payload = encoder.finish().map_err(|e| e.to_string())?;
             payloads.push((encoding.clone(), Bytes::from(payload)));
         }
         if !self.by_row.is_empty() {
             for change in &mut changes {
-                change.commit_time_micros = time;
+                change.commit_time_micros = self.time;
             }
             for (encoding, mapped) in &self.by_row {
                 let payload = wallaby_codec::encode(encoding.format, mapped, &changes)

@@ -6,7 +6,9 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use serde_json::{Map, Value as J, json};
 
-use super::{Layout, Res, Wire, mismatch, parse_op};
+use super::{Layout, Res, StrKind, Wire, base_type, mismatch, parse_op};
+use crate::binary;
+use crate::schema::{TypeInfo, TypeKind};
 use crate::value::{Change, RangeValue, Row, Value};
 
 /// The parts of a JSON-lines payload that depend only on the table: the header line and
@@ -143,6 +145,76 @@ impl Prepared {
         out.push(b']');
         Ok(())
     }
+}
+
+/// What follows the `after` object on a snapshot read's line.
+pub(crate) const READ_SUFFIX: &[u8] = b"},\"before_absent\":[],\"after_absent\":[]}\n";
+
+impl Prepared {
+    /// The header line.
+    pub(crate) fn header(&self) -> &[u8] {
+        &self.header
+    }
+
+    /// Column `i`'s `"name":` key.
+    pub(crate) fn column_key(&self, i: usize) -> &[u8] {
+        &self.column_keys[i]
+    }
+
+    /// A snapshot read's line up to the opening brace of its `after` object: what
+    /// [`Self::write_change`] writes for a `read` change at `lsn` and `commit_time_micros`.
+    pub(crate) fn read_prefix(
+        &self,
+        layout: &Layout<'_>,
+        lsn: u64,
+        commit_time_micros: i64,
+    ) -> Res<Vec<u8>> {
+        let mut out = Vec::with_capacity(192);
+        out.extend_from_slice(&self.table_field);
+        out.extend_from_slice(b",\"schema_version\":");
+        put(&mut out, &layout.schema.version)?;
+        out.extend_from_slice(b",\"op\":\"read\",\"commit_lsn\":");
+        put(&mut out, &lsn)?;
+        out.extend_from_slice(b",\"lsn\":");
+        put(&mut out, &lsn)?;
+        out.extend_from_slice(b",\"commit_time\":");
+        write_timestamp(&mut out, commit_time_micros, true)?;
+        out.extend_from_slice(b",\"xid\":0,\"before\":null,\"after\":{");
+        Ok(out)
+    }
+}
+
+/// Writes a value given in PostgreSQL's binary send format (of a type
+/// [`binary::supports`](crate::binary::supports) accepts) as [`write_value`] writes the
+/// value [`binary::decode`](crate::binary::decode) gives: text and numbers straight from
+/// the bytes, other types through the typed value.
+pub(crate) fn write_binary(
+    out: &mut Vec<u8>,
+    w: &Wire,
+    ty: &TypeInfo,
+    bytes: &[u8],
+    scratch: &mut String,
+) -> Res<()> {
+    let utf8 = |b| std::str::from_utf8(b).map_err(|e| format!("not UTF-8: {e}"));
+    match (&base_type(ty).kind, w) {
+        (TypeKind::Text, Wire::Str(StrKind::Text)) if binary::supports(ty) => {
+            put_str(out, utf8(bytes)?);
+        }
+        (TypeKind::Json, Wire::Str(StrKind::Json)) => put_str(out, utf8(bytes)?),
+        (TypeKind::Jsonb, Wire::Str(StrKind::Json)) => {
+            put_str(out, utf8(binary::jsonb_text(bytes)?)?);
+        }
+        (TypeKind::Numeric, Wire::Numeric) => {
+            scratch.clear();
+            binary::numeric_into(bytes, scratch)?;
+            put_str(out, scratch);
+        }
+        _ => {
+            let value = binary::decode(ty, bytes).map_err(|e| e.to_string())?;
+            write_value(out, w, &value)?;
+        }
+    }
+    Ok(())
 }
 
 pub(crate) fn encode(layout: &Layout<'_>, changes: &[Change]) -> Res<Vec<u8>> {

@@ -1,10 +1,11 @@
-//! Snapshot reads encoded straight from `COPY … (FORMAT binary)` fields into Arrow column
-//! builders, without a [`Value`] per field or a [`Change`](crate::Change) per row: the
-//! copy of a whole table is where the per-row cost dominates. The result is the payload
+//! Snapshot reads encoded straight from `COPY … (FORMAT binary)` fields, without a
+//! [`Value`] per field or a [`Change`](crate::Change) per row: the copy of a whole table is
+//! where the per-row cost dominates. Arrow and Parquet append to column builders, JSON
+//! writes each line straight into the payload. The result is the payload
 //! [`Encoder::encode`](super::Encoder::encode) gives for the same rows as `read` changes,
-//! byte for byte: the common scalar types are appended natively, every other column
-//! (a `typeMappings` override, say) goes through [`binary::decode`] and the shared
-//! builder, so no type has a second meaning here.
+//! byte for byte: the common scalar types are handled natively, every other column (a
+//! `typeMappings` override, say) goes through [`binary::decode`] and the shared code, so
+//! no type has a second meaning here.
 
 use std::sync::Arc;
 
@@ -15,7 +16,9 @@ use arrow_array::builder::{
     Time64MicrosecondBuilder, TimestampMicrosecondBuilder, UInt32Builder,
 };
 
-use super::{BinKind, Layout, Res, StrKind, Wire, WireFormat, arrow, base_type, error, parquet};
+use super::{
+    BinKind, Layout, Res, StrKind, Wire, WireFormat, arrow, base_type, error, json, parquet,
+};
 use crate::CodecError;
 use crate::binary;
 use crate::schema::{TableSchema, TypeInfo, TypeKind};
@@ -27,9 +30,27 @@ use crate::value::Value;
 pub struct ReadEncoder {
     format: WireFormat,
     schema: Arc<TableSchema>,
-    columns: Vec<Column>,
+    target: Target,
+    /// LSN and commit time of the rows of the payload being built (`None` before
+    /// [`begin`](Self::begin)).
+    piece: Option<(u64, i64)>,
     rows: usize,
     scratch: String,
+}
+
+/// Where rows go.
+#[derive(Debug)]
+enum Target {
+    /// Arrow and Parquet: one builder per column.
+    Columns(Vec<Column>),
+    /// JSON lines: written as they come.
+    Json {
+        prepared: json::Prepared,
+        wires: Vec<Wire>,
+        /// The line up to the `after` object (per payload: it holds the commit time).
+        prefix: Vec<u8>,
+        out: Vec<u8>,
+    },
 }
 
 /// One column's builder.
@@ -148,22 +169,40 @@ impl Column {
         Ok(())
     }
 
-    /// The column so far as an array; the builder starts again empty.
-    fn finish(&mut self) -> Res<ArrayRef> {
+    /// The column so far as an array; the builder starts again empty, sized for `rows`
+    /// rows like the last ones (a snapshot's payloads are alike).
+    fn finish(&mut self, rows: usize) -> Res<ArrayRef> {
+        /// Finishes `$b` and puts `$new` (a builder sized from the array `$a`) in its place.
+        macro_rules! again {
+            ($b:expr, |$a:ident| $new:expr) => {{
+                let $a = $b.finish();
+                *$b = $new;
+                Arc::new($a) as ArrayRef
+            }};
+        }
         Ok(match self {
-            Self::Bool(b) => Arc::new(b.finish()),
-            Self::Int2(b) => Arc::new(b.finish()),
-            Self::Int4(b) => Arc::new(b.finish()),
-            Self::Int8(b) => Arc::new(b.finish()),
-            Self::Oid(b) => Arc::new(b.finish()),
-            Self::Float4(b) => Arc::new(b.finish()),
-            Self::Float8(b) => Arc::new(b.finish()),
-            Self::Text(b) | Self::Jsonb(b) | Self::Numeric(b) => Arc::new(b.finish()),
-            Self::Bytes(b) => Arc::new(b.finish()),
-            Self::Uuid(b) => Arc::new(b.finish()),
-            Self::Date(b) => Arc::new(b.finish()),
-            Self::Time(b) => Arc::new(b.finish()),
-            Self::Timestamp(b) | Self::TimestampTz(b) => Arc::new(b.finish()),
+            Self::Bool(b) => again!(b, |a| BooleanBuilder::with_capacity(rows)),
+            Self::Int2(b) => again!(b, |a| Int16Builder::with_capacity(rows)),
+            Self::Int4(b) => again!(b, |a| Int32Builder::with_capacity(rows)),
+            Self::Int8(b) => again!(b, |a| Int64Builder::with_capacity(rows)),
+            Self::Oid(b) => again!(b, |a| UInt32Builder::with_capacity(rows)),
+            Self::Float4(b) => again!(b, |a| Float32Builder::with_capacity(rows)),
+            Self::Float8(b) => again!(b, |a| Float64Builder::with_capacity(rows)),
+            Self::Text(b) | Self::Jsonb(b) | Self::Numeric(b) => again!(b, |a| {
+                StringBuilder::with_capacity(rows, a.value_data().len())
+            }),
+            Self::Bytes(b) => again!(b, |a| {
+                BinaryBuilder::with_capacity(rows, a.value_data().len())
+            }),
+            Self::Uuid(b) => again!(b, |a| FixedSizeBinaryBuilder::with_capacity(rows, 16)),
+            Self::Date(b) => again!(b, |a| Date32Builder::with_capacity(rows)),
+            Self::Time(b) => again!(b, |a| Time64MicrosecondBuilder::with_capacity(rows)),
+            Self::Timestamp(b) => {
+                again!(b, |a| TimestampMicrosecondBuilder::with_capacity(rows))
+            }
+            Self::TimestampTz(b) => again!(b, |a| {
+                TimestampMicrosecondBuilder::with_capacity(rows).with_timezone("UTC")
+            }),
             Self::Values { wire, values, .. } => {
                 let refs: Vec<&Value> = values.iter().collect();
                 let array = arrow::build(wire, &refs)?;
@@ -179,10 +218,13 @@ fn utf8(bytes: &[u8]) -> Result<&str, String> {
 }
 
 impl ReadEncoder {
-    /// Whether `format` is encoded column by column (Arrow, Parquet): the formats this
-    /// encoder writes.
+    /// Whether rows are encoded straight from binary COPY fields in `format` (Arrow,
+    /// Parquet, JSON).
     pub fn supports(format: WireFormat) -> bool {
-        matches!(format, WireFormat::Arrow | WireFormat::Parquet)
+        matches!(
+            format,
+            WireFormat::Arrow | WireFormat::Parquet | WireFormat::Json
+        )
     }
 
     /// An encoder of `schema`'s rows (its `typeMappings` applied) in `format`, which
@@ -191,85 +233,172 @@ impl ReadEncoder {
         let fail = |reason: String| error(format, "encode", &schema, reason);
         if !Self::supports(format) {
             return Err(fail(format!(
-                "{} is not encoded column by column",
+                "{} is not encoded straight from COPY fields",
                 format.as_str()
             )));
         }
         let layout = Layout::new(&schema).map_err(fail)?;
-        if format == WireFormat::Parquet {
-            parquet::check_no_empty_struct(&layout).map_err(fail)?;
-        }
-        let columns = schema
-            .columns
-            .iter()
-            .zip(&layout.wires)
-            .map(|(c, w)| Column::new(&c.ty, w))
-            .collect();
+        let target = match format {
+            WireFormat::Json => Target::Json {
+                prepared: json::Prepared::new(&layout).map_err(fail)?,
+                wires: layout.wires.clone(),
+                prefix: Vec::new(),
+                out: Vec::new(),
+            },
+            _ => {
+                if format == WireFormat::Parquet {
+                    parquet::check_no_empty_struct(&layout).map_err(fail)?;
+                }
+                Target::Columns(
+                    schema
+                        .columns
+                        .iter()
+                        .zip(&layout.wires)
+                        .map(|(c, w)| Column::new(&c.ty, w))
+                        .collect(),
+                )
+            }
+        };
         Ok(Self {
             format,
             schema,
-            columns,
+            target,
+            piece: None,
             rows: 0,
             scratch: String::new(),
         })
     }
 
+    fn fail(&self, reason: String) -> CodecError {
+        error(self.format, "encode", &self.schema, reason)
+    }
+
+    /// Starts a payload of `read` changes at `lsn` (commit and change LSN) committed at
+    /// `commit_time_micros`.
+    pub fn begin(&mut self, lsn: u64, commit_time_micros: i64) -> Result<(), CodecError> {
+        if self.rows > 0 {
+            return Err(self.fail("a payload was begun while rows were pending".into()));
+        }
+        if let Target::Json {
+            prepared,
+            prefix,
+            out,
+            ..
+        } = &mut self.target
+        {
+            let layout = Layout::new(&self.schema)
+                .map_err(|reason| error(self.format, "encode", &self.schema, reason))?;
+            *prefix = prepared
+                .read_prefix(&layout, lsn, commit_time_micros)
+                .map_err(|reason| error(self.format, "encode", &self.schema, reason))?;
+            out.clear();
+            out.extend_from_slice(prepared.header());
+        }
+        self.piece = Some((lsn, commit_time_micros));
+        Ok(())
+    }
+
     /// Appends one row from its binary COPY fields (`None`: NULL), in column order. An
     /// error names the column; the encoder must not be used after one.
     pub fn push_row(&mut self, fields: &[Option<&[u8]>]) -> Result<(), CodecError> {
-        if fields.len() != self.columns.len() {
-            return Err(error(
-                self.format,
-                "encode",
-                &self.schema,
-                format!(
-                    "a row has {} fields, the table {} columns",
-                    fields.len(),
-                    self.columns.len()
-                ),
-            ));
+        if self.piece.is_none() {
+            return Err(self.fail("a row was pushed before its payload was begun".into()));
         }
-        for (i, (column, field)) in self.columns.iter_mut().zip(fields).enumerate() {
-            match field {
-                None => column.push_null(),
-                Some(bytes) => column.push(bytes, &mut self.scratch).map_err(|reason| {
-                    let c = &self.schema.columns[i];
-                    CodecError::Text {
-                        type_name: c.ty.name.clone(),
-                        text: format!("binary {:02x?}", &bytes[..bytes.len().min(32)]),
-                        reason: format!("column {}: {reason}", c.name),
+        if fields.len() != self.schema.columns.len() {
+            return Err(self.fail(format!(
+                "a row has {} fields, the table {} columns",
+                fields.len(),
+                self.schema.columns.len()
+            )));
+        }
+        let columns = &self.schema.columns;
+        let failed = |i: usize, bytes: &[u8], reason: String| {
+            let c = &columns[i];
+            CodecError::Text {
+                type_name: c.ty.name.clone(),
+                text: format!("binary {:02x?}", &bytes[..bytes.len().min(32)]),
+                reason: format!("column {}: {reason}", c.name),
+            }
+        };
+        match &mut self.target {
+            Target::Columns(builders) => {
+                for (i, (column, field)) in builders.iter_mut().zip(fields).enumerate() {
+                    match field {
+                        None => column.push_null(),
+                        Some(bytes) => column
+                            .push(bytes, &mut self.scratch)
+                            .map_err(|reason| failed(i, bytes, reason))?,
                     }
-                })?,
+                }
+            }
+            Target::Json {
+                prepared,
+                wires,
+                prefix,
+                out,
+            } => {
+                out.extend_from_slice(prefix);
+                for (i, field) in fields.iter().enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    out.extend_from_slice(prepared.column_key(i));
+                    match field {
+                        None => out.extend_from_slice(b"null"),
+                        Some(bytes) => {
+                            json::write_binary(
+                                out,
+                                &wires[i],
+                                &columns[i].ty,
+                                bytes,
+                                &mut self.scratch,
+                            )
+                            .map_err(|reason| failed(i, bytes, reason))?;
+                        }
+                    }
+                }
+                out.extend_from_slice(json::READ_SUFFIX);
             }
         }
         self.rows += 1;
         Ok(())
     }
 
-    /// Rows appended since the last payload.
+    /// Rows appended since the payload was begun.
     pub fn rows(&self) -> usize {
         self.rows
     }
 
-    /// The payload of the rows appended since the last one, as `read` changes at `lsn`
-    /// (commit and change LSN) committed at `commit_time_micros`; the encoder is empty
-    /// again afterwards.
-    pub fn finish(&mut self, lsn: u64, commit_time_micros: i64) -> Result<Vec<u8>, CodecError> {
-        let fail = |reason: String| error(self.format, "encode", &self.schema, reason);
+    /// The payload of the rows appended since [`begin`](Self::begin); the next payload
+    /// is begun again.
+    pub fn finish(&mut self) -> Result<Vec<u8>, CodecError> {
+        let Some((lsn, commit_time_micros)) = self.piece.take() else {
+            return Err(self.fail("a payload was finished before it was begun".into()));
+        };
         let n = std::mem::take(&mut self.rows);
-        let after = self
-            .columns
-            .iter_mut()
-            .map(Column::finish)
-            .collect::<Res<Vec<_>>>()
-            .map_err(fail)?;
-        let layout = Layout::new(&self.schema).map_err(fail)?;
-        let batch = arrow::read_batch(&layout, n, lsn, commit_time_micros, after).map_err(fail)?;
-        match self.format {
-            WireFormat::Parquet => parquet::write(&batch),
-            _ => arrow::write(&batch),
+        let fail = |reason: String| error(self.format, "encode", &self.schema, reason);
+        match &mut self.target {
+            Target::Json { out, .. } => {
+                // The next payload is about as large.
+                let capacity = out.len();
+                Ok(std::mem::replace(out, Vec::with_capacity(capacity)))
+            }
+            Target::Columns(builders) => {
+                let after = builders
+                    .iter_mut()
+                    .map(|c| c.finish(n))
+                    .collect::<Res<Vec<_>>>()
+                    .map_err(fail)?;
+                let layout = Layout::new(&self.schema).map_err(fail)?;
+                let batch =
+                    arrow::read_batch(&layout, n, lsn, commit_time_micros, after).map_err(fail)?;
+                match self.format {
+                    WireFormat::Parquet => parquet::write(&batch),
+                    _ => arrow::write(&batch),
+                }
+                .map_err(fail)
+            }
         }
-        .map_err(fail)
     }
 }
 
@@ -397,16 +526,17 @@ mod tests {
                 }),
             })
             .collect();
-        for format in [WireFormat::Parquet, WireFormat::Arrow] {
+        for format in [WireFormat::Parquet, WireFormat::Arrow, WireFormat::Json] {
             let mut encoder = ReadEncoder::new(format, schema.clone()).unwrap();
             // Twice: a finished encoder starts again empty.
             for _ in 0..2 {
+                encoder.begin(lsn, time).unwrap();
                 for fields in &rows {
                     let fields: Vec<Option<&[u8]>> = fields.iter().map(|f| f.as_deref()).collect();
                     encoder.push_row(&fields).unwrap();
                 }
                 assert_eq!(encoder.rows(), rows.len());
-                let payload = encoder.finish(lsn, time).unwrap();
+                let payload = encoder.finish().unwrap();
                 assert_eq!(encoder.rows(), 0);
                 let want = crate::encode(format, &schema, &changes).unwrap();
                 assert!(payload == want, "{format:?}: payloads differ");
@@ -424,6 +554,9 @@ mod tests {
             version: 1,
         });
         let mut encoder = ReadEncoder::new(WireFormat::Parquet, schema.clone()).unwrap();
+        let err = encoder.push_row(&[None]).unwrap_err().to_string();
+        assert!(err.contains("before its payload was begun"), "{err}");
+        encoder.begin(1, 2).unwrap();
         let err = encoder
             .push_row(&[Some(&[0, 1][..])])
             .unwrap_err()
@@ -434,6 +567,6 @@ mod tests {
         );
         let err = encoder.push_row(&[None, None]).unwrap_err().to_string();
         assert!(err.contains("2 fields, the table 1 columns"), "{err}");
-        assert!(ReadEncoder::new(WireFormat::Json, schema).is_err());
+        assert!(ReadEncoder::new(WireFormat::Avro, schema).is_err());
     }
 }
