@@ -238,6 +238,15 @@ enum Feed {
 }
 
 impl Feed {
+    /// Whether another batch is already queued: a flush may then wait for it, so one
+    /// flush makes several batches durable (group commit).
+    fn has_next(&self) -> bool {
+        match self {
+            Self::Queue(rx) => !rx.is_empty(),
+            Self::Spool(_) => false,
+        }
+    }
+
     /// The next batch and, for a spool, the position to commit once it is durable.
     async fn next(
         &mut self,
@@ -911,6 +920,13 @@ async fn run_destination(
         if batch.checkpoint.is_none() {
             continue;
         }
+        // Group commit: while more batches are queued, write them first and make them
+        // durable with one flush (up to GROUP_COMMIT_BATCHES), as a busy destination
+        // would otherwise spend its time flushing; an idle one flushes at once.
+        pending.batches += 1;
+        if pending.batches < GROUP_COMMIT_BATCHES && feed.has_next() {
+            continue;
+        }
         if unflushed.as_ref().is_some_and(|p| p.accepted) {
             let span = tracing::info_span!(parent: &batch.span, "destination.flush", destination = %slot.name);
             let flushed = attempt(
@@ -958,7 +974,12 @@ struct Pending {
     bytes: u64,
     transactions: u64,
     counts: Vec<(String, Op, u64)>,
+    /// Batches ending a transaction written since the last flush.
+    batches: usize,
 }
+
+/// Most batches one flush makes durable (group commit while batches queue up).
+const GROUP_COMMIT_BATCHES: usize = 8;
 
 /// One destination operation.
 #[derive(Clone, Copy)]

@@ -831,8 +831,17 @@ async fn hold_slot_keeps_the_slot_at_the_last_durable_position() {
             && err.to_string().contains("failureMode holdSlot"),
         "{err}"
     );
-    let (lsn, active) = db.slot(&db.name).await.expect("slot kept");
-    assert!(!active);
+    // The server releases the slot once it has seen the connection close.
+    let lsn = wait_for(
+        "the slot to be released",
+        Duration::from_secs(20),
+        async || {
+            db.slot(&db.name)
+                .await
+                .and_then(|(lsn, active)| (!active).then_some(lsn))
+        },
+    )
+    .await;
     assert!(
         parse_lsn(&lsn) <= held,
         "slot {lsn} past the last durable {held:X}"

@@ -805,6 +805,10 @@ async fn copy_partition(
         .map_err(|e| format!("{statement}: {e}"))?;
     let mut stream = std::pin::pin!(stream);
     let mut piece = Assembler::new(job.table.relation.id, schema, lsn, output, binary)?;
+    // Time spent waiting for the destinations to take pieces (they are the bottleneck
+    // when it is a large part of the copy).
+    let started = std::time::Instant::now();
+    let mut waited = Duration::ZERO;
     let mut scratch = Vec::new();
     let mut tuples = copy::BinaryRows::default();
     loop {
@@ -843,6 +847,7 @@ async fn copy_partition(
         }
         if piece.full() {
             let rows = piece.take()?;
+            let waiting = std::time::Instant::now();
             if out
                 .send(Piece {
                     job: index,
@@ -854,6 +859,7 @@ async fn copy_partition(
             {
                 return Ok(());
             }
+            waited += waiting.elapsed();
         }
     }
     if binary {
@@ -864,6 +870,13 @@ async fn copy_partition(
         .await
         .map_err(|e| format!("ending the snapshot transaction: {e}"))?;
     let rows = piece.take()?;
+    tracing::debug!(
+        table = %job.table.name,
+        partition = job.index,
+        copy_ms = started.elapsed().as_millis() as u64,
+        waited_for_destinations_ms = waited.as_millis() as u64,
+        "snapshot: partition read"
+    );
     let _ = out
         .send(Piece {
             job: index,
