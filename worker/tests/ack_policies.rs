@@ -35,6 +35,8 @@ struct Script {
     delay: Duration,
     /// Acknowledge writes as durable at once (else accepted + flush).
     durable_writes: bool,
+    /// Delay each flush.
+    flush_delay: Duration,
 }
 
 #[derive(Debug, Default)]
@@ -55,6 +57,9 @@ struct Observed {
     samples: Vec<(u64, u64)>,
     /// Deliveries per inserted `id` (accepted or durable).
     ids: std::collections::BTreeMap<i32, u32>,
+    /// Batches ending a transaction that were written, and flushes.
+    checkpoint_writes: u32,
+    flushes: u32,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -139,6 +144,7 @@ impl Destination for FaultDestination {
         }
         let mut seen = self.0.seen.lock().unwrap();
         seen.accepted_rows += batch.rows;
+        seen.checkpoint_writes += u32::from(batch.checkpoint.is_some());
         for group in &batch.tables {
             seen.commits
                 .extend(group.changes.iter().map(|c| c.commit_lsn));
@@ -166,7 +172,12 @@ impl Destination for FaultDestination {
     }
 
     async fn flush(&mut self) -> Result<(), DestinationError> {
+        let delay = self.0.script.lock().unwrap().flush_delay;
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
         let mut seen = self.0.seen.lock().unwrap();
+        seen.flushes += 1;
         seen.durable_rows += std::mem::take(&mut seen.pending_rows);
         seen.durable_lsn = seen.durable_lsn.max(seen.pending_lsn);
         Ok(())
@@ -387,6 +398,60 @@ async fn all_waits_for_every_destination_and_retries_transient_failures() {
     )
     .await;
     assert_eq!(a.seen.lock().unwrap().failures, 3);
+    let floor = start_lsn(&db).await;
+    a.assert_never_passed_durable(floor);
+    b.assert_never_passed_durable(floor);
+    run.stop().await.unwrap();
+    db.drop_all().await;
+}
+
+/// Group commit: batches that queue up behind a slow flush are written and then made
+/// durable by one flush, and the slot still never passes what is durable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_queued_behind_a_slow_flush_share_the_next_one() {
+    let db = TestDb::create("ack_group").await;
+    let c = setup_table(&db).await;
+    let dir = tempfile::tempdir().unwrap();
+    let m = manifest(dir.path(), &db, "", "");
+    let a = Fault::default();
+    let b = Fault::default();
+    a.script.lock().unwrap().flush_delay = Duration::from_millis(100);
+    let run = start(
+        dir.path(),
+        &m,
+        (&a, retry(5, GiveUpPolicy::OnRetryExhaustion)),
+        (&b, retry(5, GiveUpPolicy::OnRetryExhaustion)),
+    );
+    wait_for("slot created", Duration::from_secs(20), async || {
+        db.slot(&db.name).await
+    })
+    .await;
+    start_lsn(&db).await;
+    write_and_check(&db, &c, &[&a, &b], 600).await;
+    wait_for(
+        "every row durable at both",
+        Duration::from_secs(30),
+        async || (a.durable_rows() == 600 && b.durable_rows() == 600).then_some(()),
+    )
+    .await;
+    wait_for(
+        "slot reaches the last durable commit",
+        Duration::from_secs(20),
+        async || {
+            let slot = a.sample(&db).await;
+            b.sample(&db).await;
+            (slot >= a.durable_lsn().min(b.durable_lsn())).then_some(())
+        },
+    )
+    .await;
+    let (writes, flushes) = {
+        let seen = a.seen.lock().unwrap();
+        (seen.checkpoint_writes, seen.flushes)
+    };
+    assert!(
+        flushes < writes,
+        "{flushes} flushes for {writes} batches: queued batches were flushed one by one"
+    );
     let floor = start_lsn(&db).await;
     a.assert_never_passed_durable(floor);
     b.assert_never_passed_durable(floor);
