@@ -217,7 +217,20 @@ async fn initial_snapshot_under_concurrent_changes_ends_equal_to_the_source() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_killed_mid_snapshot_resumes_only_unfinished_partitions() {
-    let db = TestDb::create("snapkill").await;
+    stopped_mid_snapshot_resumes("snapkill", false).await;
+}
+
+/// SIGTERM during the copy: the worker stops promptly (copy workers waiting to hand on a
+/// piece are released), exits 0, and the next start copies only what is unfinished.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_stopped_mid_snapshot_exits_cleanly_and_resumes() {
+    stopped_mid_snapshot_resumes("snapterm", true).await;
+}
+
+/// Stops the worker (SIGTERM when `graceful`, else SIGKILL) once some partitions of a
+/// 48-partition copy are done, changes the table, restarts, and checks the result.
+async fn stopped_mid_snapshot_resumes(prefix: &str, graceful: bool) {
+    let db = TestDb::create(prefix).await;
     let sql = db.client().await;
     sql.batch_execute(
         "CREATE TABLE items (id int PRIMARY KEY, v text, n int);
@@ -246,8 +259,25 @@ async fn a_worker_killed_mid_snapshot_resumes_only_unfinished_partitions() {
         (done >= 2).then_some(done)
     })
     .await;
-    worker.kill9();
-    assert!(done_at_kill < 48, "the snapshot finished before the kill");
+    if graceful {
+        let mut worker = worker;
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &worker.child.id().to_string()])
+            .status();
+        let code = wait_for("the worker to exit after SIGTERM", DEADLINE, async || {
+            worker.child.try_wait().ok().flatten().map(|s| s.code())
+        })
+        .await;
+        let log = worker.log_text();
+        assert_eq!(code, Some(0), "{log}");
+        assert!(
+            log.contains("snapshot: stopped; unfinished partitions are copied on the next start"),
+            "{log}"
+        );
+    } else {
+        worker.kill9();
+    }
+    assert!(done_at_kill < 48, "the snapshot finished before the stop");
     let done_rows: i64 = sql
         .query_one(
             "SELECT coalesce(sum(rows_copied), 0)::int8 FROM wallaby.snapshot_state WHERE done",

@@ -594,6 +594,9 @@ async fn copy_jobs(
         settler.settle(confirmed.load(Ordering::Acquire)).await?;
     }
     stop.cancel();
+    // Copy workers waiting to hand on a piece get an error and stop: pieces not forwarded
+    // are copied again with their partition.
+    drop(piece_rx);
     // The pipeline delivers what was forwarded, then ends.
     tx.take();
     let pipeline_result = pipeline_task
