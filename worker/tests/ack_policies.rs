@@ -369,40 +369,55 @@ async fn all_waits_for_every_destination_and_retries_transient_failures() {
         s.delay = Duration::from_millis(30);
         s.durable_writes = true;
     }
+    let run = deliver_to_both(&db, &c, dir.path(), &m, (&a, &b), 300).await;
+    assert_eq!(a.seen.lock().unwrap().failures, 3);
+    run.stop().await.unwrap();
+    db.drop_all().await;
+}
+
+/// Runs the flow into `a` and `b` (both required, retried), writes `rows` rows in small
+/// transactions, waits until both made them durable and the slot reached them, and
+/// checks that the slot never passed what either had made durable.
+async fn deliver_to_both(
+    db: &TestDb,
+    c: &tokio_postgres::Client,
+    dir: &Path,
+    manifest: &Path,
+    (a, b): (&Fault, &Fault),
+    rows: u64,
+) -> Running {
     let run = start(
-        dir.path(),
-        &m,
-        (&a, retry(5, GiveUpPolicy::OnRetryExhaustion)),
-        (&b, retry(5, GiveUpPolicy::OnRetryExhaustion)),
+        dir,
+        manifest,
+        (a, retry(5, GiveUpPolicy::OnRetryExhaustion)),
+        (b, retry(5, GiveUpPolicy::OnRetryExhaustion)),
     );
     wait_for("slot created", Duration::from_secs(20), async || {
         db.slot(&db.name).await
     })
     .await;
-    start_lsn(&db).await;
-    write_and_check(&db, &c, &[&a, &b], 300).await;
+    start_lsn(db).await;
+    write_and_check(db, c, &[a, b], rows as i32).await;
     wait_for(
         "every row durable at both",
         Duration::from_secs(30),
-        async || (a.durable_rows() == 300 && b.durable_rows() == 300).then_some(()),
+        async || (a.durable_rows() == rows && b.durable_rows() == rows).then_some(()),
     )
     .await;
     wait_for(
         "slot reaches the last durable commit",
         Duration::from_secs(20),
         async || {
-            let slot = a.sample(&db).await;
-            b.sample(&db).await;
+            let slot = a.sample(db).await;
+            b.sample(db).await;
             (slot >= a.durable_lsn().min(b.durable_lsn())).then_some(())
         },
     )
     .await;
-    assert_eq!(a.seen.lock().unwrap().failures, 3);
-    let floor = start_lsn(&db).await;
+    let floor = start_lsn(db).await;
     a.assert_never_passed_durable(floor);
     b.assert_never_passed_durable(floor);
-    run.stop().await.unwrap();
-    db.drop_all().await;
+    run
 }
 
 /// Group commit: batches that queue up behind a slow flush are written and then made
@@ -416,34 +431,7 @@ async fn batches_queued_behind_a_slow_flush_share_the_next_one() {
     let a = Fault::default();
     let b = Fault::default();
     a.script.lock().unwrap().flush_delay = Duration::from_millis(100);
-    let run = start(
-        dir.path(),
-        &m,
-        (&a, retry(5, GiveUpPolicy::OnRetryExhaustion)),
-        (&b, retry(5, GiveUpPolicy::OnRetryExhaustion)),
-    );
-    wait_for("slot created", Duration::from_secs(20), async || {
-        db.slot(&db.name).await
-    })
-    .await;
-    start_lsn(&db).await;
-    write_and_check(&db, &c, &[&a, &b], 600).await;
-    wait_for(
-        "every row durable at both",
-        Duration::from_secs(30),
-        async || (a.durable_rows() == 600 && b.durable_rows() == 600).then_some(()),
-    )
-    .await;
-    wait_for(
-        "slot reaches the last durable commit",
-        Duration::from_secs(20),
-        async || {
-            let slot = a.sample(&db).await;
-            b.sample(&db).await;
-            (slot >= a.durable_lsn().min(b.durable_lsn())).then_some(())
-        },
-    )
-    .await;
+    let run = deliver_to_both(&db, &c, dir.path(), &m, (&a, &b), 600).await;
     let (writes, flushes) = {
         let seen = a.seen.lock().unwrap();
         (seen.checkpoint_writes, seen.flushes)
@@ -452,9 +440,6 @@ async fn batches_queued_behind_a_slow_flush_share_the_next_one() {
         flushes < writes,
         "{flushes} flushes for {writes} batches: queued batches were flushed one by one"
     );
-    let floor = start_lsn(&db).await;
-    a.assert_never_passed_durable(floor);
-    b.assert_never_passed_durable(floor);
     run.stop().await.unwrap();
     db.drop_all().await;
 }

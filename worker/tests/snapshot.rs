@@ -588,7 +588,7 @@ async fn binary_copy_decodes_every_supported_type_as_text_copy_does() {
     use std::sync::Arc;
     use tokio_stream::StreamExt;
     use wallaby_codec::{
-        Change, ColumnSchema, Op, ReadEncoder, TableSchema, TypeInfo, TypeKind, WireFormat,
+        Change, ColumnSchema, ReadEncoder, TableSchema, TypeInfo, TypeKind, WireFormat,
     };
     use wallaby_worker::snapshot::copy::{BinaryRows, binary_copy, decode_fields, decode_line};
 
@@ -722,15 +722,7 @@ async fn binary_copy_decodes_every_supported_type_as_text_copy_does() {
                 // The field encoders' payloads are the row encoder's for the same rows.
                 let changes: Vec<Change> = rows
                     .iter()
-                    .map(|row| Change {
-                        op: Op::Read,
-                        commit_lsn: lsn,
-                        lsn,
-                        commit_time_micros: time,
-                        xid: 0,
-                        before: None,
-                        after: Some(row.clone()),
-                    })
+                    .map(|row| Change::read(lsn, time, row.clone()))
                     .collect();
                 for (format, encoder) in &mut encoders {
                     assert_eq!(encoder.rows(), rows.len());

@@ -136,3 +136,25 @@ impl TableSchema {
         format!("{}.{}", self.schema, self.table)
     }
 }
+
+/// A column of a built-in type for tests (`id` is the key).
+#[cfg(test)]
+pub(crate) fn test_column(
+    name: &str,
+    oid: u32,
+    ty: &str,
+    kind: TypeKind,
+    mapped: Option<&str>,
+) -> ColumnSchema {
+    ColumnSchema {
+        name: name.into(),
+        ty: Arc::new(TypeInfo {
+            oid,
+            name: ty.into(),
+            typmod: -1,
+            kind,
+        }),
+        key: name == "id",
+        mapped_type: mapped.map(str::to_owned),
+    }
+}

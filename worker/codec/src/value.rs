@@ -174,3 +174,18 @@ pub struct Change {
     /// New values (insert/update).
     pub after: Option<Row>,
 }
+
+impl Change {
+    /// A snapshot read of `row`: op `read`, commit and change LSN `lsn`, xid 0.
+    pub fn read(lsn: u64, commit_time_micros: i64, row: Row) -> Self {
+        Self {
+            op: Op::Read,
+            commit_lsn: lsn,
+            lsn,
+            commit_time_micros,
+            xid: 0,
+            before: None,
+            after: Some(row),
+        }
+    }
+}

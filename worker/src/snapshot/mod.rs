@@ -48,7 +48,7 @@ use wallaby_crds::flow::{SnapshotSpec, TableSnapshotProgress};
 use crate::ack::AckMode;
 use crate::batch::BatchError;
 use crate::batch::{ROW_OVERHEAD, SchemaSource, VALUE_OVERHEAD};
-use crate::change::{DecodedRows, EncodedRows, Op, SourceEvent};
+use crate::change::{DecodedRows, EncodedRows, SourceEvent};
 use crate::destination::PayloadEncoding;
 use crate::lsn::Lsn;
 use crate::metrics::Metrics;
@@ -999,15 +999,7 @@ impl Assembler {
     }
 
     fn read(&self, row: Row) -> Change {
-        Change {
-            op: Op::Read,
-            commit_lsn: self.lsn.0,
-            lsn: self.lsn.0,
-            commit_time_micros: 0,
-            xid: 0,
-            before: None,
-            after: Some(row),
-        }
+        Change::read(self.lsn.0, 0, row)
     }
 
     /// Adds a row from its binary COPY fields.

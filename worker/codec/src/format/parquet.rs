@@ -154,27 +154,11 @@ pub(crate) fn check_no_empty_struct(layout: &Layout<'_>) -> Res<()> {
 mod tests {
     #![allow(clippy::unwrap_used)]
 
-    use std::sync::Arc;
-
     use parquet::file::reader::{FileReader, SerializedFileReader};
 
-    use crate::schema::{ColumnSchema, TableSchema, TypeInfo, TypeKind};
+    use crate::schema::{TableSchema, TypeKind, test_column};
     use crate::value::{Change, Op, Row, Value};
     use crate::{WireFormat, encode};
-
-    fn column(name: &str, oid: u32, ty: &str, kind: TypeKind) -> ColumnSchema {
-        ColumnSchema {
-            name: name.into(),
-            ty: Arc::new(TypeInfo {
-                oid,
-                name: ty.into(),
-                typmod: -1,
-                kind,
-            }),
-            key: name == "id",
-            mapped_type: None,
-        }
-    }
 
     /// Unique columns are written without a dictionary, repetitive ones with one.
     #[test]
@@ -183,10 +167,10 @@ mod tests {
             schema: "public".into(),
             table: "t".into(),
             columns: vec![
-                column("id", 20, "int8", TypeKind::Int8),
-                column("name", 25, "text", TypeKind::Text),
-                column("status", 25, "text", TypeKind::Text),
-                column("qty", 23, "int4", TypeKind::Int4),
+                test_column("id", 20, "int8", TypeKind::Int8, None),
+                test_column("name", 25, "text", TypeKind::Text, None),
+                test_column("status", 25, "text", TypeKind::Text, None),
+                test_column("qty", 23, "int4", TypeKind::Int4, None),
             ],
             version: 1,
         };

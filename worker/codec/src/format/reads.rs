@@ -407,28 +407,8 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
-    use crate::schema::ColumnSchema;
-    use crate::value::{Change, Op, Row};
-
-    fn column(
-        name: &str,
-        oid: u32,
-        ty: &str,
-        kind: TypeKind,
-        mapped: Option<&str>,
-    ) -> ColumnSchema {
-        ColumnSchema {
-            name: name.into(),
-            ty: Arc::new(TypeInfo {
-                oid,
-                name: ty.into(),
-                typmod: -1,
-                kind,
-            }),
-            key: name == "id",
-            mapped_type: mapped.map(str::to_owned),
-        }
-    }
+    use crate::schema::test_column as column;
+    use crate::value::{Change, Row};
 
     fn numeric(weight: i16, sign: u16, dscale: u16, digits: &[u16]) -> Vec<u8> {
         let mut b = Vec::new();
@@ -505,25 +485,24 @@ mod tests {
         let (lsn, time) = (0x1_6B37_4D48, 1_700_000_000_123_456);
         let changes: Vec<Change> = rows
             .iter()
-            .map(|fields| Change {
-                op: Op::Read,
-                commit_lsn: lsn,
-                lsn,
-                commit_time_micros: time,
-                xid: 0,
-                before: None,
-                after: Some(Row {
-                    values: schema
-                        .columns
-                        .iter()
-                        .zip(fields)
-                        .map(|(c, f)| match f {
-                            None => Value::Null,
-                            Some(b) => binary::decode(&c.ty, b).unwrap(),
-                        })
-                        .collect(),
-                    absent: Vec::new(),
-                }),
+            .map(|fields| {
+                let values = schema
+                    .columns
+                    .iter()
+                    .zip(fields)
+                    .map(|(c, f)| match f {
+                        None => Value::Null,
+                        Some(b) => binary::decode(&c.ty, b).unwrap(),
+                    })
+                    .collect();
+                Change::read(
+                    lsn,
+                    time,
+                    Row {
+                        values,
+                        absent: Vec::new(),
+                    },
+                )
             })
             .collect();
         for format in [WireFormat::Parquet, WireFormat::Arrow, WireFormat::Json] {
