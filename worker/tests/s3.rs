@@ -836,3 +836,48 @@ async fn bad_configuration_fails_with_a_precise_error() {
     assert!(text.contains("secretAccessKey"), "{text}");
     db.drop_all().await;
 }
+
+/// A snapshot's rows all carry the slot's consistent point as their LSN: every batch of
+/// them must still become objects of their own, not overwrite one another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_of_many_batches_keeps_every_row() {
+    let server = S3Server::start("snap");
+    server.create_bucket("lake").await;
+    let db = TestDb::create("s3snap").await;
+    let sql = db.client().await;
+    create_table(&sql).await;
+    sql.batch_execute(
+        "INSERT INTO t SELECT g, 'n' || g, now(), NULL FROM generate_series(1, 3000) g",
+    )
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let m = manifest(
+        dir.path(),
+        &db,
+        "  snapshot: {initial: true, workers: 2, partitionCount: 4}",
+        &[("pq", s3_destination(&server, "pq", "lake", "", ""))],
+    );
+    let worker = Worker::spawn(&m, dir.path());
+    let client = server.client();
+    let ids = wait_for("every snapshot row in the bucket", DEADLINE, async || {
+        let mut ids: Vec<String> = objects(&client, "lake")
+            .await
+            .iter()
+            .flat_map(|(k, body)| decode(k, body))
+            .filter(|c| c.op == wallaby_codec::Op::Read)
+            .filter_map(|c| match &c.after.as_ref()?.values[0] {
+                Value::Text(id) => Some(id.clone()),
+                _ => None,
+            })
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        (ids.len() == 3000).then_some(ids)
+    })
+    .await;
+    assert_eq!(ids.len(), 3000);
+    let (code, log) = worker.terminate();
+    assert_eq!(code, Some(0), "{log}");
+    db.drop_all().await;
+}

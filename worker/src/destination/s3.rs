@@ -26,7 +26,7 @@ use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use bytes::Bytes;
 use chrono::{DateTime, Datelike as _, NaiveDate, Timelike as _};
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
-use wallaby_codec::{Change, TableSchema, Value, WireFormat};
+use wallaby_codec::{Change, Op, TableSchema, Value, WireFormat};
 use wallaby_crds::destination::{ObjectCompression, S3Spec};
 
 use super::{Destination, DestinationError, TypeOverrides, WriteAck};
@@ -402,8 +402,17 @@ impl S3Destination {
                         ))
                     })?;
                 let (first, last) = lsn_range(&changes);
+                // A snapshot's reads all carry one LSN (the slot's consistent point), so
+                // the LSN range cannot tell their batches apart: their keys also carry a
+                // hash of the content, so each batch gets its own object (and the same
+                // batch delivered again still overwrites its own).
+                let content = if changes.iter().any(|c| c.op == Op::Read) {
+                    format!("-{:016x}", content_hash(&payload))
+                } else {
+                    String::new()
+                };
                 let key = format!(
-                    "{}{}/{}/{path}{first:016X}-{last:016X}-v{}.{}{}",
+                    "{}{}/{}/{path}{first:016X}-{last:016X}{content}-v{}.{}{}",
                     self.prefix,
                     key_safe(&schema.schema),
                     key_safe(&schema.table),
@@ -800,6 +809,15 @@ fn key_safe(name: &str) -> String {
 }
 
 /// First and last change LSN of a run of changes (the commit LSN where a change has none).
+/// A 64-bit hash of an object's content (SipHash with fixed keys: the same bytes give the
+/// same hash in every process).
+fn content_hash(payload: &[u8]) -> u64 {
+    use std::hash::Hasher as _;
+    let mut hasher = std::hash::DefaultHasher::new();
+    hasher.write(payload);
+    hasher.finish()
+}
+
 fn lsn_range(changes: &[Change]) -> (u64, u64) {
     let lsn = |c: &Change| if c.lsn != 0 { c.lsn } else { c.commit_lsn };
     (
