@@ -222,9 +222,10 @@ async fn backfill(
     .replace(
         "  destinations: [{name: out}]",
         &format!(
-            "  snapshot: {{workers: {w}, partitionCount: {p}, stateBackend: none}}\n  destinations: [{{name: out}}]",
+            "  snapshot: {{workers: {w}, partitionCount: {p}, batchSize: {b}, stateBackend: none}}\n  destinations: [{{name: out}}]",
             w = plan.workers,
-            p = plan.workers * 2
+            p = plan.workers * 2,
+            b = settings.batch_size
         ),
     );
     let manifest_path = dir.join("flow.yaml");

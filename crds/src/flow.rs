@@ -571,6 +571,12 @@ pub struct SnapshotSpec {
     #[serde(default = "one")]
     #[schemars(range(min = 1, max = 4096))]
     pub partition_count: u32,
+    /// Rows per batch while copying, in place of the source's `batchSize` (which is sized
+    /// for the stream's latency): a copy is throughput-bound, and the `file` and `s3`
+    /// destinations write one file or object per table per batch.
+    #[serde(default = "default_snapshot_batch_size")]
+    #[schemars(range(min = 1, max = 1_000_000))]
+    pub batch_size: u32,
     /// Copy inside one exported snapshot: the new slot's (`EXPORT_SNAPSHOT`), so the
     /// hand-off to streaming loses and doubles nothing (a backfill: one
     /// `pg_export_snapshot()` all workers share). `false`: each partition reads the data
@@ -596,6 +602,9 @@ pub struct SnapshotSpec {
 
 fn one() -> u32 {
     1
+}
+fn default_snapshot_batch_size() -> u32 {
+    10_000
 }
 fn default_snapshot_state_table() -> String {
     "snapshot_state".into()

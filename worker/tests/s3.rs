@@ -855,7 +855,7 @@ async fn a_snapshot_of_many_batches_keeps_every_row() {
     let m = manifest(
         dir.path(),
         &db,
-        "  snapshot: {initial: true, workers: 2, partitionCount: 4}",
+        "  snapshot: {initial: true, workers: 2, partitionCount: 4, batchSize: 100}",
         &[("pq", s3_destination(&server, "pq", "lake", "", ""))],
     );
     let worker = Worker::spawn(&m, dir.path());

@@ -463,6 +463,18 @@ async fn backfill_copies_the_named_tables_prints_progress_and_exits() {
     let records = records(dir.path());
     assert_eq!(applied(&records), source_state(&sql, &["a"]).await);
     assert!(records.iter().all(|r| r["op"] == "read"));
+    // Batches of `snapshot.batchSize` (10,000 by default), not of the source's batchSize
+    // (100 here): one JSON-lines payload, with its schema header line, per partition.
+    let headers = std::fs::read_dir(dir.path().join("out"))
+        .unwrap()
+        .map(|f| std::fs::read_to_string(f.unwrap().path()).unwrap())
+        .map(|text| {
+            text.lines()
+                .filter(|l| l.starts_with("{\"wallaby_schema\""))
+                .count()
+        })
+        .sum::<usize>();
+    assert_eq!(headers, 3, "one payload per partition of 1,667 rows");
     assert!(
         db.slot(&db.name).await.is_none(),
         "a backfill created a slot"

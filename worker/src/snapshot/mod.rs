@@ -258,6 +258,8 @@ pub struct SnapshotRequest {
     pub partition_count: u32,
     /// Parallel copy workers.
     pub workers: u32,
+    /// Rows per batch while copying (`snapshot.batchSize`).
+    pub batch_size: u32,
     /// Snapshot every copy transaction imports; `None`: each reads the current data.
     pub snapshot: Option<String>,
     /// LSN stamped on the rows (the slot's consistent point).
@@ -274,6 +276,7 @@ impl SnapshotRequest {
             partition_column: spec.partition_column.clone(),
             partition_count: spec.partition_count.max(1),
             workers: spec.workers.max(1),
+            batch_size: spec.batch_size.max(1),
             snapshot: None,
             lsn,
             state_key: key,
@@ -515,6 +518,7 @@ async fn copy_jobs(
     };
     let mut config = sink.config;
     config.ack = AckMode::All;
+    config.batch_size = u64::from(request.batch_size);
     let output = Output::of(&sink.destinations, config.batch_size);
     tracing::debug!(?output, "snapshot: copy output");
     let pipeline = Pipeline::new(
@@ -900,7 +904,7 @@ enum Output {
     /// parallel, and straight from binary COPY fields (Arrow, Parquet, JSON).
     Encoded {
         encodings: Arc<Vec<PayloadEncoding>>,
-        /// Rows per piece (the flow's `batchSize`: one payload per batch, as in the stream).
+        /// Rows per piece (`snapshot.batchSize`: one payload per batch, as in the stream).
         piece_rows: usize,
     },
 }
