@@ -922,9 +922,10 @@ async fn run_destination(
         }
         // Group commit: while more batches are queued, write them first and make them
         // durable with one flush (up to GROUP_COMMIT_BATCHES), as a busy destination
-        // would otherwise spend its time flushing; an idle one flushes at once.
+        // would otherwise spend its time flushing; an idle one flushes at once, and
+        // writes that were durable by themselves are acknowledged at once.
         pending.batches += 1;
-        if pending.batches < GROUP_COMMIT_BATCHES && feed.has_next() {
+        if pending.accepted && pending.batches < GROUP_COMMIT_BATCHES && feed.has_next() {
             continue;
         }
         if unflushed.as_ref().is_some_and(|p| p.accepted) {
