@@ -838,12 +838,27 @@ async fn bad_configuration_fails_with_a_precise_error() {
 }
 
 /// A snapshot's rows all carry the slot's consistent point as their LSN: every batch of
-/// them must still become objects of their own, not overwrite one another.
+/// them must still become objects of their own, not overwrite one another. Without
+/// `partitionBy` the copy workers encode the objects' payloads themselves.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_snapshot_of_many_batches_keeps_every_row() {
-    let server = S3Server::start("snap");
+    let log = snapshot_keeps_every_row("s3snap", "").await;
+    assert!(log.contains("encoded_by_copy_workers=true"), "{log}");
+}
+
+/// The same with `partitionBy`: the destination splits and encodes the rows itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_snapshot_of_many_batches_keeps_every_row() {
+    let log = snapshot_keeps_every_row("s3snappart", "    partitionBy: [\"ts:day\"]").await;
+    assert!(log.contains("encoded_by_copy_workers=false"), "{log}");
+}
+
+/// Snapshots 3,000 rows in batches of 100 into an s3 destination (`s3_extra` added to
+/// its `s3` block), checks that every row is in the bucket, and returns the worker's log.
+async fn snapshot_keeps_every_row(name: &str, s3_extra: &str) -> String {
+    let server = S3Server::start(name);
     server.create_bucket("lake").await;
-    let db = TestDb::create("s3snap").await;
+    let db = TestDb::create(name).await;
     let sql = db.client().await;
     create_table(&sql).await;
     sql.batch_execute(
@@ -856,7 +871,7 @@ async fn a_snapshot_of_many_batches_keeps_every_row() {
         dir.path(),
         &db,
         "  snapshot: {initial: true, workers: 2, partitionCount: 4, batchSize: 100}",
-        &[("pq", s3_destination(&server, "pq", "lake", "", ""))],
+        &[("pq", s3_destination(&server, "pq", "lake", s3_extra, ""))],
     );
     let worker = Worker::spawn(&m, dir.path());
     let client = server.client();
@@ -880,4 +895,5 @@ async fn a_snapshot_of_many_batches_keeps_every_row() {
     let (code, log) = worker.terminate();
     assert_eq!(code, Some(0), "{log}");
     db.drop_all().await;
+    log
 }

@@ -6,6 +6,7 @@
 //!
 //! ```text
 //! ChangeBatch ─▶ per table group ─▶ split by partition_by ─▶ encode(format) ─▶ [gzip]
+//!     (snapshot pieces without partition_by arrive encoded by the copy workers)
 //!     ─▶ PutObject (≤ one part) | CreateMultipartUpload → UploadPart… → Complete (abort on error)
 //! ```
 
@@ -29,7 +30,7 @@ use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use wallaby_codec::{Change, Op, TableSchema, Value, WireFormat};
 use wallaby_crds::destination::{ObjectCompression, S3Spec};
 
-use super::{Destination, DestinationError, TypeOverrides, WriteAck};
+use super::{Destination, DestinationError, PayloadEncoding, TypeOverrides, WriteAck};
 use crate::batch::ChangeBatch;
 
 /// Default part size of multipart uploads; an object larger than one part is uploaded in
@@ -372,11 +373,37 @@ impl S3Destination {
     /// JSON-lines object of the batch's logical messages.
     fn objects(&mut self, batch: &ChangeBatch) -> Result<Vec<PendingObject>, DestinationError> {
         let mut out = Vec::new();
+        let encoding = self.payload_encoding();
         for group in &batch.tables {
+            let schema = self.overrides.apply(&group.schema);
+            // Snapshot rows a copy worker already encoded (only without partitionBy): one
+            // object per piece, keyed like the rows' own objects.
+            for rows in &group.encoded {
+                let payload = encoding
+                    .as_ref()
+                    .and_then(|e| rows.payload(e))
+                    .ok_or_else(|| {
+                        DestinationError::permanent(format!(
+                            "Destination/{}: internal error: no {} payload among the rows of {} encoded ahead",
+                            self.name,
+                            self.format.as_str(),
+                            schema.qualified_name()
+                        ))
+                    })?;
+                out.push(PendingObject {
+                    key: self.object_key(&schema, "", (rows.lsn, rows.lsn), Some(payload)),
+                    body: if self.gzip {
+                        self.compress(payload.to_vec())?
+                    } else {
+                        payload.clone()
+                    },
+                    content_type: content_type(self.format),
+                    rows: usize::try_from(rows.rows).unwrap_or(usize::MAX),
+                });
+            }
             if group.changes.is_empty() {
                 continue;
             }
-            let schema = self.overrides.apply(&group.schema);
             // Partitions in first-seen order; changes keep their commit order within one.
             let mut partitions: Vec<(String, Vec<Change>)> = Vec::new();
             for change in &group.changes {
@@ -401,24 +428,12 @@ impl S3Destination {
                             schema.qualified_name()
                         ))
                     })?;
-                let (first, last) = lsn_range(&changes);
-                // A snapshot's reads all carry one LSN (the slot's consistent point), so
-                // the LSN range cannot tell their batches apart: their keys also carry a
-                // hash of the content, so each batch gets its own object (and the same
-                // batch delivered again still overwrites its own).
-                let content = if changes.iter().any(|c| c.op == Op::Read) {
-                    format!("-{:016x}", content_hash(&payload))
-                } else {
-                    String::new()
-                };
-                let key = format!(
-                    "{}{}/{}/{path}{first:016X}-{last:016X}{content}-v{}.{}{}",
-                    self.prefix,
-                    key_safe(&schema.schema),
-                    key_safe(&schema.table),
-                    schema.version,
-                    self.format.extension(),
-                    if self.gzip { ".gz" } else { "" }
+                let reads = changes.iter().any(|c| c.op == Op::Read);
+                let key = self.object_key(
+                    &schema,
+                    &path,
+                    lsn_range(&changes),
+                    reads.then_some(payload.as_slice()),
                 );
                 out.push(PendingObject {
                     key,
@@ -456,6 +471,30 @@ impl S3Destination {
             });
         }
         Ok(out)
+    }
+
+    /// The key of a table object: `path` is its `partitionBy` levels, `content` the
+    /// payload of snapshot reads. Those all carry one LSN (the slot's consistent point),
+    /// so the LSN range cannot tell their batches apart: their keys also carry a hash of
+    /// the content, so each batch gets its own object (and the same batch delivered again
+    /// still overwrites its own).
+    fn object_key(
+        &self,
+        schema: &TableSchema,
+        path: &str,
+        (first, last): (u64, u64),
+        content: Option<&[u8]>,
+    ) -> String {
+        let content = content.map_or_else(String::new, |p| format!("-{:016x}", content_hash(p)));
+        format!(
+            "{}{}/{}/{path}{first:016X}-{last:016X}{content}-v{}.{}{}",
+            self.prefix,
+            key_safe(&schema.schema),
+            key_safe(&schema.table),
+            schema.version,
+            self.format.extension(),
+            if self.gzip { ".gz" } else { "" }
+        )
     }
 
     fn compress(&self, payload: Vec<u8>) -> Result<Bytes, DestinationError> {
@@ -761,6 +800,14 @@ impl Destination for S3Destination {
     async fn flush(&mut self) -> Result<(), DestinationError> {
         // Every write is durable when it returns.
         Ok(())
+    }
+
+    /// Whole payloads per table group, unless `partitionBy` splits groups by row.
+    fn payload_encoding(&self) -> Option<PayloadEncoding> {
+        self.partition_by.is_empty().then(|| PayloadEncoding {
+            format: self.format,
+            type_mappings: self.overrides.mappings().clone(),
+        })
     }
 }
 

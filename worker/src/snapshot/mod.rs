@@ -474,11 +474,13 @@ async fn copy_jobs(
         tracing::info!("snapshot: every partition is already done");
         return Ok(SnapshotOutcome::Complete { rows: 0 });
     }
+    let output = Output::of(&sink.destinations, u64::from(request.batch_size));
     tracing::info!(
         partitions = jobs.len(),
         tables = request.tables.len(),
         workers = request.workers,
         snapshot = request.snapshot.as_deref().unwrap_or("-"),
+        encoded_by_copy_workers = matches!(output, Output::Encoded { .. }),
         "snapshot: copying"
     );
 
@@ -519,8 +521,6 @@ async fn copy_jobs(
     let mut config = sink.config;
     config.ack = AckMode::All;
     config.batch_size = u64::from(request.batch_size);
-    let output = Output::of(&sink.destinations, config.batch_size);
-    tracing::debug!(?output, "snapshot: copy output");
     let pipeline = Pipeline::new(
         config,
         sink.destinations,
