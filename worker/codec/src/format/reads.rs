@@ -25,7 +25,8 @@ use crate::schema::{TableSchema, TypeInfo, TypeKind};
 use crate::value::Value;
 
 /// Encodes rows read by a snapshot, appended one binary COPY tuple at a time, as one
-/// payload per [`finish`](Self::finish) (Arrow and Parquet).
+/// payload (Arrow, Parquet or JSON lines) per [`begin`](Self::begin) …
+/// [`finish`](Self::finish).
 #[derive(Debug)]
 pub struct ReadEncoder {
     format: WireFormat,
