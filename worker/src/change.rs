@@ -8,7 +8,7 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
 
-use crate::destination::PayloadEncoding;
+use crate::destination::{DestinationError, PayloadEncoding};
 use crate::lsn::Lsn;
 
 /// A table as described by the last pgoutput Relation message.
@@ -121,12 +121,23 @@ pub struct EncodedRows {
 }
 
 impl EncodedRows {
-    /// The payload for `encoding`.
-    pub fn payload(&self, encoding: &PayloadEncoding) -> Option<&Bytes> {
-        self.payloads
-            .iter()
-            .find(|(e, _)| e == encoding)
+    /// The payload for `encoding`, the writing destination's own (of the rows of
+    /// `table`). The copy workers encode for every destination of the flow, so a
+    /// destination without an encoding, or a missing payload, is an internal error.
+    pub fn payload(
+        &self,
+        encoding: Option<&PayloadEncoding>,
+        table: &str,
+    ) -> Result<&Bytes, DestinationError> {
+        encoding
+            .and_then(|wanted| self.payloads.iter().find(|(e, _)| e == wanted))
             .map(|(_, p)| p)
+            .ok_or_else(|| {
+                DestinationError::permanent(format!(
+                    "internal error: no {} payload among the rows of {table} encoded ahead",
+                    encoding.map_or("matching", |e| e.format.as_str())
+                ))
+            })
     }
 }
 

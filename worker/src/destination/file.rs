@@ -139,16 +139,7 @@ impl FileDestination {
                 self.write_payload(&schema, first_lsn, &payload)?;
             }
             for rows in &group.encoded {
-                let payload = encoding
-                    .as_ref()
-                    .and_then(|e| rows.payload(e))
-                    .ok_or_else(|| {
-                        DestinationError::permanent(format!(
-                            "internal error: no {} payload among the rows of {} encoded ahead",
-                            self.format.as_str(),
-                            schema.qualified_name()
-                        ))
-                    })?;
+                let payload = rows.payload(encoding.as_ref(), &schema.qualified_name())?;
                 self.write_payload(&schema, rows.lsn, payload)?;
             }
         }

@@ -379,15 +379,12 @@ impl S3Destination {
             // Snapshot rows a copy worker already encoded (only without partitionBy): one
             // object per piece, keyed like the rows' own objects.
             for rows in &group.encoded {
-                let payload = encoding
-                    .as_ref()
-                    .and_then(|e| rows.payload(e))
-                    .ok_or_else(|| {
+                let payload = rows
+                    .payload(encoding.as_ref(), &schema.qualified_name())
+                    .map_err(|e| {
                         DestinationError::permanent(format!(
-                            "Destination/{}: internal error: no {} payload among the rows of {} encoded ahead",
-                            self.name,
-                            self.format.as_str(),
-                            schema.qualified_name()
+                            "Destination/{}: {}",
+                            self.name, e.message
                         ))
                     })?;
                 out.push(PendingObject {
