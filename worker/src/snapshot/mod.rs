@@ -942,12 +942,10 @@ struct Assembler {
     piece_rows: usize,
     /// Typed rows (kept when handed on as rows or encoded by row).
     rows: Vec<Change>,
-    keep_rows: bool,
-    /// Payload encoders fed with binary COPY fields.
+    /// Payload encoders fed with binary COPY fields (none: the rows are handed on).
     from_fields: Vec<(PayloadEncoding, ReadEncoder)>,
     /// Encodings made from the typed rows (with the schema as each maps it).
     by_row: Vec<(PayloadEncoding, Arc<TableSchema>)>,
-    encoded: bool,
     count: usize,
     bytes: usize,
     cost: u64,
@@ -965,8 +963,8 @@ impl Assembler {
     ) -> Result<Self, String> {
         let mut from_fields = Vec::new();
         let mut by_row = Vec::new();
-        let (piece_rows, encoded) = match output {
-            Output::Rows => (PIECE_ROWS, false),
+        let piece_rows = match output {
+            Output::Rows => PIECE_ROWS,
             Output::Encoded {
                 encodings,
                 piece_rows,
@@ -981,7 +979,7 @@ impl Assembler {
                         by_row.push((encoding.clone(), mapped));
                     }
                 }
-                (*piece_rows, true)
+                *piece_rows
             }
         };
         Ok(Self {
@@ -991,15 +989,23 @@ impl Assembler {
             row_cost: ROW_OVERHEAD + VALUE_OVERHEAD * schema.columns.len() as u64,
             piece_rows,
             rows: Vec::new(),
-            keep_rows: !encoded || !by_row.is_empty(),
             from_fields,
             by_row,
-            encoded,
             count: 0,
             bytes: 0,
             cost: 0,
             time: 0,
         })
+    }
+
+    /// Whether pieces are handed on as payloads (`Output::Encoded` has an encoding).
+    fn encoded(&self) -> bool {
+        !self.from_fields.is_empty() || !self.by_row.is_empty()
+    }
+
+    /// Whether typed rows are made: handed on as rows, or encoded from them.
+    fn keeps_rows(&self) -> bool {
+        self.from_fields.is_empty() || !self.by_row.is_empty()
     }
 
     fn read(&self, row: Row) -> Change {
@@ -1020,7 +1026,7 @@ impl Assembler {
         for (_, encoder) in &mut self.from_fields {
             encoder.push_row(fields).map_err(|e| e.to_string())?;
         }
-        if self.keep_rows {
+        if self.keeps_rows() {
             let row = copy::decode_fields(fields, &self.schema)?;
             let change = self.read(row);
             self.rows.push(change);
@@ -1055,8 +1061,8 @@ impl Assembler {
         self.bytes = 0;
         let cost = std::mem::take(&mut self.cost);
         let mut changes = std::mem::take(&mut self.rows);
-        if !self.encoded || count == 0 {
-            if !self.encoded {
+        if !self.encoded() || count == 0 {
+            if !self.encoded() {
                 self.rows = Vec::with_capacity(PIECE_ROWS);
             }
             return Ok(DecodedRows {

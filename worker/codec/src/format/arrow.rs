@@ -16,7 +16,7 @@ use arrow_array::{
     MapArray, PrimitiveArray, RecordBatch, StringArray, StructArray, TimestampMicrosecondArray,
 };
 use arrow_buffer::{NullBuffer, OffsetBuffer};
-use arrow_schema::{DataType, Field, FieldRef, Fields, Schema, TimeUnit};
+use arrow_schema::{DataType, Field, FieldRef, Fields, Schema, SchemaRef, TimeUnit};
 
 use super::{Layout, Res, Wire, base_type, mismatch, parse_op};
 use crate::schema::TypeKind;
@@ -733,14 +733,22 @@ pub(crate) fn to_batch(layout: &Layout<'_>, changes: &[Change]) -> Res<RecordBat
 /// The record batch of `n` snapshot reads (op `read`, no `before`, nothing absent) at
 /// `lsn` and `commit_time_micros`, whose `after` columns are `after` (one array per
 /// column, built elsewhere): what [`to_batch`] gives for the same rows as [`Change`]s.
+/// `schema` is the layout's [`arrow_schema`], built once by the caller.
 pub(crate) fn read_batch(
-    layout: &Layout<'_>,
+    schema: &SchemaRef,
     n: usize,
     lsn: u64,
     commit_time_micros: i64,
     after: Vec<ArrayRef>,
 ) -> Res<RecordBatch> {
-    let fields = row_fields(layout);
+    let fields = match schema.field_with_name("after").map_err(err)?.data_type() {
+        DataType::Struct(fields) => fields.clone(),
+        other => {
+            return Err(format!(
+                "the layout's after column is a {other}, not a struct"
+            ));
+        }
+    };
     let columns: Vec<ArrayRef> = vec![
         Arc::new(StringArray::from_iter_values(std::iter::repeat_n(
             Op::Read.as_str(),
@@ -755,7 +763,7 @@ pub(crate) fn read_batch(
         no_absent(n)?,
         no_absent(n)?,
     ];
-    RecordBatch::try_new(Arc::new(arrow_schema(layout)), columns).map_err(err)
+    RecordBatch::try_new(schema.clone(), columns).map_err(err)
 }
 
 // ---------------------------------------------------------------------------------------

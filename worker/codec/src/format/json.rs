@@ -162,17 +162,18 @@ impl Prepared {
     }
 
     /// A snapshot read's line up to the opening brace of its `after` object: what
-    /// [`Self::write_change`] writes for a `read` change at `lsn` and `commit_time_micros`.
+    /// [`Self::write_change`] writes for a `read` change of schema version
+    /// `schema_version` at `lsn` and `commit_time_micros`.
     pub(crate) fn read_prefix(
         &self,
-        layout: &Layout<'_>,
+        schema_version: u32,
         lsn: u64,
         commit_time_micros: i64,
     ) -> Res<Vec<u8>> {
         let mut out = Vec::with_capacity(192);
         out.extend_from_slice(&self.table_field);
         out.extend_from_slice(b",\"schema_version\":");
-        put(&mut out, &layout.schema.version)?;
+        put(&mut out, &schema_version)?;
         out.extend_from_slice(b",\"op\":\"read\",\"commit_lsn\":");
         put(&mut out, &lsn)?;
         out.extend_from_slice(b",\"lsn\":");

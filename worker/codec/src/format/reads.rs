@@ -15,6 +15,7 @@ use arrow_array::builder::{
     Float64Builder, Int16Builder, Int32Builder, Int64Builder, StringBuilder,
     Time64MicrosecondBuilder, TimestampMicrosecondBuilder, UInt32Builder,
 };
+use arrow_schema::SchemaRef;
 
 use super::{
     BinKind, Layout, Res, StrKind, Wire, WireFormat, arrow, base_type, error, json, parquet,
@@ -42,8 +43,11 @@ pub struct ReadEncoder {
 /// Where rows go.
 #[derive(Debug)]
 enum Target {
-    /// Arrow and Parquet: one builder per column.
-    Columns(Vec<Column>),
+    /// Arrow and Parquet: one builder per column, and the payloads' Arrow schema.
+    Columns {
+        builders: Vec<Column>,
+        schema: SchemaRef,
+    },
     /// JSON lines: written as they come.
     Json {
         prepared: json::Prepared,
@@ -250,14 +254,15 @@ impl ReadEncoder {
                 if format == WireFormat::Parquet {
                     parquet::check_no_empty_struct(&layout).map_err(fail)?;
                 }
-                Target::Columns(
-                    schema
+                Target::Columns {
+                    builders: schema
                         .columns
                         .iter()
                         .zip(&layout.wires)
                         .map(|(c, w)| Column::new(&c.ty, w))
                         .collect(),
-                )
+                    schema: Arc::new(arrow::arrow_schema(&layout)),
+                }
             }
         };
         Ok(Self {
@@ -287,10 +292,8 @@ impl ReadEncoder {
             ..
         } = &mut self.target
         {
-            let layout = Layout::new(&self.schema)
-                .map_err(|reason| error(self.format, "encode", &self.schema, reason))?;
             *prefix = prepared
-                .read_prefix(&layout, lsn, commit_time_micros)
+                .read_prefix(self.schema.version, lsn, commit_time_micros)
                 .map_err(|reason| error(self.format, "encode", &self.schema, reason))?;
             out.clear();
             out.extend_from_slice(prepared.header());
@@ -322,7 +325,7 @@ impl ReadEncoder {
             }
         };
         match &mut self.target {
-            Target::Columns(builders) => {
+            Target::Columns { builders, .. } => {
                 for (i, (column, field)) in builders.iter_mut().zip(fields).enumerate() {
                     match field {
                         None => column.push_null(),
@@ -384,15 +387,14 @@ impl ReadEncoder {
                 let capacity = out.len();
                 Ok(std::mem::replace(out, Vec::with_capacity(capacity)))
             }
-            Target::Columns(builders) => {
+            Target::Columns { builders, schema } => {
                 let after = builders
                     .iter_mut()
                     .map(|c| c.finish(n))
                     .collect::<Res<Vec<_>>>()
                     .map_err(fail)?;
-                let layout = Layout::new(&self.schema).map_err(fail)?;
                 let batch =
-                    arrow::read_batch(&layout, n, lsn, commit_time_micros, after).map_err(fail)?;
+                    arrow::read_batch(schema, n, lsn, commit_time_micros, after).map_err(fail)?;
                 match self.format {
                     WireFormat::Parquet => parquet::write(&batch),
                     _ => arrow::write(&batch),
