@@ -150,11 +150,6 @@ impl MetaDestination {
         out.checkpoint_time = batch.checkpoint_time;
         out.op_counts = batch.op_counts.clone();
         out.span = batch.span.clone();
-        if batch.has_encoded() {
-            return Err(DestinationError::permanent(
-                "internal error: rows encoded ahead reached a destination that rewrites rows",
-            ));
-        }
         for group in &batch.tables {
             let schema = self.schema(&group.schema)?;
             let changes = group
