@@ -356,6 +356,9 @@ pub struct BinaryRows {
     header_done: bool,
     finished: bool,
     carry: Vec<u8>,
+    /// The allocation of a tuple's field list, kept empty between chunks (the server sends
+    /// a message per row: one list per chunk would be an allocation per row).
+    spare: Vec<Option<&'static [u8]>>,
 }
 
 impl BinaryRows {
@@ -417,7 +420,22 @@ impl BinaryRows {
             pos = 19 + ext;
             self.header_done = true;
         }
-        let mut fields: Vec<Option<&[u8]>> = Vec::with_capacity(columns);
+        let mut fields = reuse(std::mem::take(&mut self.spare));
+        let parsed = self.parse_tuples(buf, pos, columns, &mut fields, each);
+        self.spare = reuse(fields);
+        parsed
+    }
+
+    /// Hands on the whole tuples of `buf` from `pos`, listing each one's fields in `fields`;
+    /// returns the bytes used.
+    fn parse_tuples<'b>(
+        &mut self,
+        buf: &'b [u8],
+        mut pos: usize,
+        columns: usize,
+        fields: &mut Vec<Option<&'b [u8]>>,
+        each: &mut TupleFn<'_>,
+    ) -> Result<usize, String> {
         while pos < buf.len() {
             if self.finished {
                 return Err("binary COPY data continues after its trailer".into());
@@ -462,11 +480,18 @@ impl BinaryRows {
             if !complete {
                 break;
             }
-            each(&fields, at - pos)?;
+            each(fields, at - pos)?;
             pos = at;
         }
         Ok(pos)
     }
+}
+
+/// `fields` emptied, as a list of slices of any lifetime (the allocation is kept: an empty
+/// list borrows nothing).
+fn reuse<'b>(mut fields: Vec<Option<&[u8]>>) -> Vec<Option<&'b [u8]>> {
+    fields.clear();
+    fields.into_iter().map(|_| None).collect()
 }
 
 /// The typed row of binary COPY `fields` (see [`BinaryRows::feed`]) of `schema`'s columns.
