@@ -189,7 +189,7 @@ impl Prepared {
 /// [`binary::supports`](crate::binary::supports) accepts) as [`write_value`] writes the
 /// value [`binary::decode`](crate::binary::decode) gives: text and numbers straight from
 /// the bytes, other types through the typed value.
-pub(crate) fn write_binary(
+fn write_binary(
     out: &mut Vec<u8>,
     w: &Wire,
     ty: &TypeInfo,
@@ -216,6 +216,68 @@ pub(crate) fn write_binary(
         }
     }
     Ok(())
+}
+
+/// How a snapshot read writes one column from its binary COPY field, chosen once per column:
+/// the common scalar types straight from the bytes, every other one through
+/// [`write_binary`]. The text is the same either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BinaryField {
+    Bool,
+    Int2,
+    Int4,
+    Int8,
+    Oid,
+    Timestamp,
+    TimestampTz,
+    Other,
+}
+
+impl BinaryField {
+    /// The writer of a column of type `ty` written as `w`.
+    pub(crate) fn of(ty: &TypeInfo, w: &Wire) -> Self {
+        match (&base_type(ty).kind, w) {
+            (TypeKind::Bool, Wire::Bool) => Self::Bool,
+            (TypeKind::Int2, Wire::Int2) => Self::Int2,
+            (TypeKind::Int4, Wire::Int4) => Self::Int4,
+            (TypeKind::Int8, Wire::Int8) => Self::Int8,
+            (TypeKind::Oid, Wire::Oid) => Self::Oid,
+            (TypeKind::Timestamp, Wire::Timestamp) => Self::Timestamp,
+            (TypeKind::TimestampTz, Wire::TimestampTz) => Self::TimestampTz,
+            _ => Self::Other,
+        }
+    }
+}
+
+/// Writes one binary COPY field of a column as `field` says (see [`BinaryField::of`]);
+/// `last` is the column's [`LastDay`].
+pub(crate) fn write_binary_field(
+    out: &mut Vec<u8>,
+    field: BinaryField,
+    w: &Wire,
+    ty: &TypeInfo,
+    bytes: &[u8],
+    scratch: &mut String,
+    last: &mut LastDay,
+) -> Res<()> {
+    match field {
+        BinaryField::Bool => {
+            let b = binary::fixed::<1>(bytes)?[0] != 0;
+            out.extend_from_slice(if b { b"true" } else { b"false" });
+            Ok(())
+        }
+        BinaryField::Int2 => put(out, &i16::from_be_bytes(binary::fixed(bytes)?)),
+        BinaryField::Int4 => put(out, &i32::from_be_bytes(binary::fixed(bytes)?)),
+        BinaryField::Int8 => put(out, &i64::from_be_bytes(binary::fixed(bytes)?)),
+        BinaryField::Oid => put(out, &u32::from_be_bytes(binary::fixed(bytes)?)),
+        BinaryField::Timestamp => {
+            write_timestamp_in(out, binary::timestamp_micros(bytes)?, false, last)
+        }
+        BinaryField::TimestampTz => {
+            write_timestamp_in(out, binary::timestamp_micros(bytes)?, true, last)
+        }
+        BinaryField::Other => write_binary(out, w, ty, bytes, scratch),
+    }
 }
 
 pub(crate) fn encode(layout: &Layout<'_>, changes: &[Change]) -> Res<Vec<u8>> {
@@ -311,6 +373,19 @@ fn put_float(out: &mut Vec<u8>, f: f64) -> Res<()> {
 /// a fixed buffer (every row of most tables carries a timestamp); other years and the
 /// infinities go through [`timestamp_text`].
 fn write_timestamp(out: &mut Vec<u8>, micros: i64, utc: bool) -> Res<()> {
+    write_timestamp_in(out, micros, utc, &mut LastDay::default())
+}
+
+/// The date part (`"YYYY-MM-DD`) of the last timestamp a column wrote: rows read together
+/// mostly share their day, and the calendar arithmetic is then done once.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct LastDay {
+    day: Option<i64>,
+    text: [u8; 11],
+}
+
+/// [`write_timestamp`], reusing `last`'s date part when the day is the same.
+fn write_timestamp_in(out: &mut Vec<u8>, micros: i64, utc: bool, last: &mut LastDay) -> Res<()> {
     fn two(buf: &mut [u8], at: usize, v: u64) {
         buf[at] = b'0' + (v / 10 % 10) as u8;
         buf[at + 1] = b'0' + (v % 10) as u8;
@@ -318,18 +393,27 @@ fn write_timestamp(out: &mut Vec<u8>, micros: i64, utc: bool) -> Res<()> {
     if micros == i64::MIN || micros == i64::MAX {
         return put(out, timestamp_text(micros, utc).as_str());
     }
-    let (y, m, d) = civil_from_days(micros.div_euclid(MICROS_PER_DAY));
-    if !(0..=9999).contains(&y) {
-        return put(out, timestamp_text(micros, utc).as_str());
+    let day = micros.div_euclid(MICROS_PER_DAY);
+    if last.day != Some(day) {
+        let (y, m, d) = civil_from_days(day);
+        if !(0..=9999).contains(&y) {
+            return put(out, timestamp_text(micros, utc).as_str());
+        }
+        let y = y.unsigned_abs();
+        let mut text = *b"\"0000-00-00";
+        two(&mut text, 1, y / 100);
+        two(&mut text, 3, y % 100);
+        two(&mut text, 6, u64::from(m));
+        two(&mut text, 9, u64::from(d));
+        *last = LastDay {
+            day: Some(day),
+            text,
+        };
     }
     let of_day = micros.rem_euclid(MICROS_PER_DAY).unsigned_abs();
     let (secs, frac) = (of_day / 1_000_000, of_day % 1_000_000);
-    let y = y.unsigned_abs();
     let mut buf = *b"\"0000-00-00T00:00:00.000000Z\"";
-    two(&mut buf, 1, y / 100);
-    two(&mut buf, 3, y % 100);
-    two(&mut buf, 6, u64::from(m));
-    two(&mut buf, 9, u64::from(d));
+    buf[..11].copy_from_slice(&last.text);
     two(&mut buf, 12, secs / 3600);
     two(&mut buf, 15, secs / 60 % 60);
     two(&mut buf, 18, secs % 60);

@@ -52,6 +52,8 @@ enum Target {
     Json {
         prepared: json::Prepared,
         wires: Vec<Wire>,
+        /// How each column is written, and the date its last timestamp had.
+        fields: Vec<(json::BinaryField, json::LastDay)>,
         /// The line up to the `after` object (per payload: it holds the commit time).
         prefix: Vec<u8>,
         out: Vec<u8>,
@@ -247,6 +249,12 @@ impl ReadEncoder {
             WireFormat::Json => Target::Json {
                 prepared: json::Prepared::new(&layout).map_err(fail)?,
                 wires: layout.wires.clone(),
+                fields: schema
+                    .columns
+                    .iter()
+                    .zip(&layout.wires)
+                    .map(|(c, w)| (json::BinaryField::of(&c.ty, w), json::LastDay::default()))
+                    .collect(),
                 prefix: Vec::new(),
                 out: Vec::new(),
             },
@@ -338,11 +346,12 @@ impl ReadEncoder {
             Target::Json {
                 prepared,
                 wires,
+                fields: writers,
                 prefix,
                 out,
             } => {
                 out.extend_from_slice(prefix);
-                for (i, field) in fields.iter().enumerate() {
+                for (i, (field, (writer, last))) in fields.iter().zip(writers).enumerate() {
                     if i > 0 {
                         out.push(b',');
                     }
@@ -350,12 +359,14 @@ impl ReadEncoder {
                     match field {
                         None => out.extend_from_slice(b"null"),
                         Some(bytes) => {
-                            json::write_binary(
+                            json::write_binary_field(
                                 out,
+                                *writer,
                                 &wires[i],
                                 &columns[i].ty,
                                 bytes,
                                 &mut self.scratch,
+                                last,
                             )
                             .map_err(|reason| failed(i, bytes, reason))?;
                         }
@@ -480,7 +491,17 @@ mod tests {
                 Some([i as u8; 16].to_vec()),
                 Some((i as i32 - 400).to_be_bytes().to_vec()),
                 Some((i * 1_000_000).to_be_bytes().to_vec()),
-                Some((i * 86_400_000_000).to_be_bytes().to_vec()),
+                // Days apart, with an infinity and a year past 9999 between them (written
+                // as text, around the date part kept from the row before).
+                Some(
+                    match i {
+                        7 => i64::MAX,
+                        8 => 320_000_000_000_000_000,
+                        _ => i * 86_400_000_000,
+                    }
+                    .to_be_bytes()
+                    .to_vec(),
+                ),
                 (i % 6 != 5).then(|| (-i * 3_600_000_000).to_be_bytes().to_vec()),
             ]
         };
