@@ -474,6 +474,14 @@ async fn copy_jobs(
         tracing::info!("snapshot: every partition is already done");
         return Ok(SnapshotOutcome::Complete { rows: 0 });
     }
+    // The copy workers' logins go on while schemas are resolved and the pipeline is set up.
+    let workers = (request.workers as usize).min(jobs.len()).max(1);
+    let logins: Vec<_> = (0..workers)
+        .map(|_| {
+            let conn = conn.clone();
+            tokio::spawn(async move { conn.connect().await })
+        })
+        .collect();
     let output = Output::of(&sink.destinations, u64::from(request.batch_size));
     tracing::info!(
         partitions = jobs.len(),
@@ -540,12 +548,11 @@ async fn copy_jobs(
         output,
     });
     let stop = cancel.child_token();
-    let workers = (request.workers as usize).min(jobs.len()).max(1);
     let (piece_tx, mut piece_rx) = mpsc::channel::<Piece>(workers * 2);
     let mut copiers = JoinSet::new();
-    for _ in 0..workers {
+    for login in logins {
         copiers.spawn(copy_worker(
-            conn.clone(),
+            login,
             work.clone(),
             request.snapshot.clone(),
             request.lsn,
@@ -734,14 +741,16 @@ struct Work {
 
 /// Takes partitions from the queue and copies each in its own transaction.
 async fn copy_worker(
-    conn: PgConnection,
+    login: tokio::task::JoinHandle<Result<Client, SourceError>>,
     work: Arc<Work>,
     snapshot: Option<String>,
     lsn: Lsn,
     out: mpsc::Sender<Piece>,
     stop: CancellationToken,
 ) -> Result<(), SnapshotError> {
-    let client = conn.connect().await?;
+    let client = login
+        .await
+        .map_err(|e| SnapshotError::Task("login", e.to_string()))??;
     loop {
         let next = work
             .queue
