@@ -88,10 +88,11 @@ struct Cli {
     /// Limit of one run (a run past it is killed and reported as an error).
     #[arg(long, default_value_t = 1800)]
     run_timeout_seconds: u64,
-    /// Rows of the snapshot benchmark's table (scaled by --scale; 0 skips it):
-    /// `wallaby-worker backfill` against `COPY … TO STDOUT (FORMAT binary)`.
-    #[arg(long, default_value_t = 1_000_000)]
-    snapshot_rows: u64,
+    /// Rows of the snapshot benchmark's table, one run per size (comma-separated, each
+    /// scaled by --scale; 0 skips it): `wallaby-worker backfill` against `COPY … TO STDOUT
+    /// (FORMAT binary)`.
+    #[arg(long, value_delimiter = ',', default_values_t = [1_000_000, 5_000_000])]
+    snapshot_rows: Vec<u64>,
     /// Copy workers of the snapshot benchmark (default: the number of cores).
     #[arg(long)]
     snapshot_workers: Option<u32>,
@@ -116,8 +117,9 @@ struct Results {
     figures: Vec<Figure>,
     latency: Option<LatencyResult>,
     latency_error: Option<String>,
-    snapshot: Option<snapshot::SnapshotResult>,
-    snapshot_error: Option<String>,
+    /// One per table size of `--snapshot-rows`.
+    snapshots: Vec<snapshot::SnapshotResult>,
+    snapshot_errors: Vec<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -276,27 +278,30 @@ async fn run(mut cli: Cli) -> Result<bool> {
         (None, None)
     };
 
-    let snapshot_rows = (cli.snapshot_rows as f64 * cli.scale).round() as u64;
-    let (snapshot, snapshot_error) = if snapshot_rows > 0 {
+    let mut snapshots = Vec::new();
+    let mut snapshot_errors = Vec::new();
+    for rows in &cli.snapshot_rows {
+        let rows = (*rows as f64 * cli.scale).round() as u64;
+        if rows == 0 {
+            continue;
+        }
         let cores = machine().cores.max(1) as u32;
         let plan = snapshot::SnapshotPlan {
-            rows: snapshot_rows,
+            rows,
             workers: cli.snapshot_workers.unwrap_or(cores).max(1),
         };
         match snapshot::run(&settings, &admin, plan).await {
             Ok(r) => {
                 ok &= r.figures.iter().all(|f| f.error.is_none());
-                (Some(r), None)
+                snapshots.push(r);
             }
             Err(e) => {
-                eprintln!("[snapshot] ERROR {e:#}");
+                eprintln!("[snapshot] ERROR ({rows} rows) {e:#}");
                 ok = false;
-                (None, Some(format!("{e:#}")))
+                snapshot_errors.push(format!("{rows} rows: {e:#}"));
             }
         }
-    } else {
-        (None, None)
-    };
+    }
 
     let results = Results {
         date: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
@@ -310,8 +315,8 @@ async fn run(mut cli: Cli) -> Result<bool> {
         figures,
         latency,
         latency_error,
-        snapshot,
-        snapshot_error,
+        snapshots,
+        snapshot_errors,
     };
     let table = tables(&results);
     println!("{table}");
@@ -369,11 +374,11 @@ fn tables(r: &Results) -> String {
     if let Some(e) = &r.latency_error {
         let _ = writeln!(s, "\nLatency run: ERROR {e}");
     }
-    if let Some(snap) = &r.snapshot {
+    for snap in &r.snapshots {
         s += "\n";
         s += &snapshot::markdown(snap);
     }
-    if let Some(e) = &r.snapshot_error {
+    for e in &r.snapshot_errors {
         let _ = writeln!(s, "\nSnapshot run: ERROR {e}");
     }
     // Without a baseline (the smoke run) there is nothing to hold the figures against.

@@ -253,7 +253,7 @@ async fn run_target(
             cmd,
             "pg_recvlogical",
             sql,
-            &slot,
+            Some(&slot),
             &log,
             settings.run_timeout,
         )
@@ -297,7 +297,7 @@ async fn run_target(
         cmd,
         "wallaby-worker",
         sql,
-        &slot,
+        Some(&slot),
         &log,
         settings.run_timeout,
     )
@@ -442,13 +442,14 @@ spec:
 }
 
 /// Runs `cmd` to its exit, sampling its CPU and peak RSS and the CPU of the walsender
-/// serving `slot` every [`proc::SAMPLE_EVERY`]. The exit is seen without reaping the
+/// serving `slot` (when it reads one; nothing is asked of the server otherwise) every
+/// [`proc::SAMPLE_EVERY`]. The exit is seen without reaping the
 /// child, so its final CPU time is read from the zombie.
 pub async fn sample_child(
     mut cmd: Command,
     what: &str,
     sql: &Client,
-    slot: &str,
+    slot: Option<&str>,
     log: &Path,
     timeout: Duration,
 ) -> Result<Sample> {
@@ -469,7 +470,9 @@ pub async fn sample_child(
     let mut walsender_pid = None;
     loop {
         let state = client.observe(pid).map(|s| s.state);
-        if walsender_pid.is_none() {
+        if let Some(slot) = slot
+            && walsender_pid.is_none()
+        {
             walsender_pid = pg::slot_walsender(sql, slot).await?;
         }
         if let Some(w) = walsender_pid {
