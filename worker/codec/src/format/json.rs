@@ -6,9 +6,10 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use serde_json::{Map, Value as J, json};
 
-use super::{Layout, Res, StrKind, Wire, base_type, mismatch, parse_op};
+use super::reads::Native;
+use super::{Layout, Res, Wire, mismatch, parse_op};
 use crate::binary;
-use crate::schema::{TypeInfo, TypeKind};
+use crate::schema::TypeInfo;
 use crate::value::{Change, RangeValue, Row, Value};
 
 /// The parts of a JSON-lines payload that depend only on the table: the header line and
@@ -185,98 +186,62 @@ impl Prepared {
     }
 }
 
-/// Writes a value given in PostgreSQL's binary send format (of a type
+/// Writes one binary COPY field of a column (of a type
 /// [`binary::supports`](crate::binary::supports) accepts) as [`write_value`] writes the
-/// value [`binary::decode`](crate::binary::decode) gives: text and numbers straight from
-/// the bytes, other types through the typed value.
-fn write_binary(
-    out: &mut Vec<u8>,
-    w: &Wire,
-    ty: &TypeInfo,
-    bytes: &[u8],
-    scratch: &mut String,
-) -> Res<()> {
-    let utf8 = |b| std::str::from_utf8(b).map_err(|e| format!("not UTF-8: {e}"));
-    match (&base_type(ty).kind, w) {
-        (TypeKind::Text, Wire::Str(StrKind::Text)) if binary::supports(ty) => {
-            put_str(out, utf8(bytes)?);
-        }
-        (TypeKind::Json, Wire::Str(StrKind::Json)) => put_str(out, utf8(bytes)?),
-        (TypeKind::Jsonb, Wire::Str(StrKind::Json)) => {
-            put_str(out, utf8(binary::jsonb_text(bytes)?)?);
-        }
-        (TypeKind::Numeric, Wire::Numeric) => {
-            scratch.clear();
-            binary::numeric_into(bytes, scratch)?;
-            put_str(out, scratch);
-        }
-        _ => {
-            let value = binary::decode(ty, bytes).map_err(|e| e.to_string())?;
-            write_value(out, w, &value)?;
-        }
-    }
-    Ok(())
-}
-
-/// How a snapshot read writes one column from its binary COPY field, chosen once per column:
-/// the common scalar types straight from the bytes, every other one through
-/// [`write_binary`]. The text is the same either way.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum BinaryField {
-    Bool,
-    Int2,
-    Int4,
-    Int8,
-    Oid,
-    Timestamp,
-    TimestampTz,
-    Other,
-}
-
-impl BinaryField {
-    /// The writer of a column of type `ty` written as `w`.
-    pub(crate) fn of(ty: &TypeInfo, w: &Wire) -> Self {
-        match (&base_type(ty).kind, w) {
-            (TypeKind::Bool, Wire::Bool) => Self::Bool,
-            (TypeKind::Int2, Wire::Int2) => Self::Int2,
-            (TypeKind::Int4, Wire::Int4) => Self::Int4,
-            (TypeKind::Int8, Wire::Int8) => Self::Int8,
-            (TypeKind::Oid, Wire::Oid) => Self::Oid,
-            (TypeKind::Timestamp, Wire::Timestamp) => Self::Timestamp,
-            (TypeKind::TimestampTz, Wire::TimestampTz) => Self::TimestampTz,
-            _ => Self::Other,
-        }
-    }
-}
-
-/// Writes one binary COPY field of a column as `field` says (see [`BinaryField::of`]);
-/// `last` is the column's [`LastDay`].
+/// value [`binary::decode`](crate::binary::decode) gives: the [`Native`] types straight from
+/// the bytes, other types through the typed value. `last` is the column's [`LastDay`].
 pub(crate) fn write_binary_field(
     out: &mut Vec<u8>,
-    field: BinaryField,
+    native: Option<Native>,
     w: &Wire,
     ty: &TypeInfo,
     bytes: &[u8],
     scratch: &mut String,
     last: &mut LastDay,
 ) -> Res<()> {
-    match field {
-        BinaryField::Bool => {
+    let utf8 = |b| std::str::from_utf8(b).map_err(|e| format!("not UTF-8: {e}"));
+    match native {
+        Some(Native::Bool) => {
             let b = binary::fixed::<1>(bytes)?[0] != 0;
             out.extend_from_slice(if b { b"true" } else { b"false" });
             Ok(())
         }
-        BinaryField::Int2 => put(out, &i16::from_be_bytes(binary::fixed(bytes)?)),
-        BinaryField::Int4 => put(out, &i32::from_be_bytes(binary::fixed(bytes)?)),
-        BinaryField::Int8 => put(out, &i64::from_be_bytes(binary::fixed(bytes)?)),
-        BinaryField::Oid => put(out, &u32::from_be_bytes(binary::fixed(bytes)?)),
-        BinaryField::Timestamp => {
+        Some(Native::Int2) => put(out, &i16::from_be_bytes(binary::fixed(bytes)?)),
+        Some(Native::Int4) => put(out, &i32::from_be_bytes(binary::fixed(bytes)?)),
+        Some(Native::Int8) => put(out, &i64::from_be_bytes(binary::fixed(bytes)?)),
+        Some(Native::Oid) => put(out, &u32::from_be_bytes(binary::fixed(bytes)?)),
+        Some(Native::Text | Native::Json) => {
+            put_str(out, utf8(bytes)?);
+            Ok(())
+        }
+        Some(Native::Jsonb) => {
+            put_str(out, utf8(binary::jsonb_text(bytes)?)?);
+            Ok(())
+        }
+        Some(Native::Numeric) => {
+            scratch.clear();
+            binary::numeric_into(bytes, scratch)?;
+            put_str(out, scratch);
+            Ok(())
+        }
+        Some(Native::Timestamp) => {
             write_timestamp_in(out, binary::timestamp_micros(bytes)?, false, last)
         }
-        BinaryField::TimestampTz => {
+        Some(Native::TimestampTz) => {
             write_timestamp_in(out, binary::timestamp_micros(bytes)?, true, last)
         }
-        BinaryField::Other => write_binary(out, w, ty, bytes, scratch),
+        Some(
+            Native::Float4
+            | Native::Float8
+            | Native::Bytea
+            | Native::Uuid
+            | Native::Date
+            | Native::Time,
+        )
+        | None => {
+            let value = binary::decode(ty, bytes).map_err(|e| e.to_string())?;
+            write_value(out, w, &value)
+        }
     }
 }
 

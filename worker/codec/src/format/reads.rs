@@ -53,7 +53,7 @@ enum Target {
         prepared: json::Prepared,
         wires: Vec<Wire>,
         /// How each column is written, and the date its last timestamp had.
-        fields: Vec<(json::BinaryField, json::LastDay)>,
+        fields: Vec<(Option<Native>, json::LastDay)>,
         /// The line up to the `after` object (per payload: it holds the commit time).
         prefix: Vec<u8>,
         out: Vec<u8>,
@@ -89,37 +89,86 @@ enum Column {
     },
 }
 
+/// The column types encoded straight from their binary COPY bytes, when written as their own
+/// wire type (no `typeMappings` override): the one choice behind both the Arrow builders
+/// and the JSON writers. Every other column goes through [`binary::decode`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Native {
+    Bool,
+    Int2,
+    Int4,
+    Int8,
+    Oid,
+    Float4,
+    Float8,
+    /// text, varchar, bpchar, name: the characters as sent.
+    Text,
+    Json,
+    /// A version byte, then the text.
+    Jsonb,
+    Numeric,
+    Bytea,
+    Uuid,
+    Date,
+    Time,
+    Timestamp,
+    TimestampTz,
+}
+
+impl Native {
+    /// How a column of type `ty` written as `wire` is encoded, if natively.
+    pub(super) fn of(ty: &TypeInfo, wire: &Wire) -> Option<Self> {
+        Some(match (&base_type(ty).kind, wire) {
+            (TypeKind::Bool, Wire::Bool) => Self::Bool,
+            (TypeKind::Int2, Wire::Int2) => Self::Int2,
+            (TypeKind::Int4, Wire::Int4) => Self::Int4,
+            (TypeKind::Int8, Wire::Int8) => Self::Int8,
+            (TypeKind::Oid, Wire::Oid) => Self::Oid,
+            (TypeKind::Float4, Wire::Float4) => Self::Float4,
+            (TypeKind::Float8, Wire::Float8) => Self::Float8,
+            (TypeKind::Text, Wire::Str(StrKind::Text)) if binary::supports(ty) => Self::Text,
+            (TypeKind::Json, Wire::Str(StrKind::Json)) => Self::Json,
+            (TypeKind::Jsonb, Wire::Str(StrKind::Json)) => Self::Jsonb,
+            (TypeKind::Numeric, Wire::Numeric) => Self::Numeric,
+            (TypeKind::Bytea, Wire::Bin(BinKind::Bytes)) => Self::Bytea,
+            (TypeKind::Uuid, Wire::Uuid) => Self::Uuid,
+            (TypeKind::Date, Wire::Date) => Self::Date,
+            (TypeKind::Time, Wire::Time) => Self::Time,
+            (TypeKind::Timestamp, Wire::Timestamp) => Self::Timestamp,
+            (TypeKind::TimestampTz, Wire::TimestampTz) => Self::TimestampTz,
+            _ => return None,
+        })
+    }
+}
+
 impl Column {
     fn new(ty: &Arc<TypeInfo>, wire: &Wire) -> Self {
-        match (&base_type(ty).kind, wire) {
-            (TypeKind::Bool, Wire::Bool) => Self::Bool(BooleanBuilder::new()),
-            (TypeKind::Int2, Wire::Int2) => Self::Int2(Int16Builder::new()),
-            (TypeKind::Int4, Wire::Int4) => Self::Int4(Int32Builder::new()),
-            (TypeKind::Int8, Wire::Int8) => Self::Int8(Int64Builder::new()),
-            (TypeKind::Oid, Wire::Oid) => Self::Oid(UInt32Builder::new()),
-            (TypeKind::Float4, Wire::Float4) => Self::Float4(Float32Builder::new()),
-            (TypeKind::Float8, Wire::Float8) => Self::Float8(Float64Builder::new()),
-            (TypeKind::Text, Wire::Str(StrKind::Text)) if binary::supports(ty) => {
-                Self::Text(StringBuilder::new())
-            }
-            (TypeKind::Json, Wire::Str(StrKind::Json)) => Self::Text(StringBuilder::new()),
-            (TypeKind::Jsonb, Wire::Str(StrKind::Json)) => Self::Jsonb(StringBuilder::new()),
-            (TypeKind::Numeric, Wire::Numeric) => Self::Numeric(StringBuilder::new()),
-            (TypeKind::Bytea, Wire::Bin(BinKind::Bytes)) => Self::Bytes(BinaryBuilder::new()),
-            (TypeKind::Uuid, Wire::Uuid) => Self::Uuid(FixedSizeBinaryBuilder::new(16)),
-            (TypeKind::Date, Wire::Date) => Self::Date(Date32Builder::new()),
-            (TypeKind::Time, Wire::Time) => Self::Time(Time64MicrosecondBuilder::new()),
-            (TypeKind::Timestamp, Wire::Timestamp) => {
-                Self::Timestamp(TimestampMicrosecondBuilder::new())
-            }
-            (TypeKind::TimestampTz, Wire::TimestampTz) => {
-                Self::TimestampTz(TimestampMicrosecondBuilder::new().with_timezone("UTC"))
-            }
-            _ => Self::Values {
+        let Some(native) = Native::of(ty, wire) else {
+            return Self::Values {
                 ty: ty.clone(),
                 wire: wire.clone(),
                 values: Vec::new(),
-            },
+            };
+        };
+        match native {
+            Native::Bool => Self::Bool(BooleanBuilder::new()),
+            Native::Int2 => Self::Int2(Int16Builder::new()),
+            Native::Int4 => Self::Int4(Int32Builder::new()),
+            Native::Int8 => Self::Int8(Int64Builder::new()),
+            Native::Oid => Self::Oid(UInt32Builder::new()),
+            Native::Float4 => Self::Float4(Float32Builder::new()),
+            Native::Float8 => Self::Float8(Float64Builder::new()),
+            Native::Text | Native::Json => Self::Text(StringBuilder::new()),
+            Native::Jsonb => Self::Jsonb(StringBuilder::new()),
+            Native::Numeric => Self::Numeric(StringBuilder::new()),
+            Native::Bytea => Self::Bytes(BinaryBuilder::new()),
+            Native::Uuid => Self::Uuid(FixedSizeBinaryBuilder::new(16)),
+            Native::Date => Self::Date(Date32Builder::new()),
+            Native::Time => Self::Time(Time64MicrosecondBuilder::new()),
+            Native::Timestamp => Self::Timestamp(TimestampMicrosecondBuilder::new()),
+            Native::TimestampTz => {
+                Self::TimestampTz(TimestampMicrosecondBuilder::new().with_timezone("UTC"))
+            }
         }
     }
 
@@ -253,7 +302,7 @@ impl ReadEncoder {
                     .columns
                     .iter()
                     .zip(&layout.wires)
-                    .map(|(c, w)| (json::BinaryField::of(&c.ty, w), json::LastDay::default()))
+                    .map(|(c, w)| (Native::of(&c.ty, w), json::LastDay::default()))
                     .collect(),
                 prefix: Vec::new(),
                 out: Vec::new(),
