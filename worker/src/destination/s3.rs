@@ -852,9 +852,10 @@ fn key_safe(name: &str) -> String {
     utf8_percent_encode(name, PARTITION_ESCAPE).to_string()
 }
 
-/// First and last change LSN of a run of changes (the commit LSN where a change has none).
 /// A 64-bit hash of an object's content (SipHash with fixed keys: the same bytes give the
-/// same hash in every process).
+/// same hash in every process of the same build; the standard library does not promise the
+/// algorithm across Rust releases, so a batch delivered again by an upgraded worker may get
+/// a second object, never a lost one).
 fn content_hash(payload: &[u8]) -> u64 {
     use std::hash::Hasher as _;
     let mut hasher = std::hash::DefaultHasher::new();
@@ -862,6 +863,7 @@ fn content_hash(payload: &[u8]) -> u64 {
     hasher.finish()
 }
 
+/// First and last change LSN of a run of changes (the commit LSN where a change has none).
 fn lsn_range(changes: &[Change]) -> (u64, u64) {
     let lsn = |c: &Change| if c.lsn != 0 { c.lsn } else { c.commit_lsn };
     (
