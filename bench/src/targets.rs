@@ -23,7 +23,7 @@ use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
 
 use tonic::codegen::{BoxFuture, Poll, Service, http};
-use wallaby_worker::destination::grpc::{IngestBatchRequest, IngestBatchResponse};
+use wallaby_destinations::grpc::{IngestBatchRequest, IngestBatchResponse};
 
 use crate::proc::ChildGuard;
 

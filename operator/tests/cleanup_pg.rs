@@ -4,53 +4,14 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
-use std::path::Path;
-use std::process::Command;
 
 use wallaby_crds::flow::PostgresSource;
 use wallaby_operator::flow::cleanup::{self, CleanupOutcome, Target};
-
-fn superuser_dsn() -> String {
-    let pg = Path::new(env!("CARGO_MANIFEST_DIR")).join("../e2e/pg.sh");
-    let start = Command::new(&pg)
-        .arg("start")
-        .output()
-        .expect("running e2e/pg.sh start");
-    assert!(
-        start.status.success(),
-        "e2e/pg.sh start failed: {}",
-        String::from_utf8_lossy(&start.stderr)
-    );
-    let env = Command::new(&pg)
-        .arg("env")
-        .output()
-        .expect("running e2e/pg.sh env");
-    String::from_utf8_lossy(&env.stdout)
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("WALLABY_PG_SUPERUSER_DSN="))
-        .map(|s| s.trim_matches(|c| c == '"' || c == '\'').to_owned())
-        .expect("pg.sh env prints WALLABY_PG_SUPERUSER_DSN")
-}
-
-async fn connect(dsn: &str) -> tokio_postgres::Client {
-    let (client, conn) = tokio_postgres::connect(dsn, tokio_postgres::NoTls)
-        .await
-        .expect("connect");
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    client
-}
-
-fn with_db(dsn: &str, db: &str) -> String {
-    let mut url = url::Url::parse(dsn).unwrap();
-    url.set_path(db);
-    url.to_string()
-}
+use wallaby_testkit::{connect, superuser_dsn, with_db};
 
 #[tokio::test]
 async fn delete_policy_drops_slot_and_publication_and_is_idempotent() {
-    let admin_dsn = superuser_dsn();
+    let admin_dsn = superuser_dsn().to_owned();
     let admin = connect(&admin_dsn).await;
     let db = format!("wt_op_cleanup_{}", std::process::id());
     let slot = format!("wt_op_slot_{}", std::process::id());

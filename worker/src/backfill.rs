@@ -10,21 +10,21 @@ use std::time::Duration;
 use pg_walstream::CancellationToken;
 use wallaby_crds::flow::{SnapshotSpec, TableSnapshotProgress};
 
-use crate::ack::AckMode;
-use crate::metrics::Metrics;
-use crate::pipeline::Progress;
 use crate::run::{
     CatalogSchemas, RunOptions, current_wal_lsn, open_resolved, pipeline_config, source_connection,
 };
-use crate::snapshot::store::SnapshotStore;
-use crate::snapshot::{
+use crate::standalone::Resolved;
+use crate::status::{StatusFile, StatusReporter, StatusSink};
+use wallaby_pipeline::ack::AckMode;
+use wallaby_pipeline::metrics::Metrics;
+use wallaby_pipeline::runner::Progress;
+use wallaby_source::snapshot::store::SnapshotStore;
+use wallaby_source::snapshot::{
     self, HeldSnapshot, SnapshotOutcome, SnapshotProgress, SnapshotRequest, SnapshotSink,
     lock_progress,
 };
-use crate::source::state;
-use crate::source::types::TypeResolver;
-use crate::standalone::Resolved;
-use crate::status::{StatusFile, StatusReporter, StatusSink};
+use wallaby_source::state;
+use wallaby_source::types::TypeResolver;
 
 /// How often progress is printed and reported.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);

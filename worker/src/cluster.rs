@@ -124,34 +124,11 @@ impl FlowObjects {
             .iter()
             .map(|r| r.name.clone())
             .chain(pg.ssl_root_cert.iter().map(|s| s.name.clone()))
-            .chain(destinations.values().flat_map(|d| {
-                d.spec
-                    .kafka
-                    .iter()
-                    .chain(d.spec.bufstream.iter())
-                    .flat_map(crate::destination::kafka::secret_names)
-                    .chain(
-                        d.spec
-                            .s3
-                            .iter()
-                            .flat_map(|s| s.secret_ref.clone())
-                            .map(|r| r.name),
-                    )
-                    .chain(
-                        d.spec
-                            .http
-                            .iter()
-                            .flat_map(|h| h.headers_secret_ref.clone())
-                            .map(|r| r.name),
-                    )
-                    .chain(
-                        d.spec
-                            .grpc
-                            .iter()
-                            .flat_map(crate::destination::grpc::secret_names),
-                    )
-                    .collect::<Vec<_>>()
-            }))
+            .chain(
+                destinations
+                    .values()
+                    .flat_map(|d| wallaby_destinations::secret_names(&d.spec)),
+            )
             .collect();
         names.sort();
         names.dedup();

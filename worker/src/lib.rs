@@ -1,21 +1,13 @@
-//! WALlaby worker: streams PostgreSQL logical replication (`pgoutput`) to destinations,
-//! confirming to the slot only what every destination made durable.
+//! `wallaby-worker`: the worker binary's library. It resolves a Flow (from a manifest file
+//! or the Kubernetes API), wires source, DDL gate, pipeline and destinations into a run or
+//! a backfill, and reports status, metrics and traces. The data plane lives in the crates
+//! it depends on: `wallaby-source`, `wallaby-ddl`, `wallaby-pipeline`, `wallaby-destinations`.
 
-pub mod ack;
 pub mod backfill;
-pub mod batch;
-pub mod change;
 pub mod cluster;
-pub mod ddl;
-pub mod destination;
-pub mod lsn;
+pub mod ddl_admin;
 pub mod metrics;
-pub mod pipeline;
-pub mod retry;
 pub mod run;
-pub mod snapshot;
-pub mod source;
-pub mod spool;
 pub mod standalone;
 pub mod status;
 pub mod telemetry;

@@ -9,13 +9,14 @@ use std::sync::{Arc, Mutex};
 use clap::{Parser, Subcommand};
 use pg_walstream::CancellationToken;
 use wallaby_crds::flow::FlowStatus;
+use wallaby_pipeline::lsn::Lsn;
+use wallaby_pipeline::metrics::Metrics;
+use wallaby_source::snapshot::SnapshotOutcome;
 use wallaby_worker::backfill::{BackfillControl, backfill};
 use wallaby_worker::cluster::{self, ClusterError, ConfigChange, FlowRef, FlowStatusApply};
-use wallaby_worker::ddl::admin::{self, Action, LogAction};
-use wallaby_worker::lsn::Lsn;
-use wallaby_worker::metrics::{self, DEFAULT_METRICS_ADDR, Metrics, MetricsAddr};
+use wallaby_worker::ddl_admin::{self, Action, LogAction};
+use wallaby_worker::metrics::{self, DEFAULT_METRICS_ADDR, MetricsAddr};
 use wallaby_worker::run::{KubeTarget, RunControl, RunOptions, open_resolved, run_controlled};
-use wallaby_worker::snapshot::SnapshotOutcome;
 use wallaby_worker::standalone;
 use wallaby_worker::status::{StatusSink, worker_owned};
 use wallaby_worker::telemetry::{self, LogFormat};
@@ -316,7 +317,7 @@ fn ddl_command(
         DdlCommand::History { table } => Action::Log(LogAction::History { table }),
         DdlCommand::Install { print } => Action::Install { print },
     };
-    let out = runtime.block_on(admin::run(&resolved, &state_dir, action))?;
+    let out = runtime.block_on(ddl_admin::run(&resolved, &state_dir, action))?;
     println!("{}", out.trim_end());
     Ok(())
 }

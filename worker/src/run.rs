@@ -10,49 +10,42 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use pg_walstream::CancellationToken;
 use tokio::sync::mpsc;
-use wallaby_codec::{TableSchema, WireFormat};
+use wallaby_codec::TableSchema;
 use wallaby_crds::Flow;
-use wallaby_crds::common::WireFormat as SpecFormat;
 use wallaby_crds::destination::DestinationSpec;
 use wallaby_crds::flow::{AckPolicy, FailureMode, SnapshotSpec};
 
-use crate::ack::AckMode;
-use crate::batch::SchemaSource;
-use crate::change::Relation;
-use crate::ddl::{
-    self,
+use crate::standalone::Resolved;
+use crate::status::{StatusFile, StatusReporter, StatusSink};
+use wallaby_ddl::{
     capture::CaptureSpec,
     desk::{Desk, KubeDesk, LogDesk},
     gate::{DdlStage, PlanTarget, Scope},
     history::{DdlLog, HistoryTables, SchemaHistory},
 };
-use crate::destination::file::FileDestination;
-use crate::destination::grpc::{GrpcDestination, GrpcTlsMaterial};
-use crate::destination::http::HttpDestination;
-use crate::destination::kafka::{KafkaDestination, KafkaSecrets};
-use crate::destination::meta::{MetaDestination, MetaOptions};
-use crate::destination::s3::{S3Destination, SecretCredentials};
-use crate::destination::{Destination, TypeOverrides, effective_retry};
-use crate::lsn::Lsn;
-use crate::metrics::Metrics;
-use crate::pipeline::{
+use wallaby_destinations::SecretData;
+use wallaby_pipeline::ack::AckMode;
+use wallaby_pipeline::batch::SchemaSource;
+use wallaby_pipeline::change::Relation;
+use wallaby_pipeline::lsn::Lsn;
+use wallaby_pipeline::metrics::Metrics;
+use wallaby_pipeline::retry::RetryPolicy;
+use wallaby_pipeline::retry::effective_retry;
+use wallaby_pipeline::runner::{
     DestinationSlot, Pipeline, PipelineConfig, PipelineError, PipelineHandles, Progress, lock,
 };
-use crate::retry::RetryPolicy;
-use crate::snapshot::store::SnapshotStore;
-use crate::snapshot::{self, incremental};
-use crate::snapshot::{
+use wallaby_source::reader::{ReaderOptions, ReplicationReader};
+use wallaby_source::setup::TableName;
+use wallaby_source::snapshot::store::SnapshotStore;
+use wallaby_source::snapshot::{self, incremental};
+use wallaby_source::snapshot::{
     ExportedSnapshot, HeldSnapshot, SnapshotOutcome, SnapshotProgress, SnapshotRequest,
     SnapshotSink, lock_progress,
 };
-use crate::source::reader::{ReaderOptions, ReplicationReader};
-use crate::source::setup::TableName;
-use crate::source::spill::SpillDir;
-use crate::source::toast::ToastStage;
-use crate::source::types::TypeResolver;
-use crate::source::{PgConnection, SourceState, setup, state};
-use crate::standalone::Resolved;
-use crate::status::{StatusFile, StatusReporter, StatusSink};
+use wallaby_source::spill::SpillDir;
+use wallaby_source::toast::ToastStage;
+use wallaby_source::types::TypeResolver;
+use wallaby_source::{PgConnection, SourceState, setup, state};
 
 /// Events buffered between the reader and the pipeline (bounds memory with back-pressure).
 const EVENT_BUFFER: usize = 4096;
@@ -123,83 +116,27 @@ pub enum StartError {
     },
 }
 
-/// The codec format of a spec format.
-pub fn wire_format(f: SpecFormat) -> WireFormat {
-    match f {
-        SpecFormat::Arrow => WireFormat::Arrow,
-        SpecFormat::Parquet => WireFormat::Parquet,
-        SpecFormat::Avro => WireFormat::Avro,
-        SpecFormat::Proto => WireFormat::Proto,
-        SpecFormat::Json => WireFormat::Json,
-    }
-}
-
 /// Opens the destinations of a resolved flow, with the credentials its Secrets gave.
 pub fn open_resolved(resolved: &Resolved) -> anyhow::Result<Vec<DestinationSlot>> {
     open_destinations(
         &resolved.flow,
         &resolved.destinations,
-        &resolved.kafka_secrets,
         &resolved.destination_secrets,
     )
 }
 
-/// Opens `destinations` of `flow`. `kafka_secrets` holds the resolved SASL/TLS material of
-/// each `kafka` / `bufstream` Destination, `secrets` the resolved Secret data of every other
-/// Destination that references one (by Destination name).
+/// Opens `destinations` of `flow` through the destination registry. `secrets` holds what
+/// each Destination's check resolved from its Secrets (by Destination name).
 pub fn open_destinations(
     flow: &Flow,
     destinations: &[(String, DestinationSpec)],
-    kafka_secrets: &BTreeMap<String, KafkaSecrets>,
-    secrets: &BTreeMap<String, BTreeMap<String, String>>,
+    secrets: &BTreeMap<String, SecretData>,
 ) -> anyhow::Result<Vec<DestinationSlot>> {
+    let none = SecretData::new();
     let mut slots = Vec::new();
     for (name, spec) in destinations {
-        let format = wire_format(spec.format.unwrap_or(flow.spec.wire_format));
-        let overrides = TypeOverrides::new(spec.type_mappings.clone());
-        let kafka = spec.kafka.as_ref().or(spec.bufstream.as_ref());
-        let sink: Box<dyn Destination> = if let Some(file) = &spec.file {
-            Box::new(FileDestination::open(file, format, overrides).map_err(|e| {
-                anyhow::anyhow!("Destination/{name}: cannot open {}: {e}", file.path)
-            })?)
-        } else if let Some(k) = kafka {
-            let secrets = kafka_secrets.get(name).cloned().unwrap_or_default();
-            Box::new(
-                KafkaDestination::open(k, &secrets, format, overrides).map_err(|e| {
-                    anyhow::anyhow!("Destination/{name} ({}): {e}", spec.kind.as_str())
-                })?,
-            )
-        } else if let Some(http) = &spec.http {
-            Box::new(
-                HttpDestination::open(http, format, overrides)
-                    .map_err(|e| anyhow::anyhow!("Destination/{name}: {e}"))?,
-            )
-        } else if let Some(grpc) = &spec.grpc {
-            let flow_id = format!(
-                "{}/{}",
-                flow.metadata.namespace.as_deref().unwrap_or("default"),
-                flow.metadata.name.as_deref().unwrap_or_default()
-            );
-            let tls = secrets
-                .get(name)
-                .map(GrpcTlsMaterial::from_secret_data)
-                .unwrap_or_default();
-            Box::new(
-                GrpcDestination::open(grpc, &tls, flow_id, name.clone(), format, overrides)
-                    .map_err(|e| anyhow::anyhow!("Destination/{name}: {e}"))?,
-            )
-        } else if let Some(s3) = &spec.s3 {
-            Box::new(open_s3(name, s3, format, overrides, secrets.get(name))?)
-        } else {
-            anyhow::bail!(
-                "Destination/{name}: type {:?} is not delivered by this worker",
-                spec.kind.as_str()
-            )
-        };
-        let sink = match MetaOptions::from_spec(spec) {
-            Some(options) => Box::new(MetaDestination::new(sink, options)),
-            None => sink,
-        };
+        let data = secrets.get(name).unwrap_or(&none);
+        let sink = wallaby_destinations::open(name, flow, spec, data)?;
         let retry = RetryPolicy::from_spec(effective_retry(spec), flow.spec.give_up_policy)
             .map_err(|e| anyhow::anyhow!("Destination/{name} spec.retry: {e}"))?;
         slots.push(DestinationSlot {
@@ -209,31 +146,6 @@ pub fn open_destinations(
         });
     }
     Ok(slots)
-}
-
-/// Opens an `s3` destination with the credentials of its Secret, if it references one.
-fn open_s3(
-    name: &str,
-    spec: &wallaby_crds::destination::S3Spec,
-    format: WireFormat,
-    overrides: TypeOverrides,
-    secret: Option<&BTreeMap<String, String>>,
-) -> anyhow::Result<S3Destination> {
-    let credentials = match (&spec.secret_ref, secret) {
-        (Some(r), Some(data)) => Some(SecretCredentials::from_secret(data).map_err(|e| {
-            anyhow::anyhow!(
-                "Destination/{name} spec.s3.secretRef: Secret {:?}: {e}",
-                r.name
-            )
-        })?),
-        (Some(r), None) => anyhow::bail!(
-            "Destination/{name} spec.s3.secretRef: Secret {:?} was not resolved",
-            r.name
-        ),
-        (None, _) => None,
-    };
-    S3Destination::open(name, spec, format, overrides, credentials)
-        .map_err(|e| anyhow::anyhow!("Destination/{name} {e}"))
 }
 
 /// Runs until `cancel` fires (clean stop, `Ok`) or an error stops the flow, recording into
@@ -270,7 +182,7 @@ impl SchemaSource for HistorySchemas {
     }
 
     async fn version(&mut self, relation: &Relation, lsn: Lsn, _next: u32) -> Result<u32, String> {
-        ddl::note_stream_shape(
+        wallaby_ddl::note_stream_shape(
             &self.history,
             relation,
             lsn,
@@ -351,7 +263,7 @@ pub async fn run_controlled(
     setup::prepare_publication(&catalog, pg).await?;
     // DDL governance: the policy, the durable schema history and the capture triggers, set
     // up before the slot is created, so the worker's own DDL is not in its stream.
-    let ddl_policy = flow.spec.ddl.effective(ddl::env_defaults()?);
+    let ddl_policy = flow.spec.ddl.effective(wallaby_ddl::env_defaults()?);
     let history = if pg.ensure_state || pg.capture_ddl {
         let tables = HistoryTables::in_schema(&pg.state_schema);
         tables.ensure(&catalog).await?;
@@ -370,8 +282,14 @@ pub async fn run_controlled(
         // anything streamed), so a captured statement has a "before" even on a table with
         // no change streamed yet.
         if let Some(history) = &history {
-            ddl::history::seed_from_catalog(&catalog, history, &capture, &pg.publication, Lsn(0))
-                .await?;
+            wallaby_ddl::history::seed_from_catalog(
+                &catalog,
+                history,
+                &capture,
+                &pg.publication,
+                Lsn(0),
+            )
+            .await?;
         }
     } else if ddl_policy.records_approval() {
         tracing::warn!(

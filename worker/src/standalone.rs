@@ -11,7 +11,7 @@ use std::path::Path;
 use k8s_openapi::api::core::v1::Secret;
 use wallaby_crds::destination::DestinationSpec;
 use wallaby_crds::manifest::{self, Bundle};
-use wallaby_crds::{Destination, DestinationType, Flow, validate};
+use wallaby_crds::{Destination, Flow, validate};
 
 /// A flow ready to run.
 #[derive(Debug)]
@@ -25,10 +25,9 @@ pub struct Resolved {
     /// PEM CA of `sslRootCert`, when set.
     pub ssl_root_cert_pem: Option<String>,
     /// Credentials of the `kafka` / `bufstream` destinations, by destination name.
-    pub kafka_secrets: BTreeMap<String, crate::destination::kafka::KafkaSecrets>,
-    /// String data of the Secret each Destination references (by Destination name); for
-    /// `grpc`, the PEMs of `spec.grpc.tls` under `tls.ca`, `tls.clientCert`,
-    /// `tls.clientKey` (see `destination::grpc::GrpcTlsMaterial`).
+    /// What each Destination's check resolved from the Secrets it references (by
+    /// Destination name, absent when it reads none), under its module's keys (e.g. `grpc`:
+    /// `tls.ca`, `tls.clientCert`, `tls.clientKey`); see `wallaby_destinations::registry`.
     pub destination_secrets: BTreeMap<String, BTreeMap<String, String>>,
 }
 
@@ -50,21 +49,7 @@ pub enum ConfigError {
     Invalid { path: String, problems: Vec<String> },
 }
 
-/// Where the Secrets a flow references come from.
-pub trait SecretSource {
-    /// The string data of Secret `name`, `None` when it does not exist. `keys` are the keys
-    /// the caller reads (a source that cannot list keys, like the environment, reads those).
-    fn secret(&self, name: &str, keys: &[&str]) -> Option<BTreeMap<String, String>>;
-    /// How the user provides `key` of Secret `name`; ends a "not found" message.
-    fn how_to_provide(&self, name: &str, key: &str) -> String;
-    /// How the user provides several `keys` of Secret `name` at once.
-    fn how_to_provide_keys(&self, name: &str, keys: &[&str]) -> String {
-        keys.iter()
-            .map(|k| self.how_to_provide(name, k))
-            .collect::<Vec<_>>()
-            .join("; ")
-    }
-}
+pub use wallaby_destinations::SecretSource;
 
 /// Keys of the source Secret the worker reads.
 pub const SOURCE_SECRET_KEYS: [&str; 6] = ["dsn", "host", "port", "user", "password", "dbname"];
@@ -170,7 +155,6 @@ pub fn check(
         .map(ToString::to_string)
         .collect();
     let mut resolved = Vec::new();
-    let mut kafka_secrets = BTreeMap::new();
     let mut destination_secrets = BTreeMap::new();
     for r in &flow.spec.destinations {
         let Some(dest) = destinations.get(&r.name) else {
@@ -189,54 +173,14 @@ pub fn check(
                 ));
             }
         }
-        match (&dest.spec.kind, &dest.spec.file) {
-            (DestinationType::File, Some(_)) => resolved.push((r.name.clone(), dest.spec.clone())),
-            (DestinationType::File, None) => {}
-            (DestinationType::Kafka | DestinationType::Bufstream, _) => {
-                let block = dest.spec.kafka.as_ref().or(dest.spec.bufstream.as_ref());
-                if let Some(spec) = block {
-                    match kafka_check(&r.name, dest.spec.kind.as_str(), spec, secrets) {
-                        Ok(s) => {
-                            kafka_secrets.insert(r.name.clone(), s);
-                            resolved.push((r.name.clone(), dest.spec.clone()));
-                        }
-                        Err(p) => problems.extend(p),
-                    }
-                }
-            }
-            (DestinationType::Grpc, _) => {
-                match crate::destination::grpc::resolve(&r.name, &dest.spec, secrets) {
-                    Ok(material) => {
-                        let data = material.into_secret_data();
-                        if !data.is_empty() {
-                            destination_secrets.insert(r.name.clone(), data);
-                        }
-                        resolved.push((r.name.clone(), dest.spec.clone()));
-                    }
-                    Err(p) => problems.extend(p),
-                }
-            }
-            (DestinationType::Http, _) => {
-                match crate::destination::http::resolve(&r.name, &dest.spec, secrets) {
-                    Ok(spec) => resolved.push((r.name.clone(), spec)),
-                    Err(p) => problems.extend(p),
-                }
-            }
-            (DestinationType::S3, _) => {
-                let before = problems.len();
-                if let Some(data) = check_s3(&r.name, &flow, &dest.spec, secrets, &mut problems)
-                {
+        match wallaby_destinations::check(&r.name, &flow, &dest.spec, secrets) {
+            Ok(data) => {
+                if !data.is_empty() {
                     destination_secrets.insert(r.name.clone(), data);
                 }
-                if problems.len() == before {
-                    resolved.push((r.name.clone(), dest.spec.clone()));
-                }
+                resolved.push((r.name.clone(), dest.spec.clone()));
             }
-            (other, _) => problems.push(format!(
-                "Destination/{} spec.type: {:?} is declared in the CRD but not delivered by this worker version yet; use type: file, kafka, bufstream, s3, http or grpc (see docs/destinations.md)",
-                r.name,
-                other.as_str()
-            )),
+            Err(p) => problems.extend(p),
         }
     }
     let pg = &flow.spec.source.postgres;
@@ -280,168 +224,7 @@ pub fn check(
         source_secret,
         ssl_root_cert_pem,
         destination_secrets,
-        kafka_secrets,
     })
-}
-
-/// Checks a `kafka` / `bufstream` block (`kind` is the block's name) and resolves its
-/// Secrets: SASL credentials from `secretRef`, TLS material from the `tls` selectors.
-fn kafka_check(
-    name: &str,
-    kind: &str,
-    spec: &wallaby_crds::destination::KafkaSpec,
-    secrets: &dyn SecretSource,
-) -> Result<crate::destination::kafka::KafkaSecrets, Vec<String>> {
-    use crate::destination::kafka::{self, KafkaSecrets, SASL_SECRET_KEYS};
-    let field = |f: &str| format!("Destination/{name} spec.{kind}.{f}");
-    let mut problems = Vec::new();
-    if spec.brokers.is_empty() || spec.brokers.iter().any(|b| b.trim().is_empty()) {
-        problems.push(format!(
-            "{}: list at least one broker as host:port, without empty entries",
-            field("brokers")
-        ));
-    }
-    for b in &spec.brokers {
-        if !b.trim().is_empty() && !b.contains(':') {
-            problems.push(format!(
-                "{}: {b:?} has no port: write host:port (e.g. {b}:9092)",
-                field("brokers")
-            ));
-        }
-    }
-    if spec.topic.trim().is_empty() {
-        problems.push(format!(
-            "{}: set a topic, or a template such as cdc.{{schema}}.{{table}}",
-            field("topic")
-        ));
-    }
-    let unknown = kafka::unknown_placeholders(&spec.topic);
-    if !unknown.is_empty() {
-        problems.push(format!(
-            "{}: unknown placeholder(s) {} in {:?}: only {{schema}} and {{table}} are expanded",
-            field("topic"),
-            unknown.join(", "),
-            spec.topic
-        ));
-    }
-    if let Err(e) = spec.delivery_timeout.parse() {
-        problems.push(format!("{}: {e}", field("deliveryTimeout")));
-    }
-    let mut out = KafkaSecrets::default();
-    match (&spec.sasl, &spec.secret_ref) {
-        (Some(_), Some(secret_ref)) => {
-            let data = secrets
-                .secret(&secret_ref.name, &SASL_SECRET_KEYS)
-                .unwrap_or_default();
-            match (data.get("username"), data.get("password")) {
-                (Some(u), Some(p)) => out.sasl = Some((u.clone(), p.clone())),
-                _ => {
-                    let missing: Vec<&str> = SASL_SECRET_KEYS
-                        .into_iter()
-                        .filter(|k| !data.contains_key(*k))
-                        .collect();
-                    problems.push(format!(
-                        "{}: Secret {:?} with keys username and password not found: {}",
-                        field("secretRef"),
-                        secret_ref.name,
-                        secrets.how_to_provide_keys(&secret_ref.name, &missing)
-                    ));
-                }
-            }
-        }
-        (Some(_), None) => problems.push(format!(
-            "{}: sasl is set: name the Secret holding username and password",
-            field("secretRef")
-        )),
-        (None, _) => {}
-    }
-    if let Some(tls) = spec.tls.as_ref().filter(|t| t.enabled) {
-        for (sub, sel, slot) in [
-            ("tls.ca", &tls.ca, &mut out.ca_pem),
-            ("tls.clientCert", &tls.client_cert, &mut out.client_cert_pem),
-            ("tls.clientKey", &tls.client_key, &mut out.client_key_pem),
-        ] {
-            let Some(sel) = sel else { continue };
-            match secrets
-                .secret(&sel.name, &[sel.key.as_str()])
-                .and_then(|mut d| d.remove(&sel.key))
-            {
-                Some(pem) => *slot = Some(pem),
-                None => problems.push(format!(
-                    "{}: key {:?} of Secret {:?} not found: {}",
-                    field(sub),
-                    sel.key,
-                    sel.name,
-                    secrets.how_to_provide(&sel.name, &sel.key)
-                )),
-            }
-        }
-    }
-    if problems.is_empty()
-        && let Err(e) = kafka::client_config(spec, &out)
-    {
-        problems.push(
-            format!("Destination/{name} {e}").replace("spec.kafka.", &format!("spec.{kind}.")),
-        );
-    }
-    if problems.is_empty() {
-        Ok(out)
-    } else {
-        Err(problems)
-    }
-}
-
-/// Checks an `s3` block against the Flow (format × compression, partitionBy) and reads
-/// its credentials Secret; returns the Secret's data when it references one.
-fn check_s3(
-    name: &str,
-    flow: &Flow,
-    spec: &DestinationSpec,
-    secrets: &dyn SecretSource,
-    problems: &mut Vec<String>,
-) -> Option<BTreeMap<String, String>> {
-    use crate::destination::s3;
-    let s3 = spec.s3.as_ref()?;
-    if s3.bucket.trim().is_empty() {
-        problems.push(format!(
-            "Destination/{name} spec.s3.bucket: must name the bucket objects are written to"
-        ));
-    }
-    if let Some(endpoint) = &s3.endpoint
-        && !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
-    {
-        problems.push(format!(
-            "Destination/{name} spec.s3.endpoint: {endpoint:?} is not an http:// or https:// URL"
-        ));
-    }
-    for p in &s3.partition_by {
-        if let Err(e) = s3::PartitionField::parse(p) {
-            problems.push(format!("Destination/{name} spec.s3.partitionBy: {e}"));
-        }
-    }
-    let format = crate::run::wire_format(spec.format.unwrap_or(flow.spec.wire_format));
-    if let Err(e) = s3::check_compression(format, s3.compression) {
-        problems.push(format!("Destination/{name} spec.s3.compression: {e}"));
-    }
-    let secret_ref = s3.secret_ref.as_ref()?;
-    let data = secrets.secret(&secret_ref.name, &s3::SECRET_KEYS);
-    let Some(data) = data else {
-        problems.push(format!(
-            "Destination/{name} spec.s3.secretRef: Secret {:?} not found: {}",
-            secret_ref.name,
-            secrets.how_to_provide(&secret_ref.name, "accessKeyId")
-        ));
-        return None;
-    };
-    if let Err(e) = s3::SecretCredentials::from_secret(&data) {
-        problems.push(format!(
-            "Destination/{name} spec.s3.secretRef: Secret {:?}: {e}: {}",
-            secret_ref.name,
-            secrets.how_to_provide(&secret_ref.name, "accessKeyId")
-        ));
-        return None;
-    }
-    Some(data)
 }
 
 fn env_name(secret: &str, key: &str) -> String {
@@ -498,10 +281,12 @@ mod tests {
             _ => None,
         };
         let r = resolve("f.yaml", bundle, None, env).unwrap();
-        let s = &r.kafka_secrets["k"];
+        let s = &wallaby_destinations::kafka::KafkaSecrets::from_secret_data(
+            &r.destination_secrets["k"],
+        );
         assert_eq!(s.sasl, Some(("u".to_owned(), "p".to_owned())));
         assert_eq!(s.ca_pem.as_deref(), Some("PEM"));
-        let config = crate::destination::kafka::client_config(
+        let config = wallaby_destinations::kafka::client_config(
             r.destinations[0].1.bufstream.as_ref().unwrap(),
             s,
         )

@@ -11,8 +11,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use tokio_postgres::Client;
 use wallaby_crds::flow::{Checkpoint, DestinationProgress, FlowPhase, FlowStatus, Lag, SlotStatus};
 
-use crate::lsn::Lsn;
-use crate::pipeline::Progress;
+use wallaby_pipeline::lsn::Lsn;
+use wallaby_pipeline::runner::Progress;
 
 /// Condition types the worker owns on `Flow.status` in a cluster (the operator owns
 /// `Ready` and `Progressing`, `phase`, `observedGeneration` and `workload`).
@@ -477,7 +477,7 @@ mod tests {
         let sink = Arc::new(Collect::default());
         let reporter = StatusReporter::new(sink, "s".into(), vec![], None);
         let p = Progress {
-            ddl_gate: Some(crate::pipeline::GateView {
+            ddl_gate: Some(wallaby_pipeline::runner::GateView {
                 approval: Some("orders-ddl-0-16b6c50".into()),
                 lsn: Lsn(0x16B_6C50),
                 reason: "AwaitingApproval".into(),

@@ -15,10 +15,10 @@ use async_trait::async_trait;
 use common::{TestDb, parse_lsn, wait_for};
 use pg_walstream::CancellationToken;
 use wallaby_crds::flow::GiveUpPolicy;
-use wallaby_worker::batch::ChangeBatch;
-use wallaby_worker::destination::{Destination, DestinationError, WriteAck};
-use wallaby_worker::pipeline::DestinationSlot;
-use wallaby_worker::retry::RetryPolicy;
+use wallaby_pipeline::batch::ChangeBatch;
+use wallaby_pipeline::destination::{Destination, DestinationError, WriteAck};
+use wallaby_pipeline::retry::RetryPolicy;
+use wallaby_pipeline::runner::DestinationSlot;
 use wallaby_worker::run::{RunOptions, run_with};
 use wallaby_worker::standalone;
 
@@ -300,7 +300,7 @@ fn start_in(
         slots,
         options,
         cancel.clone(),
-        wallaby_worker::metrics::Metrics::new(),
+        wallaby_pipeline::metrics::Metrics::new(),
     ));
     Running {
         cancel,
@@ -455,9 +455,9 @@ async fn a_hanging_destination_holds_the_slot_under_all() {
     let b = Fault::default();
     b.script.lock().unwrap().hang = true;
     // A spool left from a run where `a` was a secondary: under `all` nothing reads it.
-    wallaby_worker::spool::SecondarySpool::open(
+    wallaby_pipeline::spool::SecondarySpool::open(
         &spool_dir(dir.path(), "a"),
-        wallaby_worker::spool::SEGMENT_BYTES,
+        wallaby_pipeline::spool::SEGMENT_BYTES,
     )
     .unwrap();
     let run = start(

@@ -23,7 +23,7 @@ use tonic::metadata::MetadataMap;
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tonic::{Code, Status};
 use wallaby_codec::{Change, TableSchema, WireFormat};
-use wallaby_worker::destination::grpc::{IngestBatchRequest, IngestBatchResponse};
+use wallaby_destinations::grpc::{IngestBatchRequest, IngestBatchResponse};
 
 const DEADLINE: Duration = Duration::from_secs(60);
 
@@ -121,7 +121,7 @@ impl Service<http::Request<tonic::body::Body>> for Ingest {
     fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
         assert_eq!(
             request.uri().path(),
-            wallaby_worker::destination::grpc::INGEST_BATCH_PATH
+            wallaby_destinations::grpc::INGEST_BATCH_PATH
         );
         let handler = IngestBatch(self.clone());
         let max_request = self.state().max_request;
@@ -360,7 +360,7 @@ async fn calls_decode_back_to_the_postgres_rows_with_metadata_and_fields() {
         assert_eq!(m.last_lsn, changes.last().unwrap().lsn);
         assert_eq!(
             m.idempotency_key,
-            wallaby_worker::destination::http::changes_key(&schema, &changes)
+            wallaby_destinations::idempotency::changes_key(&schema, &changes)
         );
     }
     let (code, log) = worker.terminate();
@@ -454,7 +454,7 @@ async fn groups_above_max_message_bytes_are_split_under_the_servers_limit() {
         next_lsn = m.last_lsn;
         assert_eq!(
             m.idempotency_key,
-            wallaby_worker::destination::http::changes_key(&schema, &changes),
+            wallaby_destinations::idempotency::changes_key(&schema, &changes),
             "each call's key covers exactly its changes"
         );
     }

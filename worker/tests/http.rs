@@ -303,7 +303,7 @@ async fn requests_decode_back_to_the_postgres_rows() {
         assert_eq!(header(r, "x-wallaby-rows"), changes.len().to_string());
         assert_eq!(
             header(r, "idempotency-key"),
-            wallaby_worker::destination::http::changes_key(&schema, &changes)
+            wallaby_destinations::idempotency::changes_key(&schema, &changes)
         );
     }
     let records = hook.accepted("/records");

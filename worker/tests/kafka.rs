@@ -182,7 +182,7 @@ fn start(dir: &Path, manifest: &Path) -> Running {
         slots,
         options,
         cancel.clone(),
-        wallaby_worker::metrics::Metrics::new(),
+        wallaby_pipeline::metrics::Metrics::new(),
     ));
     Running { cancel, task }
 }

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use wallaby_crds::flow::PostgresSource;
-use wallaby_worker::source::SourceState;
-use wallaby_worker::source::setup::prepare;
+use wallaby_source::SourceState;
+use wallaby_source::setup::prepare;
 
 const DEADLINE: Duration = Duration::from_secs(60);
 const PG_RECVLOGICAL: &str = "/usr/lib/postgresql/15/bin/pg_recvlogical";
@@ -668,7 +668,7 @@ async fn concurrent_starts_create_the_state_table_once_with_custom_names() {
 
     // A checkpoint never moves backward; record_stopped sets the status.
     let state = SourceState::start(&clients[0], &s, "flow-0").await.unwrap();
-    let lsn = |s: &str| s.parse::<wallaby_worker::lsn::Lsn>().unwrap();
+    let lsn = |s: &str| s.parse::<wallaby_pipeline::lsn::Lsn>().unwrap();
     state
         .record_checkpoint(&clients[0], lsn("0/2000"))
         .await

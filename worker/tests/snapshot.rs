@@ -602,7 +602,7 @@ async fn binary_copy_decodes_every_supported_type_as_text_copy_does() {
     use wallaby_codec::{
         Change, ColumnSchema, ReadEncoder, TableSchema, TypeInfo, TypeKind, WireFormat,
     };
-    use wallaby_worker::snapshot::copy::{BinaryRows, binary_copy, decode_fields, decode_line};
+    use wallaby_source::snapshot::copy::{BinaryRows, binary_copy, decode_fields, decode_line};
 
     let db = TestDb::create("snapbin").await;
     let sql = db.client().await;

@@ -17,10 +17,10 @@ use pg_walstream::CancellationToken;
 use tokio::sync::mpsc;
 use wallaby_codec::format::{self, WireFormat};
 use wallaby_codec::{Change, Op, Row, TableSchema, TypeKind, Value, text};
-use wallaby_worker::change::{Cell, RowChange, SourceEvent};
-use wallaby_worker::source::PgConnection;
-use wallaby_worker::source::reader::ReplicationReader;
-use wallaby_worker::source::types::TypeResolver;
+use wallaby_pipeline::change::{Cell, RowChange, SourceEvent};
+use wallaby_source::PgConnection;
+use wallaby_source::reader::ReplicationReader;
+use wallaby_source::types::TypeResolver;
 
 const DEADLINE: Duration = Duration::from_secs(90);
 
@@ -783,19 +783,17 @@ async fn unreadable_server_output_settings_are_refused_at_start() {
     db.drop_all().await;
 }
 
-fn reader_options(
-    catalog: &Arc<tokio_postgres::Client>,
-) -> wallaby_worker::source::reader::ReaderOptions {
+fn reader_options(catalog: &Arc<tokio_postgres::Client>) -> wallaby_source::reader::ReaderOptions {
     static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let dir = std::env::temp_dir().join(format!(
         "wallaby-matrix-spill-{}-{}",
         std::process::id(),
         N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     ));
-    wallaby_worker::source::reader::ReaderOptions {
+    wallaby_source::reader::ReaderOptions {
         status_interval: Duration::from_secs(1),
-        spill: wallaby_worker::source::spill::SpillDir::prepare(&dir).unwrap(),
-        toast: wallaby_worker::source::toast::ToastStage::new(
+        spill: wallaby_source::spill::SpillDir::prepare(&dir).unwrap(),
+        toast: wallaby_source::toast::ToastStage::new(
             wallaby_crds::flow::ToastFetch::Off,
             0,
             catalog.clone(),

@@ -8,11 +8,13 @@
 //! ```
 
 pub mod binary;
+pub mod builtin;
 pub mod format;
 pub mod schema;
 pub mod text;
 pub mod value;
 
+pub use builtin::builtin_type;
 pub use format::{
     Encoder, PayloadColumn, PayloadSchema, ReadEncoder, TypeMapping, WireBatch, WireFormat,
     check_type_mapping, decode, encode, payload_schema,

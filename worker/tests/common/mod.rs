@@ -1,170 +1,59 @@
-//! Test fixtures: the private PostgreSQL (started through e2e/pg.sh), a database per test,
-//! the worker binary as a child process, and polling with deadlines (no fixed sleeps).
+//! Test fixtures: the private PostgreSQL (started through e2e/pg.sh), a database per test
+//! and polling with deadlines (no fixed sleeps) from wallaby-testkit; the worker binary as a
+//! child process and readers of its output.
 
 #![allow(dead_code, clippy::expect_used, clippy::unwrap_used)]
 
+use std::ops::Deref;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
+use wallaby_testkit::DbOptions;
+// Not every test file uses every fixture.
+#[allow(unused_imports)]
+pub use wallaby_testkit::{connect, parse_lsn, repo, superuser_dsn, wait_for};
 
-pub fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
+/// A database owned by the `wallaby` role ([`wallaby_testkit::TestDb`]), dropped (with its
+/// slots) at the end, as this suite makes them: the leftovers of an earlier, interrupted
+/// run dropped first, and a low `logical_decoding_work_mem`.
+pub struct TestDb(wallaby_testkit::TestDb);
 
-/// Superuser DSN of the private PostgreSQL, started on first use.
-pub fn superuser_dsn() -> &'static str {
-    static DSN: OnceLock<String> = OnceLock::new();
-    DSN.get_or_init(|| {
-        let pg = repo().join("e2e/pg.sh");
-        let start = Command::new(&pg)
-            .arg("start")
-            .output()
-            .expect("running e2e/pg.sh start");
-        assert!(
-            start.status.success(),
-            "e2e/pg.sh start failed: {}",
-            String::from_utf8_lossy(&start.stderr)
-        );
-        let env = Command::new(&pg)
-            .arg("env")
-            .output()
-            .expect("running e2e/pg.sh env");
-        let text = String::from_utf8_lossy(&env.stdout);
-        text.split_whitespace()
-            .find_map(|w| w.strip_prefix("WALLABY_PG_SUPERUSER_DSN="))
-            .map(|s| s.trim_matches(|c| c == '"' || c == '\'').to_owned())
-            .expect("pg.sh env prints WALLABY_PG_SUPERUSER_DSN")
-    })
-}
+impl Deref for TestDb {
+    type Target = wallaby_testkit::TestDb;
 
-pub async fn connect(dsn: &str) -> tokio_postgres::Client {
-    let (client, conn) = tokio_postgres::connect(dsn, tokio_postgres::NoTls)
-        .await
-        .expect("connect");
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    client
-}
-
-/// A database owned by the `wallaby` role, dropped (with its slots) at the end.
-pub struct TestDb {
-    admin: tokio_postgres::Client,
-    pub name: String,
-    /// DSN of the `wallaby` role (SCRAM over TCP) for this database.
-    pub dsn: String,
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
 }
 
 impl TestDb {
+    /// A new, empty database `wt_<prefix>_<pid>_<n>`.
     pub async fn create(prefix: &str) -> Self {
-        static COUNTER: AtomicUsize = AtomicUsize::new(0);
-        let name = format!(
-            "wt_{prefix}_{}_{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        );
-        let admin = connect(superuser_dsn()).await;
         // Leftovers of an earlier, interrupted test run (slot names are cluster-wide).
-        let me = format!("wt\\_%\\_{}\\_%", std::process::id());
-        let stale = admin
-            .query(
-                "SELECT datname::text FROM pg_database WHERE datname LIKE 'wt\\_%' AND datname NOT LIKE $1",
-                &[&me],
-            )
-            .await
-            .expect("list stale databases");
-        for row in stale {
-            let db: String = row.get(0);
-            let _ = admin
-                .execute(
-                    "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = $1 AND NOT active",
-                    &[&db],
-                )
-                .await;
-            let _ = admin
-                .batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
-                .await;
-        }
         // A low logical_decoding_work_mem makes the server stream every transaction above
         // 64kB before it commits (pgoutput protocol v2), so the tests exercise the worker's
         // spill path with small transactions too. It is a per-session setting that
         // walsenders of a database read at connection start; pg_walstream's connection
         // ignores libpq `options`, hence the database-level default.
-        admin
-            .batch_execute(&format!("CREATE DATABASE {name} OWNER wallaby"))
-            .await
-            .expect("create database");
-        admin
-            .batch_execute(&format!(
-                "ALTER DATABASE {name} SET logical_decoding_work_mem = '64kB'"
-            ))
-            .await
-            .expect("set logical_decoding_work_mem");
-        let base = superuser_dsn().replace("postgres:postgres@", "wallaby:wallaby@");
-        let dsn = format!(
-            "{}/{name}",
-            base.rsplit_once('/').expect("dsn has a database").0
-        );
-        Self { admin, name, dsn }
-    }
-
-    pub async fn client(&self) -> tokio_postgres::Client {
-        connect(&self.dsn).await
-    }
-
-    /// A superuser session in this database (CREATE EXTENSION of untrusted extensions).
-    pub async fn superuser_client(&self) -> tokio_postgres::Client {
-        let base = superuser_dsn();
-        let dsn = format!(
-            "{}/{}",
-            base.rsplit_once('/').expect("dsn has a database").0,
-            self.name
-        );
-        connect(&dsn).await
+        let options = DbOptions {
+            drop_stale: true,
+            settings: &[("logical_decoding_work_mem", "64kB")],
+        };
+        Self(wallaby_testkit::TestDb::create_with(prefix, &options).await)
     }
 
     /// `confirmed_flush_lsn` and `active` of a slot (`None` until it exists and is
     /// consistent: a slot being created has no confirmed position yet).
     pub async fn slot(&self, slot: &str) -> Option<(String, bool)> {
-        self.admin
-            .query_opt(
-                "SELECT confirmed_flush_lsn::text, active FROM pg_replication_slots WHERE slot_name = $1 AND confirmed_flush_lsn IS NOT NULL",
-                &[&slot],
-            )
-            .await
-            .unwrap_or_else(|e| panic!("slot query: {e:?}"))
-            .map(|r| (r.get(0), r.get(1)))
+        self.0.confirmed_slot(slot).await
     }
 
-    /// Waits (60 s at most) until a worker is attached to the database's slot (named
-    /// after the database).
-    pub async fn attached(&self) {
-        wait_for(
-            "the worker to attach to the slot",
-            Duration::from_secs(60),
-            async || self.slot(&self.name).await.filter(|(_, active)| *active),
-        )
-        .await;
-    }
-
+    /// Drops the database's inactive slots, then the database.
     pub async fn drop_all(self) {
-        let admin = connect(superuser_dsn()).await;
-        let _ = admin
-            .execute(
-                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = $1 AND NOT active",
-                &[&self.name],
-            )
-            .await;
-        let _ = admin
-            .batch_execute(&format!(
-                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                self.name
-            ))
-            .await;
+        self.0.drop_all().await;
     }
 }
 
@@ -353,30 +242,6 @@ pub fn spill_files(spill: &Path) -> (usize, u64) {
         .unwrap_or((0, 0))
 }
 
-/// Polls `check` until it returns `Some` or the deadline passes.
-pub async fn wait_for<T>(
-    what: &str,
-    timeout: Duration,
-    mut check: impl AsyncFnMut() -> Option<T>,
-) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-pub fn parse_lsn(s: &str) -> u64 {
-    let (hi, lo) = s.split_once('/').expect("lsn");
-    (u64::from_str_radix(hi, 16).expect("hi") << 32) | u64::from_str_radix(lo, 16).expect("lo")
-}
-
 /// Applies one `payloadMode: wal` body (frames of pgoutput messages, see
 /// `destination::pgoutput`) to `rows`, keyed by the integer first column, each row as the
 /// text of its columns; parsed by pg_walstream's own pgoutput parser, i.e. what a consumer
@@ -450,7 +315,7 @@ pub fn decode_payload(
             .map(|c| wallaby_codec::ColumnSchema {
                 name: c.name.clone(),
                 ty: std::sync::Arc::new(
-                    wallaby_worker::source::types::builtin_type(c.oid, c.typmod)
+                    wallaby_codec::builtin_type(c.oid, c.typmod)
                         .unwrap_or_else(|| panic!("{} is not a built-in type", c.oid)),
                 ),
                 key: c.key,

@@ -1,48 +1,26 @@
 //! The e2e harness: a cluster per test (the emulator, or the real one `KUBECONFIG` points at),
-//! real kubectl with a per-test cache dir, a namespace per test, the private PostgreSQL
-//! (e2e/pg.sh) with a database per test, and polling with deadlines (no fixed sleeps).
+//! real kubectl with a per-test cache dir, a namespace per test; the private PostgreSQL
+//! (e2e/pg.sh) with a database per test, the workspace binaries and polling with deadlines
+//! (no fixed sleeps) come from wallaby-testkit.
 
 #![allow(dead_code, clippy::expect_used, clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
 use std::process::Output;
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use kube_emulator::{Emulator, Kubelet};
 use serde_json::Value;
-
-pub fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
+// Not every test file uses every fixture.
+#[allow(unused_imports)]
+pub use wallaby_testkit::{TestDb, connect, parse_lsn, repo, superuser_dsn, workspace_binary};
 
 /// The kubeconfig of a real cluster to run against instead of the emulator.
 pub fn real_cluster() -> Option<PathBuf> {
     std::env::var_os("KUBECONFIG")
         .filter(|v| !v.is_empty())
         .map(PathBuf::from)
-}
-
-/// A binary of this workspace (override with `WALLABY_E2E_<NAME>_BIN`).
-pub fn workspace_binary(name: &str) -> PathBuf {
-    let var = format!(
-        "WALLABY_E2E_{}_BIN",
-        name.trim_start_matches("wallaby-").to_uppercase()
-    );
-    if let Some(p) = std::env::var_os(&var) {
-        return PathBuf::from(p);
-    }
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo().join("target"));
-    let path = target.join("debug").join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: build it first (cargo build -p {name}) or set {var}",
-        path.display()
-    );
-    path
 }
 
 /// One test's cluster, kubectl settings and namespace.
@@ -267,120 +245,13 @@ impl Cluster {
     }
 }
 
-/// Polls `check` until it returns `Some`, failing after `timeout`.
+/// Polls `check` every 100 ms until it returns `Some`, failing after `timeout`.
 pub async fn wait_for<T>(
     what: &str,
     timeout: Duration,
-    mut check: impl AsyncFnMut() -> Option<T>,
+    check: impl AsyncFnMut() -> Option<T>,
 ) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-pub fn parse_lsn(s: &str) -> u64 {
-    let (hi, lo) = s.split_once('/').expect("lsn");
-    (u64::from_str_radix(hi, 16).expect("hi") << 32) | u64::from_str_radix(lo, 16).expect("lo")
-}
-
-/// Superuser DSN of the private PostgreSQL, started on first use.
-pub fn superuser_dsn() -> &'static str {
-    static DSN: OnceLock<String> = OnceLock::new();
-    DSN.get_or_init(|| {
-        let pg = repo().join("e2e/pg.sh");
-        let start = std::process::Command::new(&pg)
-            .arg("start")
-            .output()
-            .expect("running e2e/pg.sh start");
-        assert!(
-            start.status.success(),
-            "e2e/pg.sh start failed: {}",
-            String::from_utf8_lossy(&start.stderr)
-        );
-        let env = std::process::Command::new(&pg)
-            .arg("env")
-            .output()
-            .expect("running e2e/pg.sh env");
-        let text = String::from_utf8_lossy(&env.stdout);
-        text.split_whitespace()
-            .find_map(|w| w.strip_prefix("WALLABY_PG_SUPERUSER_DSN="))
-            .map(|s| s.trim_matches(|c| c == '"' || c == '\'').to_owned())
-            .expect("pg.sh env prints WALLABY_PG_SUPERUSER_DSN")
-    })
-}
-
-pub async fn connect(dsn: &str) -> tokio_postgres::Client {
-    let (client, conn) = tokio_postgres::connect(dsn, tokio_postgres::NoTls)
-        .await
-        .expect("connect");
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    client
-}
-
-/// A database owned by the `wallaby` role, dropped (with its slots) by `drop_all`.
-pub struct TestDb {
-    pub admin: tokio_postgres::Client,
-    pub name: String,
-    /// DSN of the `wallaby` role for this database.
-    pub dsn: String,
-}
-
-impl TestDb {
-    pub async fn create(prefix: &str) -> Self {
-        let name = format!(
-            "wt_{prefix}_{}_{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        );
-        let admin = connect(superuser_dsn()).await;
-        admin
-            .batch_execute(&format!("CREATE DATABASE {name} OWNER wallaby"))
-            .await
-            .expect("create database");
-        let base = superuser_dsn().replace("postgres:postgres@", "wallaby:wallaby@");
-        let dsn = format!(
-            "{}/{name}",
-            base.rsplit_once('/').expect("dsn has a database").0
-        );
-        Self { admin, name, dsn }
-    }
-
-    pub async fn client(&self) -> tokio_postgres::Client {
-        connect(&self.dsn).await
-    }
-
-    /// `(confirmed_flush_lsn, active)` of a slot, `None` when it does not exist.
-    pub async fn slot(&self, slot: &str) -> Option<(Option<String>, bool)> {
-        self.admin
-            .query_opt("SELECT confirmed_flush_lsn::text, active FROM pg_replication_slots WHERE slot_name = $1", &[&slot])
-            .await
-            .expect("slot query")
-            .map(|r| (r.get(0), r.get(1)))
-    }
-
-    pub async fn drop_all(self) {
-        let _ = self
-            .admin
-            .execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = $1 AND NOT active", &[&self.name])
-            .await;
-        let _ = self
-            .admin
-            .batch_execute(&format!(
-                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                self.name
-            ))
-            .await;
-    }
+    wallaby_testkit::wait_for_every(what, timeout, Duration::from_millis(100), check).await
 }
 
 /// Reads a manifest from examples/k8s/ and applies `edit` to each document.
