@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 
 use wallaby_crds::flow::PostgresSource;
-use wallaby_operator::flow::cleanup::{self, CleanupOutcome, Target};
+use wallaby_operator::flow::cleanup::{self, CleanupOutcome};
 use wallaby_testkit::{connect, superuser_dsn, with_db};
 
 #[tokio::test]
@@ -51,9 +51,9 @@ async fn delete_policy_drops_slot_and_publication_and_is_idempotent() {
         ("dsn".to_owned(), admin_dsn.clone()),
         ("dbname".to_owned(), db.clone()),
     ]);
-    let target = Target::resolve(&spec, &secret).unwrap();
+    let target = cleanup::target(&spec, &secret, None).unwrap();
 
-    let first = cleanup::drop_objects("test/flow", &target, None, &slot, "wt_pub")
+    let first = cleanup::drop_objects("test/flow", &target, &slot, "wt_pub")
         .await
         .unwrap();
     assert_eq!(
@@ -85,7 +85,7 @@ async fn delete_policy_drops_slot_and_publication_and_is_idempotent() {
     assert!(publications.is_empty());
 
     // A retried cleanup (e.g. the finalizer removal failed) converges.
-    let again = cleanup::drop_objects("test/flow", &target, None, &slot, "wt_pub")
+    let again = cleanup::drop_objects("test/flow", &target, &slot, "wt_pub")
         .await
         .unwrap();
     assert_eq!(
@@ -97,7 +97,7 @@ async fn delete_policy_drops_slot_and_publication_and_is_idempotent() {
     );
 
     // Wrong credentials: an error naming the target, never the password.
-    let bad = Target::resolve(
+    let bad = cleanup::target(
         &spec,
         &BTreeMap::from([
             ("dsn".to_owned(), admin_dsn.clone()),
@@ -105,9 +105,10 @@ async fn delete_policy_drops_slot_and_publication_and_is_idempotent() {
             ("user".to_owned(), "nobody_here".to_owned()),
             ("password".to_owned(), "s3cret-value".to_owned()),
         ]),
+        None,
     )
     .unwrap();
-    let err = cleanup::drop_objects("test/flow", &bad, None, &slot, "wt_pub")
+    let err = cleanup::drop_objects("test/flow", &bad, &slot, "wt_pub")
         .await
         .unwrap_err()
         .to_string();

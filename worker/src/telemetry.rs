@@ -18,6 +18,16 @@ use tracing_subscriber::{Layer, Registry};
 /// Service name when neither `OTEL_SERVICE_NAME` nor `OTEL_RESOURCE_ATTRIBUTES` sets one.
 pub const DEFAULT_SERVICE_NAME: &str = "wallaby-worker";
 
+/// The worker's crates: the targets of its own spans (exported at `info` and above).
+pub const WORKER_CRATES: [&str; 6] = [
+    "wallaby_worker",
+    "wallaby_source",
+    "wallaby_ddl",
+    "wallaby_pipeline",
+    "wallaby_destinations",
+    "wallaby_pg",
+];
+
 /// Filter used when `WALLABY_LOG` is unset or invalid.
 pub const DEFAULT_LOG_FILTER: &str = "info,pg_walstream=error,tokio_postgres=warn";
 
@@ -123,7 +133,11 @@ pub fn init(format: LogFormat, filter: EnvFilter) -> Result<TelemetryGuard, Tele
         tracing_opentelemetry::layer()
             .with_tracer(p.tracer(env!("CARGO_PKG_NAME")))
             // Only the worker's own spans: spans of the gRPC stack would export themselves.
-            .with_filter(Targets::new().with_target("wallaby_worker", LevelFilter::INFO))
+            .with_filter(
+                WORKER_CRATES
+                    .iter()
+                    .fold(Targets::new(), |t, c| t.with_target(*c, LevelFilter::INFO)),
+            )
     });
     tracing_subscriber::registry()
         .with(fmt)

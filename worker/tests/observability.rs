@@ -48,7 +48,7 @@ fn spawn_worker(manifest: &Path, dir: &Path, args: &[&str], env: &[(&str, &str)]
         .arg("--status-file")
         .arg(dir.join("status.json"))
         .args(args)
-        .env("WALLABY_LOG", "info,wallaby_worker=debug")
+        .env("WALLABY_LOG", "info,wallaby_worker=debug,wallaby_source=debug,wallaby_ddl=debug,wallaby_pipeline=debug,wallaby_destinations=debug,wallaby_pg=debug")
         .env_remove("WALLABY_METRICS_ADDR");
     for var in OTEL_VARS {
         cmd.env_remove(var);

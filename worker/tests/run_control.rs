@@ -23,7 +23,7 @@ fn spawn(manifest: &Path, dir: &Path, extra: &[&str], log: &str) -> Child {
         .arg("--spill-dir")
         .arg(dir.join("spill"))
         .args(extra)
-        .env("WALLABY_LOG", "info,wallaby_worker=debug")
+        .env("WALLABY_LOG", "info,wallaby_worker=debug,wallaby_source=debug,wallaby_ddl=debug,wallaby_pipeline=debug,wallaby_destinations=debug,wallaby_pg=debug")
         .env("WALLABY_METRICS_ADDR", "off")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(dir.join(log)).unwrap())

@@ -13,7 +13,7 @@ use tokio_postgres::Client;
 
 use super::DdlError;
 use super::capture::CapturedColumn;
-use wallaby_pg::quote_ident;
+use wallaby_pg::{EnsureError, TableDdl, ensure_table, quote_ident};
 use wallaby_pipeline::change::Relation;
 use wallaby_pipeline::lsn::Lsn;
 
@@ -214,7 +214,7 @@ pub fn summary(changes: &[ColumnChange]) -> String {
 /// Names of the two tables in the state schema.
 #[derive(Debug, Clone)]
 pub struct HistoryTables {
-    schema: String,
+    state_schema: String,
     versions: String,
     events: String,
 }
@@ -226,70 +226,69 @@ impl HistoryTables {
         Self {
             versions: format!("{schema}.schema_history"),
             events: format!("{schema}.ddl_events"),
-            schema,
+            state_schema: state_schema.to_owned(),
         }
     }
 
     /// Creates both tables if missing. When both exist nothing is executed: a DDL script on
     /// every start would take locks and, with capture installed, emit capture messages.
     pub async fn ensure(&self, client: &Client) -> Result<(), DdlError> {
-        let exists: bool = client
-            .query_one(
-                "SELECT to_regclass($1) IS NOT NULL AND to_regclass($2) IS NOT NULL",
-                &[&self.versions, &self.events],
-            )
+        let tables = [
+            TableDdl {
+                name: "schema_history",
+                columns: VERSIONS_COLUMNS,
+                comment: Some(
+                    "WALlaby schema history: each version of each table of a flow, from the LSN it starts at",
+                ),
+            },
+            TableDdl {
+                name: "ddl_events",
+                columns: EVENTS_COLUMNS,
+                comment: Some(
+                    "WALlaby DDL log: captured statements of each flow, their decision and per-destination results",
+                ),
+            },
+        ];
+        ensure_table(client, CREATE_LOCK_KEY, &self.state_schema, &tables)
             .await
-            .map_err(|e| DdlError::sql("looking up the schema-history tables", e))?
-            .get(0);
-        if exists {
-            return Ok(());
-        }
-        let sql = format!(
-            "SELECT pg_advisory_xact_lock({CREATE_LOCK_KEY});
-             CREATE SCHEMA IF NOT EXISTS {schema};
-             CREATE TABLE IF NOT EXISTS {versions} (
-                 flow_id text NOT NULL,
-                 table_name text NOT NULL,
-                 version int NOT NULL,
-                 lsn pg_lsn NOT NULL,
-                 source text NOT NULL,
-                 columns jsonb NOT NULL,
-                 statement text,
-                 recorded_at timestamptz NOT NULL DEFAULT now(),
-                 PRIMARY KEY (flow_id, table_name, version)
-             );
-             COMMENT ON TABLE {versions} IS 'WALlaby schema history: each version of each table of a flow, from the LSN it starts at';
-             CREATE TABLE IF NOT EXISTS {events} (
-                 id bigserial UNIQUE,
-                 flow_id text NOT NULL,
-                 lsn pg_lsn NOT NULL,
-                 approval text,
-                 tag text NOT NULL,
-                 statement text NOT NULL,
-                 tables text[] NOT NULL,
-                 plan jsonb NOT NULL DEFAULT '[]',
-                 gated boolean NOT NULL,
-                 decision text NOT NULL DEFAULT 'Pending',
-                 state text NOT NULL DEFAULT 'Pending',
-                 apply_confirmed boolean NOT NULL DEFAULT false,
-                 results jsonb NOT NULL DEFAULT '[]',
-                 message text,
-                 created_at timestamptz NOT NULL DEFAULT now(),
-                 decided_at timestamptz,
-                 applied_at timestamptz,
-                 PRIMARY KEY (flow_id, lsn)
-             );
-             COMMENT ON TABLE {events} IS 'WALlaby DDL log: captured statements of each flow, their decision and per-destination results';",
-            schema = self.schema,
-            versions = self.versions,
-            events = self.events,
-        );
-        client
-            .batch_execute(&sql)
-            .await
-            .map_err(|e| DdlError::sql("creating the schema-history tables", e))
+            .map(|_| ())
+            .map_err(|e| match e {
+                EnsureError::Lookup(e) => DdlError::sql("looking up the schema-history tables", e),
+                EnsureError::Create(e) => DdlError::sql("creating the schema-history tables", e),
+            })
     }
 }
+
+/// Columns of the schema history.
+const VERSIONS_COLUMNS: &str = "flow_id text NOT NULL,
+     table_name text NOT NULL,
+     version int NOT NULL,
+     lsn pg_lsn NOT NULL,
+     source text NOT NULL,
+     columns jsonb NOT NULL,
+     statement text,
+     recorded_at timestamptz NOT NULL DEFAULT now(),
+     PRIMARY KEY (flow_id, table_name, version)";
+
+/// Columns of the DDL log.
+const EVENTS_COLUMNS: &str = "id bigserial UNIQUE,
+     flow_id text NOT NULL,
+     lsn pg_lsn NOT NULL,
+     approval text,
+     tag text NOT NULL,
+     statement text NOT NULL,
+     tables text[] NOT NULL,
+     plan jsonb NOT NULL DEFAULT '[]',
+     gated boolean NOT NULL,
+     decision text NOT NULL DEFAULT 'Pending',
+     state text NOT NULL DEFAULT 'Pending',
+     apply_confirmed boolean NOT NULL DEFAULT false,
+     results jsonb NOT NULL DEFAULT '[]',
+     message text,
+     created_at timestamptz NOT NULL DEFAULT now(),
+     decided_at timestamptz,
+     applied_at timestamptz,
+     PRIMARY KEY (flow_id, lsn)";
 
 /// A table's versions as loaded.
 type Versions = Vec<SchemaVersion>;

@@ -41,6 +41,9 @@ pub struct PgConnection {
     dbname: String,
     ssl_mode: SslMode,
     ssl_root_cert: Option<PathBuf>,
+    /// The CA bundle as PEM text ([`PgConnection::with_root_cert_pem`]); wins over
+    /// `ssl_root_cert` for the SQL connections.
+    ssl_root_cert_pem: Option<String>,
     /// Shown in `pg_stat_activity`, so an operator (or a stale-holder warning) can tell
     /// which flow a backend belongs to. pg_walstream's native replication connection
     /// ignores it (its libpq backend honours it), so today only the SQL connection shows it.
@@ -55,8 +58,11 @@ impl fmt::Debug for PgConnection {
 
 impl PgConnection {
     /// Combines `source.postgres.dsn` with the keys of its Secret (`dsn`, `host`, `port`,
-    /// `user`, `password`, `dbname`). `ssl_root_cert` is a file holding the
-    /// PEM CA (written by the caller from `source.postgres.sslRootCert`).
+    /// `user`, `password`, `dbname`): the Secret's `dsn` wins over `spec.dsn`, then the
+    /// other keys override its parts. Without any DSN the Secret's keys alone suffice as
+    /// long as `host` is among them (port 5432, user `postgres` and dbname = user unless
+    /// given). `ssl_root_cert` is a file holding the PEM CA (written by the caller from
+    /// `source.postgres.sslRootCert`); see also [`PgConnection::with_root_cert_pem`].
     pub fn resolve(
         spec: &PostgresSource,
         secret: Option<&BTreeMap<String, String>>,
@@ -64,17 +70,25 @@ impl PgConnection {
     ) -> Result<Self, PgError> {
         let empty = BTreeMap::new();
         let secret = secret.unwrap_or(&empty);
-        let dsn = secret.get("dsn").or(spec.dsn.as_ref()).ok_or_else(|| {
-            PgError::Config(
-                "no connection string: set source.postgres.dsn or key `dsn` in the Secret of source.postgres.secretRef".into(),
-            )
-        })?;
-        let (dsn, dsn_ssl_mode, dsn_root_cert) = split_tls_params(dsn);
-        let config = tokio_postgres::Config::from_str(&dsn).map_err(|e| {
-            PgError::Config(format!(
-                "source.postgres.dsn (or the Secret's `dsn`) is not a valid PostgreSQL connection string: {e}; write e.g. postgres://user@host:5432/dbname"
-            ))
-        })?;
+        let from_dsn = secret.contains_key("dsn") || spec.dsn.is_some();
+        let (config, dsn_ssl_mode, dsn_root_cert) = match secret.get("dsn").or(spec.dsn.as_ref()) {
+            Some(dsn) => {
+                let (dsn, dsn_ssl_mode, dsn_root_cert) = split_tls_params(dsn);
+                let config = tokio_postgres::Config::from_str(&dsn).map_err(|e| {
+                    PgError::Config(format!(
+                        "source.postgres.dsn (or the Secret's `dsn`) is not a valid PostgreSQL connection string: {e}; write e.g. postgres://user@host:5432/dbname"
+                    ))
+                })?;
+                (config, dsn_ssl_mode, dsn_root_cert)
+            }
+            // The Secret's keys alone: `host` is the one without a usable default.
+            None if secret.contains_key("host") => (tokio_postgres::Config::new(), None, None),
+            None => {
+                return Err(PgError::Config(
+                    "no connection string: set source.postgres.dsn or key `dsn` in the Secret of source.postgres.secretRef".into(),
+                ));
+            }
+        };
         let host = match config.get_hosts().first() {
             Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
             #[cfg(unix)]
@@ -89,13 +103,11 @@ impl PgConnection {
             password: config
                 .get_password()
                 .map(|p| String::from_utf8_lossy(p).into_owned()),
-            dbname: config
-                .get_dbname()
-                .or(config.get_user())
-                .unwrap_or("postgres")
-                .to_owned(),
+            // Set below, once the Secret's `user` is known.
+            dbname: String::new(),
             ssl_mode: spec.ssl_mode.or(dsn_ssl_mode).unwrap_or_default(),
             ssl_root_cert: ssl_root_cert.or(dsn_root_cert.map(PathBuf::from)),
+            ssl_root_cert_pem: None,
             application_name: DEFAULT_APPLICATION_NAME.into(),
         };
         if let Some(h) = secret.get("host") {
@@ -112,10 +124,28 @@ impl PgConnection {
         if let Some(p) = secret.get("password") {
             conn.password = Some(p.clone());
         }
-        if let Some(d) = secret.get("dbname") {
-            conn.dbname = d.clone();
-        }
+        // The Secret's, else the DSN's dbname or user, else `postgres`; without a DSN, the
+        // Secret's user (libpq's default).
+        conn.dbname = match secret.get("dbname") {
+            Some(d) => d.clone(),
+            None if !from_dsn => conn.user.clone(),
+            None => config
+                .get_dbname()
+                .or(config.get_user())
+                .unwrap_or("postgres")
+                .to_owned(),
+        };
         Ok(conn)
+    }
+
+    /// Trusts the CA bundle `pem` (PEM text, e.g. `source.postgres.sslRootCert` read from
+    /// its Secret) instead of a file: used by [`PgConnection::connect`] and
+    /// [`PgConnection::connect_plain`] in place of any `ssl_root_cert` file. The
+    /// replication connection cannot take PEM text, so
+    /// [`PgConnection::replication_conninfo`] still names the file only.
+    pub fn with_root_cert_pem(mut self, pem: String) -> Self {
+        self.ssl_root_cert_pem = Some(pem);
+        self
     }
 
     /// Sets `application_name` of both connections, e.g. `wallaby-worker/<flow id>`.
@@ -139,10 +169,22 @@ impl PgConnection {
         &self.dbname
     }
 
+    /// The effective `sslmode`: `source.postgres.sslMode`, else the DSN's, else the default.
+    pub fn ssl_mode(&self) -> SslMode {
+        self.ssl_mode
+    }
+
     /// Opens a normal SQL connection with [`SESSION_OPTIONS`]; the connection task runs in
     /// the background.
     pub async fn connect(&self) -> Result<tokio_postgres::Client, PgError> {
         self.connect_with(Some(SESSION_OPTIONS)).await
+    }
+
+    /// Opens a normal SQL connection with the server's, database's and role's own session
+    /// settings (no [`SESSION_OPTIONS`]), for callers that read no values through the
+    /// codec, e.g. the operator's cleanup; the connection task runs in the background.
+    pub async fn connect_plain(&self) -> Result<tokio_postgres::Client, PgError> {
+        self.connect_with(None).await
     }
 
     /// Checks the settings the walsender will print values with. pg_walstream's native
@@ -151,7 +193,7 @@ impl PgConnection {
     /// and database sees exactly those. TimeZone may be anything (the codec reads the
     /// offsets); the others must match what the codec parses.
     pub async fn check_output_settings(&self) -> Result<(), PgError> {
-        let client = self.connect_with(None).await?;
+        let client = self.connect_plain().await?;
         let row = client
             .query_one(
                 "SELECT current_setting('DateStyle'), current_setting('IntervalStyle'), \
@@ -261,11 +303,22 @@ impl PgConnection {
 
     /// rustls configuration matching `sslmode`: `verify-full` checks chain and host name,
     /// `verify-ca` the chain only, lower modes encrypt without verifying (as libpq does).
+    /// The CA: the PEM text of [`PgConnection::with_root_cert_pem`], else the
+    /// `ssl_root_cert` file, else the webpki roots.
     fn tls_config(&self) -> Result<rustls::ClientConfig, PgError> {
+        use rustls::pki_types::pem::PemObject;
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let mut roots = rustls::RootCertStore::empty();
-        if let Some(path) = &self.ssl_root_cert {
-            use rustls::pki_types::pem::PemObject;
+        if let Some(pem) = &self.ssl_root_cert_pem {
+            for cert in rustls::pki_types::CertificateDer::pem_slice_iter(pem.as_bytes()) {
+                let cert = cert.map_err(|e| {
+                    PgError::Config(format!("sslRootCert is not a PEM certificate bundle: {e}"))
+                })?;
+                roots.add(cert).map_err(|e| {
+                    PgError::Config(format!("invalid CA certificate in sslRootCert: {e}"))
+                })?;
+            }
+        } else if let Some(path) = &self.ssl_root_cert {
             let certs = rustls::pki_types::CertificateDer::pem_file_iter(path)
                 .and_then(|it| it.collect::<Result<Vec<_>, _>>())
                 .map_err(|e| {
@@ -522,5 +575,80 @@ mod tests {
         .unwrap();
         assert_eq!(c.describe(), "u@10.0.0.1:5433/d");
         assert_eq!(c.ssl_mode, SslMode::Require);
+    }
+
+    fn no_dsn() -> PostgresSource {
+        serde_json::from_value(serde_json::json!({"slot": "s", "publication": "p"})).unwrap()
+    }
+
+    #[test]
+    fn secret_keys_alone_need_a_host() {
+        let only_host: BTreeMap<String, String> =
+            [("host".to_owned(), "db.internal".to_owned())].into();
+        let c = PgConnection::resolve(&no_dsn(), Some(&only_host), None).unwrap();
+        assert_eq!(c.describe(), "postgres@db.internal:5432/postgres");
+        assert_eq!(c.ssl_mode(), SslMode::default());
+        // dbname defaults to the (Secret's) user, as in libpq.
+        let keys: BTreeMap<String, String> = [
+            ("host".to_owned(), "db.internal".to_owned()),
+            ("port".to_owned(), "6543".to_owned()),
+            ("user".to_owned(), "app".to_owned()),
+            ("password".to_owned(), "s3cr3t".to_owned()),
+        ]
+        .into();
+        let c = PgConnection::resolve(&no_dsn(), Some(&keys), None).unwrap();
+        assert_eq!(c.describe(), "app@db.internal:6543/app");
+        assert!(c.replication_conninfo().contains("password='s3cr3t'"));
+        let keys: BTreeMap<String, String> = [
+            ("host".to_owned(), "db.internal".to_owned()),
+            ("user".to_owned(), "app".to_owned()),
+            ("dbname".to_owned(), "orders".to_owned()),
+        ]
+        .into();
+        let c = PgConnection::resolve(&no_dsn(), Some(&keys), None).unwrap();
+        assert_eq!(c.describe(), "app@db.internal:5432/orders");
+    }
+
+    #[test]
+    fn neither_a_dsn_nor_a_host_is_refused() {
+        let no_host: BTreeMap<String, String> = [
+            ("user".to_owned(), "app".to_owned()),
+            ("password".to_owned(), "s3cr3t".to_owned()),
+        ]
+        .into();
+        for secret in [None, Some(&no_host)] {
+            let err = PgConnection::resolve(&no_dsn(), secret, None).unwrap_err();
+            assert_eq!(
+                err.to_string(),
+                "no connection string: set source.postgres.dsn or key `dsn` in the Secret of source.postgres.secretRef"
+            );
+        }
+    }
+
+    #[test]
+    fn a_pem_root_cert_is_parsed_and_bad_ones_are_named() {
+        let c = PgConnection::resolve(&spec("postgres://u@h/d?sslmode=verify-ca"), None, None)
+            .unwrap()
+            .with_root_cert_pem("not a certificate".into());
+        // No PEM section at all: an empty store, which verify-ca cannot work with.
+        let err = c.tls_config().unwrap_err().to_string();
+        assert!(
+            err.contains("sslmode verify-ca needs CA certificates"),
+            "{err}"
+        );
+        let c = c.with_root_cert_pem(
+            "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n".into(),
+        );
+        let err = c.tls_config().unwrap_err().to_string();
+        assert!(
+            err.contains("invalid CA certificate in sslRootCert"),
+            "{err}"
+        );
+        let c = c.with_root_cert_pem("-----BEGIN CERTIFICATE-----\n!!!\n".into());
+        let err = c.tls_config().unwrap_err().to_string();
+        assert!(
+            err.contains("sslRootCert is not a PEM certificate bundle"),
+            "{err}"
+        );
     }
 }

@@ -30,7 +30,7 @@ pub enum EnsureError {
 
 impl EnsureError {
     /// The driver's error.
-    pub fn source_error(&self) -> &tokio_postgres::Error {
+    pub fn into_source(self) -> tokio_postgres::Error {
         match self {
             Self::Lookup(e) | Self::Create(e) => e,
         }

@@ -9,7 +9,7 @@ use tokio_postgres::error::SqlState;
 use wallaby_crds::flow::{Flow, PostgresSource};
 
 use super::SourceError;
-use wallaby_pg::quote_ident;
+use wallaby_pg::{EnsureError, TableDdl, ensure_table, quote_ident};
 use wallaby_pipeline::lsn::Lsn;
 
 /// Advisory lock serialising the DDL of concurrent starts: `CREATE … IF NOT EXISTS` alone can
@@ -64,7 +64,7 @@ impl SourceState {
             quote_ident(&spec.state_schema),
             quote_ident(&spec.state_table)
         );
-        create_table(client, spec, &table).await?;
+        create_table(client, spec).await?;
         let name = format!("{}.{}", spec.state_schema, spec.state_table);
         let schemas: Vec<&str> = spec.schemas.iter().map(String::as_str).collect();
         let tables: Vec<&str> = spec.tables.iter().map(String::as_str).collect();
@@ -170,69 +170,60 @@ impl SourceState {
     }
 }
 
-/// Creates schema and table when missing. Existence is checked first so a role without
-/// CREATE on the database can use a schema and table an administrator prepared.
-async fn create_table(
-    client: &Client,
-    spec: &PostgresSource,
-    table: &str,
-) -> Result<(), SourceError> {
+/// Creates schema and table when missing (see [`wallaby_pg::ensure_table`]): a role
+/// without CREATE on the database can use a schema and table an administrator prepared.
+async fn create_table(client: &Client, spec: &PostgresSource) -> Result<(), SourceError> {
     let name = format!("{}.{}", spec.state_schema, spec.state_table);
-    let exists: bool = client
-        .query_one(
-            "SELECT EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-                            WHERE n.nspname = $1 AND c.relname = $2)",
-            &[&spec.state_schema, &spec.state_table],
-        )
+    let table = TableDdl {
+        name: &spec.state_table,
+        columns: STATE_COLUMNS,
+        comment: Some(
+            "WALlaby source state, one row per flow: for cleanup and auditing; the replication slot is the source of truth for the resume position",
+        ),
+    };
+    let created = ensure_table(client, DDL_LOCK_KEY, &spec.state_schema, &[table])
         .await
-        .map_err(SourceError::query(format!(
-            "looking up the source-state table {name}"
-        )))?
-        .get(0);
-    if exists {
-        return Ok(());
+        .map_err(|e| match e {
+            EnsureError::Lookup(e) => SourceError::query(format!(
+                "looking up the source-state table {name}"
+            ))(e),
+            EnsureError::Create(e) => {
+                let hint = if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) {
+                    format!(
+                        "grant the worker's role CREATE on the database (or create schema {} for it), or set source.postgres.ensureState: false",
+                        spec.state_schema
+                    )
+                } else {
+                    "choose another stateSchema/stateTable, or set source.postgres.ensureState: false"
+                        .to_owned()
+                };
+                SourceError::Catalog(format!(
+                    "creating the source-state table {name} failed: {}; {hint}",
+                    e.as_db_error()
+                        .map(|d| d.message().to_owned())
+                        .unwrap_or_else(|| e.to_string())
+                ))
+            }
+        })?;
+    if created {
+        tracing::info!(state_table = %name, "created the source-state table");
     }
-    // One simple-query batch runs as one transaction, which holds the advisory lock.
-    let ddl = format!(
-        "SELECT pg_advisory_xact_lock({DDL_LOCK_KEY});
-         CREATE SCHEMA IF NOT EXISTS {schema};
-         CREATE TABLE IF NOT EXISTS {table} (
-             flow_id text PRIMARY KEY,
-             slot text NOT NULL,
-             publication text NOT NULL,
-             plugin text NOT NULL,
-             tables text[] NOT NULL DEFAULT '{{}}',
-             schemas text[] NOT NULL DEFAULT '{{}}',
-             created_at timestamptz NOT NULL DEFAULT now(),
-             started_at timestamptz,
-             updated_at timestamptz NOT NULL DEFAULT now(),
-             last_confirmed_lsn pg_lsn,
-             worker text,
-             status text NOT NULL
-         );
-         COMMENT ON TABLE {table} IS 'WALlaby source state, one row per flow: for cleanup and auditing; the replication slot is the source of truth for the resume position'",
-        schema = quote_ident(&spec.state_schema),
-    );
-    client.batch_execute(&ddl).await.map_err(|e| {
-        let hint = if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) {
-            format!(
-                "grant the worker's role CREATE on the database (or create schema {} for it), or set source.postgres.ensureState: false",
-                spec.state_schema
-            )
-        } else {
-            "choose another stateSchema/stateTable, or set source.postgres.ensureState: false"
-                .to_owned()
-        };
-        SourceError::Catalog(format!(
-            "creating the source-state table {name} failed: {}; {hint}",
-            e.as_db_error()
-                .map(|d| d.message().to_owned())
-                .unwrap_or_else(|| e.to_string())
-        ))
-    })?;
-    tracing::info!(state_table = %name, "created the source-state table");
     Ok(())
 }
+
+/// Columns of the source-state table.
+const STATE_COLUMNS: &str = "flow_id text PRIMARY KEY,
+     slot text NOT NULL,
+     publication text NOT NULL,
+     plugin text NOT NULL,
+     tables text[] NOT NULL DEFAULT '{}',
+     schemas text[] NOT NULL DEFAULT '{}',
+     created_at timestamptz NOT NULL DEFAULT now(),
+     started_at timestamptz,
+     updated_at timestamptz NOT NULL DEFAULT now(),
+     last_confirmed_lsn pg_lsn,
+     worker text,
+     status text NOT NULL";
 
 fn write_error(table: &str, flow_id: &str, e: tokio_postgres::Error) -> SourceError {
     let reason = e

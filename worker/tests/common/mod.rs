@@ -124,7 +124,7 @@ impl Worker {
             .arg(manifest)
             .arg("--status-file")
             .arg(dir.join("status.json"))
-            .env("WALLABY_LOG", "info,wallaby_worker=debug")
+            .env("WALLABY_LOG", "info,wallaby_worker=debug,wallaby_source=debug,wallaby_ddl=debug,wallaby_pipeline=debug,wallaby_destinations=debug,wallaby_pg=debug")
             // Tests run workers side by side: any free port, not the shared default.
             .env("WALLABY_METRICS_ADDR", "127.0.0.1:0")
             .envs(env.iter().map(|(k, v)| (*k, *v)))

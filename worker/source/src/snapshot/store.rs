@@ -11,7 +11,10 @@ use wallaby_crds::flow::{SnapshotSpec, SnapshotStateBackend};
 
 use super::SnapshotError;
 use super::copy::Slice;
-use wallaby_pg::quote_ident;
+use wallaby_pg::{TableDdl, ensure_table, quote_ident};
+
+/// Advisory lock key serialising the creation of the snapshot-state table.
+const SNAPSHOT_LOCK_KEY: i64 = 7_233_377_713_220_469_250;
 
 /// One partition of the plan.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -71,28 +74,24 @@ impl SnapshotStore {
                     quote_ident(&spec.state_schema),
                     quote_ident(&spec.state_table)
                 );
-                // The advisory lock serialises concurrent starts (CREATE … IF NOT EXISTS
-                // can still collide in the catalogs).
-                client
-                    .batch_execute(&format!(
-                        "SELECT pg_advisory_lock(7233377713220469250);
-                         CREATE SCHEMA IF NOT EXISTS {schema};
-                         CREATE TABLE IF NOT EXISTS {table} (
-                             state_key text NOT NULL,
-                             table_name text NOT NULL,
-                             partition_index int NOT NULL,
-                             slice jsonb NOT NULL,
-                             done boolean NOT NULL DEFAULT false,
-                             rows_copied bigint NOT NULL DEFAULT 0,
-                             updated_at timestamptz NOT NULL DEFAULT now(),
-                             PRIMARY KEY (state_key, table_name, partition_index));
-                         SELECT pg_advisory_unlock(7233377713220469250);",
-                        schema = quote_ident(&spec.state_schema),
-                    ))
+                let columns = "state_key text NOT NULL,
+                     table_name text NOT NULL,
+                     partition_index int NOT NULL,
+                     slice jsonb NOT NULL,
+                     done boolean NOT NULL DEFAULT false,
+                     rows_copied bigint NOT NULL DEFAULT 0,
+                     updated_at timestamptz NOT NULL DEFAULT now(),
+                     PRIMARY KEY (state_key, table_name, partition_index)";
+                let ddl = TableDdl {
+                    name: &spec.state_table,
+                    columns,
+                    comment: None,
+                };
+                ensure_table(&client, SNAPSHOT_LOCK_KEY, &spec.state_schema, &[ddl])
                     .await
-                    .map_err(|source| SnapshotError::Query {
+                    .map_err(|e| SnapshotError::Query {
                         what: format!("creating the snapshot-state table {table} (snapshot.stateSchema / stateTable; the role needs CREATE on the database or an existing table)"),
-                        source,
+                        source: e.into_source(),
                     })?;
                 Ok(Self::Postgres { client, table })
             }
