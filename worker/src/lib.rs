@@ -7,6 +7,7 @@ pub mod backfill;
 pub mod cluster;
 pub mod ddl_admin;
 pub mod metrics;
+pub mod progress;
 pub mod run;
 pub mod standalone;
 pub mod status;

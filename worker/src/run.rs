@@ -833,7 +833,7 @@ impl InitialSnapshot<'_> {
                     };
                     // The log is the standalone run's progress output: one line per table.
                     for t in &snapshot.snapshot {
-                        tracing::info!("{}", crate::backfill::line(t));
+                        tracing::info!("{}", crate::progress::line(t));
                     }
                     reporter.report(&snapshot, Some(&catalog), true, None).await;
                 }
@@ -853,7 +853,7 @@ impl InitialSnapshot<'_> {
         drop(reporting);
         // Each table's final state, however short the copy was against the interval.
         for t in lock_progress(self.progress).iter() {
-            tracing::info!("{}", crate::backfill::line(t));
+            tracing::info!("{}", crate::progress::line(t));
         }
         drop(held);
         drop(self.exported);

@@ -1,7 +1,7 @@
-//! The destination registry. Every destination module exposes one [`Registration`]: the
+//! What a destination module registers: every module exposes one [`Registration`] (the
 //! `spec.type`s it delivers, the Secrets it reads, a check that validates its block and
-//! resolves those Secrets (run on a manifest file and on objects read from the API alike),
-//! and its `open`. Adding a destination type is its module plus one line in [`REGISTRY`].
+//! resolves those Secrets, run on a manifest file and on objects read from the API alike,
+//! and its `open`), listed once in [`crate::REGISTRY`].
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -11,8 +11,6 @@ use wallaby_crds::common::WireFormat as SpecFormat;
 use wallaby_crds::destination::DestinationSpec;
 use wallaby_crds::{DestinationType, Flow};
 use wallaby_pipeline::destination::{Destination, TypeOverrides};
-
-use crate::meta::{MetaDestination, MetaOptions};
 
 /// String data resolved from the Secrets one Destination references, under the keys its
 /// module chooses (e.g. `username`, `tls.ca`); what its `open` receives.
@@ -113,94 +111,6 @@ pub struct Registration {
     pub check: fn(&CheckContext<'_>) -> Result<SecretData, Vec<String>>,
     /// Opens the destination.
     pub open: fn(&OpenContext<'_>) -> Result<Box<dyn Destination>, OpenError>,
-}
-
-/// Every destination type this build delivers.
-pub static REGISTRY: &[&Registration] = &[
-    &crate::file::REGISTRATION,
-    #[cfg(feature = "kafka")]
-    &crate::kafka::REGISTRATION,
-    #[cfg(feature = "s3")]
-    &crate::s3::REGISTRATION,
-    #[cfg(feature = "http")]
-    &crate::http::REGISTRATION,
-    #[cfg(feature = "grpc")]
-    &crate::grpc::REGISTRATION,
-];
-
-/// Types delivered by a cargo feature of this crate, with the feature's name.
-const FEATURES: &[(DestinationType, &str)] = &[
-    (DestinationType::Kafka, "kafka"),
-    (DestinationType::Bufstream, "kafka"),
-    (DestinationType::S3, "s3"),
-    (DestinationType::Http, "http"),
-    (DestinationType::Grpc, "grpc"),
-];
-
-/// The registration delivering `kind`, if this build has one.
-pub fn registration(kind: DestinationType) -> Option<&'static Registration> {
-    REGISTRY.iter().copied().find(|r| r.types.contains(&kind))
-}
-
-/// Names of the Secrets a Destination reads.
-pub fn secret_names(spec: &DestinationSpec) -> Vec<String> {
-    registration(spec.kind)
-        .map(|r| (r.secret_names)(spec))
-        .unwrap_or_default()
-}
-
-/// Checks Destination `name` of `flow` and resolves its Secrets.
-pub fn check(
-    name: &str,
-    flow: &Flow,
-    spec: &DestinationSpec,
-    secrets: &dyn SecretSource,
-) -> Result<SecretData, Vec<String>> {
-    let Some(registration) = registration(spec.kind) else {
-        let problem = match FEATURES.iter().find(|(t, _)| *t == spec.kind) {
-            Some((_, feature)) => format!(
-                "Destination/{name} spec.type: {:?} is not built into this worker: build wallaby-worker with the cargo feature {feature:?} (on by default)",
-                spec.kind.as_str()
-            ),
-            None => format!(
-                "Destination/{name} spec.type: {:?} is declared in the CRD but not delivered by this worker version yet; use type: file, kafka, bufstream, s3, http or grpc (see docs/destinations.md)",
-                spec.kind.as_str()
-            ),
-        };
-        return Err(vec![problem]);
-    };
-    (registration.check)(&CheckContext {
-        name,
-        flow,
-        spec,
-        secrets,
-    })
-}
-
-/// Opens Destination `name` of `flow` with what [`check`] resolved, wrapped to rewrite
-/// rows when it sets `metaColumns`, `softDelete` or `appendMode`.
-pub fn open(
-    name: &str,
-    flow: &Flow,
-    spec: &DestinationSpec,
-    secrets: &SecretData,
-) -> Result<Box<dyn Destination>, OpenError> {
-    let registration = registration(spec.kind).ok_or_else(|| {
-        OpenError(format!(
-            "Destination/{name}: type {:?} is not delivered by this worker",
-            spec.kind.as_str()
-        ))
-    })?;
-    let sink = (registration.open)(&OpenContext {
-        name,
-        flow,
-        spec,
-        secrets,
-    })?;
-    Ok(match MetaOptions::from_spec(spec) {
-        Some(options) => Box::new(MetaDestination::new(sink, options)),
-        None => sink,
-    })
 }
 
 /// The codec format of a spec format.

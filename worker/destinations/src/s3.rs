@@ -946,7 +946,7 @@ fn check_s3(
             problems.push(format!("Destination/{name} spec.s3.partitionBy: {e}"));
         }
     }
-    let format = crate::wire_format(spec.format.unwrap_or(flow.spec.wire_format));
+    let format = crate::registry::wire_format(spec.format.unwrap_or(flow.spec.wire_format));
     if let Err(e) = check_compression(format, s3.compression) {
         problems.push(format!("Destination/{name} spec.s3.compression: {e}"));
     }
