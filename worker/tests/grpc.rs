@@ -1,5 +1,5 @@
 //! The `grpc` destination against an `IngestService` server inside the test (tonic, the
-//! messages of worker/proto/ingest.proto) that records calls and fails on demand:
+//! messages of worker/destinations/proto/ingest.proto) that records calls and fails on demand:
 //! read-back equals PostgreSQL (inserts, updates, deletes, unchanged TOAST) with metadata
 //! and request fields, retryable status codes lose nothing and hold the slot,
 //! INVALID_ARGUMENT gives up at once, and an unreachable endpoint fails with its address.

@@ -1,5 +1,5 @@
 //! The `grpc` destination: a client of `wallaby.ingest.v1.IngestService`
-//! (worker/proto/ingest.proto). Each table group of a batch is one `IngestBatch` call with
+//! (worker/destinations/proto/ingest.proto). Each table group of a batch is one `IngestBatch` call with
 //! the group's payload, its idempotency key and LSN range; OK makes it durable, the status
 //! code decides whether a failure is worth retrying (the pipeline retries).
 //!
@@ -34,7 +34,7 @@ pub const INGEST_BATCH_PATH: &str = "/wallaby.ingest.v1.IngestService/IngestBatc
 /// Metadata key carrying the payload mode.
 pub const PAYLOAD_MODE_METADATA: &str = "x-wallaby-payload-mode";
 
-/// `IngestBatchRequest` of worker/proto/ingest.proto.
+/// `IngestBatchRequest` of worker/destinations/proto/ingest.proto.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct IngestBatchRequest {
     /// Flow id.
@@ -75,7 +75,7 @@ pub struct IngestBatchRequest {
     pub kind: String,
 }
 
-/// `IngestBatchResponse` of worker/proto/ingest.proto.
+/// `IngestBatchResponse` of worker/destinations/proto/ingest.proto.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct IngestBatchResponse {
     /// Records the server accepted.
